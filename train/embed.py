@@ -1,0 +1,61 @@
+"""Precompute the CLIP image and text embeddings of a dataset, for training the prior.
+
+    python train/embed.py configs/prior/vit_l.yaml --out data/embeddings/shapes --tokens
+    python train/embed.py configs/prior/tiny.yaml data.dataset=openmoji --out emb/openmoji --split val
+
+The run config's `clip:` section picks the CLIP and its `data:` section the images and captions. The output
+folder uses clip-retrieval's layout (img_emb/, text_emb/, metadata/, see unclip/data/embeddings.py), with
+L2-normalised float16 embeddings as clip-retrieval stores them; --tokens adds the per-token text encodings
+(text_tokens/, text_mask/) that a prior conditioned on them needs. Train the prior on the result with
+`data.dataset=embeddings data.path=<out>`.
+"""
+
+import argparse
+import logging
+from dataclasses import asdict
+
+import torch
+
+from unclip.clip import ClipAdapter
+from unclip.config import load_config
+from unclip.data import build_dataset
+from unclip.data.embeddings import embed_dataset
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog=__doc__.split("\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", help="a run config YAML with clip: and data: sections")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. clip.precision=fp16")
+    parser.add_argument("--out", required=True, help="output folder (must not hold embeddings yet)")
+    parser.add_argument("--tokens", action="store_true", help="also store per-token text encodings and masks")
+    parser.add_argument("--shard-size", type=int, default=10_000, help="rows per shard (default 10000)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per CLIP forward pass (default 256)")
+    parser.add_argument("--split", choices=("train", "val"), default="train", help="dataset split (default train)")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if available"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    config = load_config(args.config, args.overrides)
+    clip = ClipAdapter.from_config(config.clip, device=args.device)
+    dataset = build_dataset(config.data, split=args.split)
+    rows = embed_dataset(
+        clip,
+        dataset,
+        args.out,
+        text_tokens=args.tokens,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        num_workers=config.data.num_workers,
+        info={"clip": asdict(config.clip), "data": asdict(config.data), "split": args.split},
+    )
+    logging.getLogger(__name__).info("wrote %d embeddings to %s", rows, args.out)
+
+
+if __name__ == "__main__":
+    main()
