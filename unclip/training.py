@@ -25,6 +25,7 @@ A `Task` (unclip/tasks.py) says what is trained and how: its model, datasets, `l
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import logging
@@ -44,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from unclip.checkpoint import atomic_write_bytes
-from unclip.config import RunConfig
+from unclip.config import RunConfig, load_config
 
 logger = logging.getLogger(__name__)
 
@@ -369,3 +370,45 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = str(value)
     return out
+
+
+def train_main(kinds: tuple[str, ...], argv: list[str] | None, doc: str) -> Path:
+    """The command line shared by the train/ scripts: CONFIG [key=value ...] [--resume latest] [--stop-at N].
+
+    Returns:
+        the run's export folder.
+    """
+    parser = argparse.ArgumentParser(
+        description=doc.strip().splitlines()[0],
+        epilog=TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", help="a YAML run config, e.g. configs/prior/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=3e-4 model.layers=2")
+    parser.add_argument("--resume", help="'latest', or a checkpoint folder (runs/NAME/checkpoints/step_...)")
+    parser.add_argument("--stop-at", type=int, help="stop after this many steps, with a checkpoint (resume later)")
+    args = parser.parse_args(argv)
+    from unclip.tasks import build_task
+
+    try:
+        config = load_config(args.config, args.overrides)
+        if config.kind not in kinds:
+            raise ValueError(f"{args.config} is a '{config.kind}' config; this script trains {' or '.join(kinds)}")
+        task = build_task(config)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    try:
+        Trainer(task, config).fit(resume=args.resume, stop_at=args.stop_at)
+    except NonFiniteLossError as e:
+        parser.exit(1, f"error: {e}\n")
+    export = Path(config.train.output_dir) / "export"
+    print(f"exported to {export}")
+    return export
+
+
+TRAIN_EPILOG = """\
+Runs on one process with `python`, or on several with `accelerate launch` (multi-GPU and multi-node
+through accelerate's config; on a CPU-only machine, `accelerate launch --multi_gpu --num_processes 2`
+starts two gloo processes). Checkpoints go to <train.output_dir>/checkpoints, the EMA weights for
+inference to <train.output_dir>/export, metrics to <train.output_dir>/metrics.jsonl.
+"""

@@ -1,0 +1,67 @@
+"""CLIP conditioning for training batches, shared by the prior, decoder and upsampler tasks.
+
+Embeddings are L2-normalised everywhere (CLIP's contrastive space, and clip-retrieval's stored format), so
+that precomputed shards, on-the-fly encoding and the sampling pipeline agree. Per-token text encodings are
+the text transformer's final hidden states and are not normalised.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from unclip.clip import ClipAdapter
+from unclip.config import ClipConfig
+
+
+def load_clip(config: ClipConfig, device: torch.device | str = "cpu") -> ClipAdapter:
+    if not (config.checkpoint or config.model_config or config.model_name):
+        raise ValueError(
+            "this run needs a CLIP: set clip.checkpoint (a folder written by train/clip.py), "
+            "clip.model_name with clip.pretrained, or clip.model_config"
+        )
+    return ClipAdapter.from_config(config, device=device)
+
+
+def encode_batch(clip: ClipAdapter | None, batch: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
+    """{"text_embed" (B, D), "text_tokens" (B, L, W) | None, "text_mask" (B, L) | None, "image_embed" (B, D)}.
+
+    Batches from the "embeddings" dataset carry their embeddings; image-caption batches are encoded here.
+    """
+    if "image_embed" in batch:
+        tokens, mask = batch.get("text_tokens"), batch.get("text_mask")
+        return {
+            "text_embed": F.normalize(batch["text_embed"].float().to(device), dim=-1),
+            "image_embed": F.normalize(batch["image_embed"].float().to(device), dim=-1),
+            "text_tokens": None if tokens is None else tokens.float().to(device),
+            "text_mask": None if mask is None else mask.bool().to(device),
+        }
+    if clip is None:
+        raise ValueError("image-caption data needs a CLIP to encode it; set the run's clip section")
+    text = clip.embed_text(list(batch["caption"]), normalize=True)
+    return {
+        "text_embed": text.embed.to(device),
+        "text_tokens": text.tokens.to(device),
+        "text_mask": text.mask.to(device),
+        "image_embed": clip.embed_image(batch["image"].to(device), normalize=True).to(device),
+    }
+
+
+def check_clip_dims(clip: ClipAdapter | None, *, clip_dim: int | None, text_width: int | None, text_ctx=None):
+    """A clear error when the network's conditioning widths do not match the CLIP's."""
+    if clip is None:
+        return
+    problems = []
+    if clip_dim and clip_dim != clip.embed_dim:
+        problems.append(f"model.clip_dim is {clip_dim} but the CLIP's embeddings have {clip.embed_dim} dims")
+    if text_width and text_width != clip.text_width:
+        problems.append(f"model.text_width is {text_width} but the CLIP's token encodings are {clip.text_width} wide")
+    if text_ctx and text_ctx < clip.context_length:
+        problems.append(f"model.text_ctx is {text_ctx} but the CLIP's context length is {clip.context_length}")
+    if problems:
+        raise ValueError(
+            "the model does not fit its CLIP: " + "; ".join(problems) + ". Fix the config's model section."
+        )
