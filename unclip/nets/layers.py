@@ -25,3 +25,16 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Ten
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb
+
+
+def group_norm(channels: int, max_groups: int = 32, min_group_channels: int = 4) -> torch.nn.GroupNorm:
+    """GroupNorm with 32 groups (ADM), fewer for narrow layers so that each group keeps >= 4 channels.
+
+    The group count is the largest divisor of `channels` that is at most `max_groups` and leaves at least
+    `min_group_channels` channels per group (1 group for layers narrower than that).
+    """
+    groups = max(
+        (g for g in range(1, max_groups + 1) if channels % g == 0 and channels // g >= min_group_channels),
+        default=1,
+    )
+    return torch.nn.GroupNorm(groups, channels)

@@ -1,0 +1,243 @@
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from unclip.checkpoint import load_model, save_model
+from unclip.config import DiffusionConfig, load_config
+from unclip.nets.unet import InpaintUNet, UNet, UNetConfig, random_inpaint_mask
+
+B, L = 2, 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convs gain nothing from threads, and on a busy 2-core machine OpenMP waits cost 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> UNetConfig:
+    return load_config("configs/decoder/tiny.yaml").model
+
+
+def make_model(config: UNetConfig, cls=UNet, seed: int = 0) -> nn.Module:
+    """A model whose zero-initialised layers are randomised, so that every input can change the output."""
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+    return model
+
+
+def inputs(config: UNetConfig, seed: int = 1, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    g = torch.Generator().manual_seed(seed)
+    size = size or config.image_size
+    x_t = torch.randn(B, config.in_channels, size, size, generator=g)
+    t = torch.randint(0, 1000, (B,), generator=g)
+    cond = {}
+    if config.clip_dim:
+        cond["image_embed"] = torch.randn(B, config.clip_dim, generator=g)
+    if config.text_width:
+        cond["text_tokens"] = torch.randn(B, L, config.text_width, generator=g)
+        cond["text_mask"] = torch.tensor([[True] * L, [True] * 3 + [False] * (L - 3)])
+    return x_t, t, cond
+
+
+def inpaint_inputs(x_t: torch.Tensor, seed: int = 2) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(x_t.shape, generator=g) * 2 - 1
+    return {"inpaint_image": image, "inpaint_mask": random_inpaint_mask(x_t.shape[0], x_t.shape[-1], g)}
+
+
+VARIANTS = {
+    "plain": {},
+    "learned_variance": {"learned_variance": True},
+    "no_text": {"text_width": None},
+    "no_image": {"clip_dim": 0},
+    "unconditional": {"clip_dim": None, "text_width": None},
+    "conv_resample_no_scale_shift": {"resblock_updown": False, "use_scale_shift_norm": False},
+    "three_levels": {"channel_mult": (1, 1, 2), "attention_resolutions": (8, 4), "num_heads": 2},
+    "per_level_blocks_bare_resample": {"num_res_blocks": (1, 2), "resblock_updown": False, "conv_resample": False},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_forward_shapes(tiny, variant):
+    config = dataclasses.replace(tiny, **VARIANTS[variant])
+    model = make_model(config)
+    x_t, t, cond = inputs(config)
+    out = model(x_t, t, **cond)
+    channels = 2 * config.out_channels if config.learned_variance else config.out_channels
+    assert out.shape == (B, channels, 16, 16)
+    assert torch.isfinite(out).all()
+    unconditional = model(x_t, t, **cond, cond_drop=torch.ones(B, dtype=torch.bool))  # no fully masked row
+    assert torch.isfinite(unconditional).all()
+
+
+def test_inpaint_forward_shape(tiny):
+    model = make_model(dataclasses.replace(tiny, extra_in_channels=4), InpaintUNet)
+    x_t, t, cond = inputs(tiny)
+    assert model(x_t, t, **inpaint_inputs(x_t), **cond).shape == (B, 3, 16, 16)
+    with pytest.raises(ValueError, match="extra_in_channels"):
+        InpaintUNet(tiny)
+
+
+def test_fresh_model_outputs_zero(tiny):
+    """ADM practice: the final conv is zero-initialised."""
+    x_t, t, cond = inputs(tiny)
+    assert UNet(tiny).eval()(x_t, t, **cond).abs().max() == 0
+
+
+def test_conditioning_changes_output(tiny):
+    model = make_model(tiny)
+    x_t, t, cond = inputs(tiny)
+    base = model(x_t, t, **cond)
+    other_image = {**cond, "image_embed": torch.randn(B, tiny.clip_dim)}
+    other_text = {**cond, "text_tokens": cond["text_tokens"] + torch.randn(B, L, tiny.text_width)}
+    assert (model(x_t, t, **other_image) - base).abs().amax(dim=(1, 2, 3)).min() > 1e-4
+    assert (model(x_t, t, **other_text) - base).abs().amax(dim=(1, 2, 3)).min() > 1e-4
+
+
+def test_cond_drop_rows_ignore_conditioning(tiny):
+    model = make_model(tiny)
+    x_t, t, cond = inputs(tiny)
+    drop = torch.tensor([False, True])
+    other = {"image_embed": torch.randn(B, tiny.clip_dim), "text_tokens": torch.randn(B, L, tiny.text_width)}
+    out = model(x_t, t, **cond, cond_drop=drop)
+    out_other = model(x_t, t, **{**cond, **other}, cond_drop=drop)
+    torch.testing.assert_close(out[1], out_other[1])
+    assert (out[0] - out_other[0]).abs().max() > 1e-4
+    unconditional = model(x_t, t, cond_drop=torch.ones(B, dtype=torch.bool))
+    torch.testing.assert_close(out[1], unconditional[1], atol=1e-5, rtol=1e-5)
+
+
+def test_training_drops_are_independent(tiny):
+    x_t, t, cond = inputs(tiny)
+    model = make_model(dataclasses.replace(tiny, cond_drop_image=1.0, cond_drop_text=0.0)).train()
+    with torch.no_grad():
+        out = model(x_t, t, **cond)
+        no_image = model(x_t, t, **{**cond, "image_embed": torch.randn(B, tiny.clip_dim)})
+        torch.testing.assert_close(out, no_image)
+        other_text = {**cond, "text_tokens": torch.randn(B, L, tiny.text_width)}
+        assert (model(x_t, t, **other_text) - out).abs().max() > 1e-4
+        model.config.cond_drop_text = 1.0
+        unconditional = model.eval()(x_t, t, cond_drop=torch.ones(B, dtype=torch.bool))
+        torch.testing.assert_close(model.train()(x_t, t, **cond), unconditional, atol=1e-5, rtol=1e-5)
+
+
+def test_text_padding_is_ignored(tiny):
+    model = make_model(tiny)
+    x_t, t, cond = inputs(tiny)
+    out = model(x_t, t, **cond)
+    tokens = cond["text_tokens"].clone()
+    tokens[1, 3:] = torch.randn(L - 3, tiny.text_width)
+    torch.testing.assert_close(model(x_t, t, **{**cond, "text_tokens": tokens}), out)
+    short = model(x_t[1:], t[1:], image_embed=cond["image_embed"][1:], text_tokens=tokens[1:, :3])
+    torch.testing.assert_close(short[0], out[1], atol=1e-5, rtol=1e-5)
+
+
+def test_input_errors(tiny):
+    model = make_model(tiny)
+    x_t, t, cond = inputs(tiny)
+    with pytest.raises(ValueError, match=r"15x15 is not divisible by 2 .*multiples of 2, e.g. 16x16"):
+        model(torch.randn(B, 3, 15, 15), t, **cond)
+    with pytest.raises(ValueError, match=r"expects input \(B, 3, H, W\)"):
+        model(torch.randn(B, 4, 16, 16), t, **cond)
+    with pytest.raises(ValueError, match="pass image_embed"):
+        model(x_t, t, text_tokens=cond["text_tokens"])
+    with pytest.raises(ValueError, match="pass text_tokens"):
+        model(x_t, t, image_embed=cond["image_embed"])
+    with pytest.raises(ValueError, match="image_embed must have shape"):
+        model(x_t, t, **{**cond, "image_embed": torch.randn(B, 7)})
+    with pytest.raises(ValueError, match="more than text_ctx"):
+        model(x_t, t, **{**cond, "text_tokens": torch.randn(B, tiny.text_ctx + 1, tiny.text_width), "text_mask": None})
+    with pytest.raises(ValueError, match="no text conditioning"):
+        make_model(dataclasses.replace(tiny, text_width=None))(x_t, t, **cond)
+
+
+def test_config_errors(tiny):
+    with pytest.raises(ValueError, match="not divisible by 4"):
+        dataclasses.replace(tiny, image_size=18, channel_mult=(1, 2, 2))
+    with pytest.raises(ValueError, match=r"attention_resolutions \[4\] .* are \[16, 8\]"):
+        dataclasses.replace(tiny, attention_resolutions=(4,))
+    with pytest.raises(ValueError, match="does not split into heads"):
+        dataclasses.replace(tiny, num_heads=3)
+    with pytest.raises(ValueError, match="text needs attention"):
+        dataclasses.replace(tiny, attention_resolutions=())
+    with pytest.raises(ValueError, match="cond_drop_text"):
+        dataclasses.replace(tiny, cond_drop_text=1.5)
+    with pytest.raises(ValueError, match="num_res_blocks must be an int >= 1 or one per level"):
+        dataclasses.replace(tiny, num_res_blocks=[1, 1, 1])
+
+
+@pytest.mark.parametrize("cls, kind", [(UNet, "decoder"), (InpaintUNet, "inpaint")])
+def test_save_load_roundtrip(tmp_path, tiny, cls, kind):
+    config = dataclasses.replace(tiny, extra_in_channels=4 if cls is InpaintUNet else 0)
+    model = make_model(config, cls)
+    save_model(model, tmp_path / kind, kind=kind, diffusion=DiffusionConfig())
+    loaded = load_model(tmp_path / kind).model
+    assert type(loaded) is cls and loaded.config == config
+    x_t, t, cond = inputs(config)
+    if cls is InpaintUNet:
+        cond.update(inpaint_inputs(x_t))
+    torch.testing.assert_close(loaded(x_t, t, **cond), model(x_t, t, **cond), rtol=0, atol=0)
+
+
+def test_gradient_checkpointing_same_gradients(tiny):
+    x_t, t, cond = inputs(tiny)
+    drop = torch.tensor([False, True])
+    grads = []
+    for enabled in (False, True):
+        model = make_model(dataclasses.replace(tiny, gradient_checkpointing=enabled, dropout=0.1)).train()
+        torch.manual_seed(3)
+        model(x_t, t, **cond, cond_drop=drop).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_channels_last_same_outputs(tiny):
+    x_t, t, cond = inputs(tiny)
+    reference = make_model(tiny)
+    out = reference(x_t, t, **cond)
+    model = UNet(dataclasses.replace(tiny, channels_last=True)).eval()
+    model.load_state_dict(reference.state_dict())
+    assert model.input_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(model(x_t, t, **cond), out, atol=1e-5, rtol=1e-5)
+
+
+def test_inpaint_from_unet_starts_as_the_unet(tiny):
+    unet = make_model(tiny)
+    inpaint = InpaintUNet.from_unet(unet, gradient_checkpointing=True).eval()
+    assert inpaint.config.extra_in_channels == 4 and inpaint.gradient_checkpointing
+    x_t, t, cond = inputs(tiny)
+    out = inpaint(x_t, t, **inpaint_inputs(x_t), **cond)
+    torch.testing.assert_close(out, unet(x_t, t, **cond))
+    torch.testing.assert_close(inpaint(x_t, t, **inpaint_inputs(x_t, seed=5), **cond), out)
+
+
+def test_inpaint_sees_the_known_region(tiny):
+    model = make_model(dataclasses.replace(tiny, extra_in_channels=4), InpaintUNet)
+    x_t, t, cond = inputs(tiny)
+    extra = inpaint_inputs(x_t)
+    out = model(x_t, t, **extra, **cond)
+    inside = extra["inpaint_image"] + 5 * extra["inpaint_mask"]  # changes only pixels that are repainted
+    torch.testing.assert_close(model(x_t, t, **{**extra, "inpaint_image": inside}, **cond), out)
+    assert (model(x_t, t, **{**extra, "inpaint_image": -extra["inpaint_image"]}, **cond) - out).abs().max() > 1e-4
+
+
+def test_random_inpaint_mask():
+    g = torch.Generator().manual_seed(0)
+    masks = random_inpaint_mask(64, (16, 24), g)
+    assert masks.shape == (64, 1, 16, 24) and masks.dtype == torch.float32
+    assert set(masks.unique().tolist()) == {0.0, 1.0}
+    per_mask = masks.flatten(1)
+    assert (per_mask.min(dim=1).values == 0).all() and (per_mask.max(dim=1).values == 1).all()
+    assert 0.1 < masks.mean() < 0.9
+    torch.testing.assert_close(random_inpaint_mask(64, (16, 24), torch.Generator().manual_seed(0)), masks)
