@@ -76,6 +76,8 @@ class DataConfig:
     options: dict[str, Any] = field(default_factory=dict)  # dataset-specific keyword arguments
     val_size: int = 64  # held-out examples for validation metrics
     num_workers: int = 0
+    crop_size: int | None = None  # upsamplers: train on random square crops of this side (DALL·E 2: 1/4)
+    degradation: str | None = None  # upsamplers: corrupt the low-res input, "blur" or "bsr" (unclip.data.degrade)
 
 
 @dataclass
@@ -102,7 +104,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
     gradient_checkpointing: bool = False
-    compile: bool = False
+    init_from: str | None = None  # an exported model folder whose weights start this run (fine-tuning)
 
     def __post_init__(self):
         _check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))

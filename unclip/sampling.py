@@ -79,3 +79,128 @@ def sample_prior(
         return image_embed[:, 0]
     scores = (image_embed * F.normalize(text_embed, dim=-1)[:, None]).sum(-1)  # (B, candidates)
     return image_embed[torch.arange(B, device=device), scores.argmax(dim=1)]
+
+
+DECODER_DEFAULTS = {"sampler": "dpm++", "steps": 25, "guidance_scale": 5.0}
+UPSAMPLER_DEFAULTS = {"sampler": "ddim", "steps": 8, "noise_level": 50}
+
+
+def decoder_cond(image_embed, text_tokens=None, text_mask=None, config=None) -> dict[str, Any]:
+    """The decoder's keyword arguments, leaving out what its config does not use."""
+    cond: dict[str, Any] = {}
+    if config is None or config.clip_dim:
+        cond["image_embed"] = image_embed
+    if text_tokens is not None and (config is None or config.text_width):
+        cond.update(text_tokens=text_tokens, text_mask=text_mask)
+    return cond
+
+
+@torch.no_grad()
+def sample_decoder(
+    decoder: nn.Module,
+    diffusion: GaussianDiffusion,
+    image_embed: Tensor,
+    text_tokens: Tensor | None = None,
+    text_mask: Tensor | None = None,
+    *,
+    size: int | None = None,
+    sampler: str = DECODER_DEFAULTS["sampler"],
+    steps: int = DECODER_DEFAULTS["steps"],
+    guidance_scale: float = DECODER_DEFAULTS["guidance_scale"],
+    threshold: str | None = "dynamic",
+    generator: torch.Generator | None = None,
+    x_T: Tensor | None = None,
+    inpaint: dict[str, Tensor] | None = None,
+    callback=None,
+) -> Tensor:
+    """CLIP image embeddings (+ caption tokens) -> images in [-1, 1] (DALL·E 2's decoder, GLIDE-style CFG).
+
+    Args:
+        decoder: a UNet (or InpaintUNet, then `inpaint` = {"image": (B,3,H,W), "mask": (B,1,H,W), 1 = repaint}).
+        image_embed: (B, D) L2-normalised CLIP image embeddings.
+        size: output side, default the decoder's training size.
+        threshold: x_0 clipping: "dynamic" (Imagen), "static" ([-1, 1]) or None.
+
+    Returns:
+        (B, 3, size, size) images in [-1, 1].
+    """
+    config = decoder.config
+    size = size or config.image_size
+    B = image_embed.shape[0]
+    cond = decoder_cond(image_embed, text_tokens, text_mask, config)
+    replace = None
+    if inpaint is not None:
+        if getattr(config, "extra_in_channels", 0):  # a trained inpainting model sees the known region
+            cond.update(inpaint_image=inpaint["image"], inpaint_mask=inpaint["mask"])
+        replace = (inpaint["image"], inpaint["mask"])  # and the known region is kept exactly
+    model = classifier_free_guidance(decoder, guidance_scale)
+    x = sample(
+        sampler,
+        model,
+        diffusion,
+        (B, config.out_channels, size, size),
+        steps=steps,
+        cond=cond,
+        generator=generator,
+        x_T=x_T,
+        threshold=threshold,
+        inpaint=replace,
+        device=image_embed.device,
+        callback=callback,
+    )
+    return x.clamp(-1, 1)
+
+
+def augment_low_res(diffusion: GaussianDiffusion, low_res: Tensor, noise_level: Tensor, generator=None) -> Tensor:
+    """Noise-conditioning augmentation (Imagen §2.5): the low-res image diffused to `noise_level`."""
+    noise = torch.randn(low_res.shape, generator=generator, device=generator.device if generator else None)
+    return diffusion.q_sample(low_res, noise_level, noise.to(low_res.device, low_res.dtype))
+
+
+@torch.no_grad()
+def sample_upsampler(
+    upsampler: nn.Module,
+    diffusion: GaussianDiffusion,
+    low_res: Tensor,
+    *,
+    image_embed: Tensor | None = None,
+    sampler: str = UPSAMPLER_DEFAULTS["sampler"],
+    steps: int = UPSAMPLER_DEFAULTS["steps"],
+    noise_level: int = UPSAMPLER_DEFAULTS["noise_level"],
+    guidance_scale: float = 1.0,
+    generator: torch.Generator | None = None,
+    callback=None,
+) -> Tensor:
+    """Low-res images -> high-res images in [-1, 1] (DALL·E 2's 64->256 and 256->1024 stages).
+
+    The network is convolutional, so it samples at full size whatever crop size it was trained on.
+
+    Args:
+        low_res: (B, 3, h, w) in [-1, 1].
+        noise_level: the augmentation timestep applied to low_res (a small value; 0 = clean).
+    """
+    config = upsampler.config
+    B, C, h, w = low_res.shape
+    scale = config.image_size // config.low_res_size
+    level = torch.full((B,), int(noise_level), device=low_res.device, dtype=torch.long)
+    cond: dict[str, Any] = {
+        "low_res": augment_low_res(diffusion, low_res, level, generator) if noise_level else low_res
+    }
+    if config.noise_aug_embed:
+        cond["noise_level"] = level
+    if config.clip_dim:
+        cond["image_embed"] = image_embed
+    model = classifier_free_guidance(upsampler, guidance_scale)
+    x = sample(
+        sampler,
+        model,
+        diffusion,
+        (B, C, h * scale, w * scale),
+        steps=steps,
+        cond=cond,
+        generator=generator,
+        threshold="static",
+        device=low_res.device,
+        callback=callback,
+    )
+    return x.clamp(-1, 1)

@@ -1,0 +1,87 @@
+import json
+
+import pytest
+import torch
+
+from unclip.checkpoint import load_model
+from unclip.config import load_config
+from unclip.diffusion import GaussianDiffusion
+from unclip.imageio import read_png_metadata
+from unclip.nets.unet import InpaintUNet, UNet, random_inpaint_mask
+from unclip.sampling import sample_decoder
+from unclip.tasks import build_task
+from unclip.training import Trainer
+
+TINY = "configs/decoder/tiny.yaml"
+
+
+def test_short_training_lowers_the_loss_and_writes_grids(tmp_path):
+    config = load_config(
+        TINY,
+        [
+            f"train.output_dir={tmp_path}",
+            "train.max_steps=40",
+            "train.lr=2e-3",
+            "train.eval_every=40",
+            "train.checkpoint_every=40",
+            "train.ema_warmup_steps=0",
+        ],
+    )
+    task = build_task(config)
+    before = task.evaluate(task.model, task.model)["val/loss"]
+    Trainer(task, config).fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    after = [r for r in rows if "val/loss" in r][-1]["val/loss"]
+    assert after < 0.7 * before, (before, after)
+    grid = tmp_path / "samples" / "step_0000040.png"
+    assert grid.is_file() and "captions" in read_png_metadata(grid)
+    loaded = load_model(tmp_path / "export").model
+    assert type(loaded) is UNet
+
+
+def test_inpainting_finetunes_from_a_decoder_and_keeps_the_known_region(tmp_path):
+    from train.decoder import main
+
+    decoder = main([TINY, f"train.output_dir={tmp_path / 'dec'}", "train.max_steps=2", "train.eval_every=100"])
+    export = main(
+        [
+            "configs/decoder/inpaint_tiny.yaml",
+            f"train.output_dir={tmp_path / 'inp'}",
+            "train.max_steps=2",
+            "train.eval_every=2",
+            f"train.init_from={decoder}",
+        ]
+    )
+    loaded = load_model(export)
+    model = loaded.model
+    assert isinstance(model, InpaintUNet) and loaded.meta["kind"] == "inpaint"
+    # started from the decoder: its weights (all but the widened first conv) were copied
+    source = load_model(decoder).model.state_dict()
+    assert set(source) == set(model.state_dict())
+    assert (tmp_path / "inp" / "samples" / "step_0000002.png").is_file()
+
+    image = torch.rand(2, 3, 16, 16) * 2 - 1
+    mask = random_inpaint_mask(2, 16, generator=torch.Generator().manual_seed(0))
+    out = sample_decoder(
+        model,
+        GaussianDiffusion.from_config(loaded.diffusion),
+        torch.randn(2, 32),
+        torch.randn(2, 5, 48),
+        torch.ones(2, 5, dtype=torch.bool),
+        steps=4,
+        inpaint={"image": image, "mask": mask},
+        generator=torch.Generator().manual_seed(0),
+    )
+    keep = mask.expand_as(image) == 0
+    assert torch.equal(out[keep], image[keep])
+    assert not torch.equal(out[~keep], image[~keep])
+
+
+def test_inpaint_without_a_decoder_to_start_from_builds_a_fresh_model():
+    config = load_config("configs/decoder/inpaint_tiny.yaml")
+    assert isinstance(build_task(config).model, InpaintUNet)
+
+
+def test_data_and_model_sizes_must_agree():
+    with pytest.raises(ValueError, match="data.image_size"):
+        build_task(load_config(TINY, ["data.image_size=32"]))

@@ -1,0 +1,67 @@
+"""Images in and out: tensors in [-1, 1] <-> PIL, grids, and PNGs that carry their settings as text chunks."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+from torch import Tensor
+
+from unclip.checkpoint import atomic_write_bytes
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> B RGB images (rounded to 8 bits)."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    arrays = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arrays]
+
+
+def from_pil(image: Image.Image) -> Tensor:
+    """An RGB PIL image -> (3, H, W) float tensor in [-1, 1]."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
+
+
+def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> Image.Image:
+    """Tile (N, 3, H, W) images in [-1, 1] into one image, `nrow` per row, on a white background."""
+    n, _, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = Image.new("RGB", (nrow * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
+    for i, tile in enumerate(to_pil(images)):
+        grid.paste(tile, (pad + (i % nrow) * (w + pad), pad + (i // nrow) * (h + pad)))
+    return grid
+
+
+def save_png(image: Image.Image, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write a PNG atomically, with each metadata item as a text chunk (values JSON-encoded unless str)."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in (metadata or {}).items():
+        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+    return Path(path)
+
+
+def read_png_metadata(path: str | Path) -> dict[str, str]:
+    with Image.open(path) as image:
+        return dict(getattr(image, "text", {}))
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, captions: list[str] | None = None) -> Path:
+    """Save a grid PNG; the captions (if any) go into its metadata and a .txt beside it."""
+    path = Path(path)
+    metadata = {"captions": captions} if captions else None
+    save_png(make_grid(images, nrow), path, metadata)
+    if captions:
+        atomic_write_bytes(path.with_suffix(".txt"), ("\n".join(captions) + "\n").encode())
+    return path

@@ -1,0 +1,140 @@
+"""Training task for the 64 px decoder (CLIP image embedding + caption -> image) and its inpainting variant.
+
+The decoder is trained on image-caption data, with CLIP image and text embeddings computed on the fly by a
+frozen CLIP (DALL·E 2 §2.1: the image embedding is added to the timestep embedding and projected into 4 extra
+tokens; GLIDE: the caption's token encodings are extra keys and values in every attention layer). The network
+drops the image embedding (10%) and the text (50%) itself in training, for classifier-free guidance.
+
+`kind: inpaint` trains GLIDE's inpainting model: the decoder with the masked image and the mask as extra
+input channels, fine-tuned from a trained decoder (`train.init_from`) on random rectangle and brush-stroke
+masks (1 = repaint, white in a user's mask image).
+
+At every evaluation the task writes a grid of EMA samples for a fixed set of validation captions, next to
+the real images: runs/NAME/samples/step_XXXXXXX.png.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Subset
+
+from unclip.checkpoint import load_model, save_model
+from unclip.config import RunConfig
+from unclip.data import build_dataset, collate
+from unclip.diffusion import GaussianDiffusion
+from unclip.imageio import save_grid
+from unclip.nets.unet import InpaintUNet, UNet, random_inpaint_mask
+from unclip.sampling import decoder_cond, sample_decoder
+from unclip.tasks.conditioning import check_clip_dims, encode_batch, load_clip
+
+GRID_SIZE = 8  # validation captions in the sample grid
+
+
+class DecoderTask:
+    def __init__(self, config: RunConfig, clip=None):
+        self.config, self.kind = config, config.kind
+        model_config = config.model
+        model_config.gradient_checkpointing = config.train.gradient_checkpointing
+        if config.data.image_size != model_config.image_size:
+            raise ValueError(
+                f"data.image_size ({config.data.image_size}) must equal model.image_size ({model_config.image_size})"
+            )
+        if config.diffusion.learned_variance != model_config.learned_variance:
+            raise ValueError("model.learned_variance and diffusion.learned_variance must agree")
+        self.clip = clip if clip is not None else load_clip(config.clip)
+        check_clip_dims(
+            self.clip,
+            clip_dim=model_config.clip_dim,
+            text_width=model_config.text_width,
+            text_ctx=model_config.text_ctx,
+        )
+        self.model = self._build_model()
+        self.diffusion = GaussianDiffusion.from_config(config.diffusion)
+        self.train_dataset = build_dataset(config.data, split="train")
+        self.val_dataset = build_dataset(config.data, split="val")
+        self.collate_fn = collate
+        self.device = torch.device("cpu")
+
+    def _build_model(self) -> UNet:
+        init_from = self.config.train.init_from
+        if self.kind == "decoder":
+            model = UNet(self.config.model)
+            if init_from:
+                model.load_state_dict(load_model(init_from).model.state_dict())
+            return model
+        if not init_from:
+            return InpaintUNet(self.config.model)
+        source = load_model(init_from).model
+        if isinstance(source, InpaintUNet):
+            return source.train()
+        if type(source) is not UNet:
+            raise ValueError(f"train.init_from={init_from} holds a {type(source).__name__}, not a decoder UNet")
+        model = InpaintUNet.from_unet(source)
+        self.config.model = model.config  # the architecture written into the export
+        return model
+
+    def setup(self, device: torch.device) -> None:
+        self.device = device
+        self.clip.to(device)
+
+    def _inputs(self, batch) -> tuple[Tensor, dict[str, Tensor]]:
+        c = encode_batch(self.clip, batch, self.device)
+        x_0 = batch["image"].to(self.device)
+        cond = decoder_cond(c["image_embed"], c["text_tokens"], c["text_mask"], self.model.config)
+        if self.kind == "inpaint":
+            mask = random_inpaint_mask(x_0.shape[0], x_0.shape[-1]).to(self.device)
+            cond.update(inpaint_image=x_0, inpaint_mask=mask)
+        return x_0, cond
+
+    def loss(self, model, batch) -> tuple[Tensor, dict[str, float]]:
+        x_0, cond = self._inputs(batch)
+        terms = self.diffusion.training_loss(model, x_0, cond=cond)
+        logs = {"vlb": terms["vlb"].mean().item()} if "vlb" in terms else {}
+        return terms["loss"].mean(), logs
+
+    def _val_batch(self):
+        n = min(self.config.data.val_size, len(self.val_dataset))
+        return next(iter(DataLoader(Subset(self.val_dataset, range(n)), batch_size=n, collate_fn=collate)))
+
+    @torch.no_grad()
+    def evaluate(self, model, ema_model) -> dict[str, float]:
+        """Validation loss at fixed timesteps and noise, for the online and the EMA network."""
+        state = torch.random.get_rng_state()
+        torch.manual_seed(0)  # the inpainting masks
+        x_0, cond = self._inputs(self._val_batch())
+        gen = torch.Generator().manual_seed(0)
+        t = torch.randint(0, self.diffusion.num_timesteps, (x_0.shape[0],), generator=gen).to(x_0.device)
+        noise = torch.randn(x_0.shape, generator=gen).to(x_0.device)
+        metrics = {}
+        for name, net in (("val", model), ("val_ema", ema_model)):
+            loss = self.diffusion.training_loss(net, x_0, cond=cond, t=t, noise=noise)["loss"].mean()
+            metrics[f"{name}/loss"] = loss.item()
+        torch.random.set_rng_state(state)
+        return metrics
+
+    @torch.no_grad()
+    def save_samples(self, ema_model, path: Path) -> None:
+        """A grid: the real validation images in the first row, EMA samples for their captions below."""
+        batch = self._val_batch()
+        n = min(GRID_SIZE, len(batch["caption"]))
+        batch = {k: v[:n] for k, v in batch.items()}
+        x_0, cond = self._inputs(batch)
+        inpaint = None
+        if self.kind == "inpaint":
+            inpaint = {"image": cond.pop("inpaint_image"), "mask": cond.pop("inpaint_mask")}
+        text = {k: cond.get(k) for k in ("text_tokens", "text_mask")}
+        samples = sample_decoder(
+            ema_model,
+            self.diffusion,
+            cond.get("image_embed"),
+            **text,
+            inpaint=inpaint,
+            generator=torch.Generator().manual_seed(0),
+        )
+        save_grid(torch.cat([x_0, samples]).cpu(), path, nrow=n, captions=list(batch["caption"]))
+
+    def export(self, model, directory: Path) -> None:
+        save_model(model, directory, kind=self.kind, diffusion=self.config.diffusion, clip=self.config.clip)
