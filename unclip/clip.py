@@ -401,6 +401,39 @@ def model_preprocess_cfg(model: nn.Module, model_config: dict[str, Any]) -> dict
     return {**default_preprocess_cfg(model_config), **(getattr(model.visual, "preprocess_cfg", None) or {})}
 
 
+# ---- for training a CLIP (unclip/tasks/clip.py) ----
+
+
+def set_preprocess_cfg(model: nn.Module, preprocess_cfg: dict[str, Any]) -> None:
+    """Attach preprocessing to a model as open_clip.create_model does; copies and `save_clip` keep it."""
+    open_clip.set_model_preprocess_cfg(model, preprocess_cfg)
+
+
+def image_transform(preprocess_cfg: dict[str, Any]):
+    """open_clip's inference preprocessing (resize, centre crop, mean/std), as `ClipAdapter.embed_image` uses.
+
+    Returns:
+        a callable on a PIL image or on (B, 3, H, W) float tensors in [0, 1].
+    """
+    return image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
+
+
+def build_tokenizer(model_config: dict[str, Any]) -> Any:
+    """The tokenizer of a CLIP built from `model_config`: `tokenizer(texts) -> (B, L) int64 ids`."""
+    return _tokenizer_for(model_config)
+
+
+def contrastive_loss(*, rank: int = 0, world_size: int = 1) -> nn.Module:
+    """open_clip's ClipLoss: symmetric cross-entropy over image-text similarities (Radford et al. 2021, fig. 3).
+
+    Called as `loss(image_features, text_features, logit_scale)` with L2-normalised (B, D) features and the
+    exponentiated temperature. With world_size > 1 each rank gathers every rank's features (with their
+    gradients, so the data-parallel gradient equals one process's on the whole batch) and scores its own rows
+    against all of them; the mean over ranks is the loss of the whole batch.
+    """
+    return open_clip.ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
+
+
 def save_clip(
     model: nn.Module,
     model_config: dict[str, Any],

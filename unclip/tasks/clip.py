@@ -1,0 +1,162 @@
+"""Training task for a CLIP trained from scratch on image-caption pairs (Radford et al. 2021).
+
+Our machines cannot download CLIP weights, so the cascade's default CLIPs are trained here on the project's
+own data (procedural shapes scenes, OpenMoji emoji). The architecture is an open_clip model config
+(`clip.model_config`: embed_dim, vision_cfg, text_cfg); the loss is open_clip's symmetric contrastive loss
+with the learned temperature, its features gathered across data-parallel ranks. Images go through the same
+preprocessing that the exported CLIP records and `ClipAdapter.embed_image` applies (resize, centre crop,
+mean/std), captions through the model's own tokenizer. No augmentation: random crops would move the shapes
+and break the captions' positions and relations.
+
+Validation reports zero-shot retrieval among the pairs of the validation split (`data.val_size`, never
+trained on), text -> image and image -> text top-1 and top-5, for the online and the EMA model, and the
+contrastive loss over the whole validation set at once (so it depends on val_size, not on the batch size). The
+export is a `save_clip` folder that `ClipAdapter.from_checkpoint` and open_clip's `local-dir:` both load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from unclip.clip import (
+    build_clip_model,
+    build_tokenizer,
+    contrastive_loss,
+    default_preprocess_cfg,
+    image_transform,
+    save_clip,
+    set_preprocess_cfg,
+)
+from unclip.config import RunConfig
+from unclip.data import build_dataset, collate
+
+MAX_LOGIT_SCALE = 100.0  # Radford et al. 2021, section 2.5: the learned 1/temperature is clipped at 100
+EVAL_BATCH = 256
+
+
+class ClipTask:
+    """The `Task` for `kind: clip` runs: a randomly initialised open_clip CLIP and its contrastive loss."""
+
+    kind = "clip"
+
+    def __init__(self, config: RunConfig):
+        _check_config(config)
+        self.config = config
+        self.model_config = config.clip.model_config
+        self.model = build_clip_model(self.model_config, seed=config.train.seed)
+        if config.train.gradient_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.preprocess_cfg = default_preprocess_cfg(self.model_config)
+        set_preprocess_cfg(self.model, self.preprocess_cfg)  # the EMA copy and the export carry it too
+        self.preprocess = image_transform(self.preprocess_cfg)
+        self.tokenizer = build_tokenizer(self.model_config)
+        self.train_dataset = build_dataset(config.data, split="train")
+        self.val_dataset = build_dataset(config.data, split="val")
+        self.collate_fn = collate
+        self.device = torch.device("cpu")
+        self.contrastive_loss = contrastive_loss()
+        self._val: tuple[Tensor, list[str]] | None = None
+
+    def setup(self, device: torch.device) -> None:
+        self.device = device
+        if dist.is_available() and dist.is_initialized():
+            self.contrastive_loss = contrastive_loss(rank=dist.get_rank(), world_size=dist.get_world_size())
+
+    def inputs(self, images: Tensor, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """Model inputs: preprocessed pixels (B, 3, S, S) from images in [-1, 1], and (B, L) token ids."""
+        pixels = self.preprocess((images.float().to(self.device) + 1) / 2)
+        return pixels, self.tokenizer(list(captions)).to(self.device)
+
+    def loss(self, model: nn.Module, batch: dict) -> tuple[Tensor, dict[str, float]]:
+        pixels, ids = self.inputs(batch["image"], batch["caption"])
+        image_features, text_features, logit_scale = model(image=pixels, text=ids)[:3]  # (B, D), (B, D), ()
+        logit_scale = logit_scale.clamp(max=MAX_LOGIT_SCALE)
+        loss = self.contrastive_loss(image_features, text_features, logit_scale)
+        return loss, {"logit_scale": logit_scale.item()}
+
+    # ---- evaluation ----
+
+    def _val_pairs(self) -> tuple[Tensor, list[str]]:
+        if self._val is None:
+            batches = list(DataLoader(self.val_dataset, batch_size=EVAL_BATCH, collate_fn=collate))
+            self._val = torch.cat([b["image"] for b in batches]), [c for b in batches for c in b["caption"]]
+        return self._val
+
+    @torch.no_grad()
+    def encode(self, model: nn.Module, images: Tensor, captions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+        """L2-normalised image and text features (N, D) and the clamped logit scale, in chunks."""
+        image_features, text_features = [], []
+        for start in range(0, len(captions), EVAL_BATCH):
+            pixels, ids = self.inputs(images[start : start + EVAL_BATCH], captions[start : start + EVAL_BATCH])
+            image_features.append(model.encode_image(pixels, normalize=True).float())
+            text_features.append(model.encode_text(ids, normalize=True).float())
+        logit_scale = model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        return torch.cat(image_features), torch.cat(text_features), logit_scale
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, ema_model: nn.Module) -> dict[str, float]:
+        images, captions = self._val_pairs()
+        metrics = {}
+        for prefix, m in (("val", model), ("val_ema", ema_model)):
+            image_features, text_features, logit_scale = self.encode(m, images, captions)
+            metrics[f"{prefix}/loss"] = contrastive_loss()(image_features, text_features, logit_scale).item()
+            retrieval = retrieval_metrics(image_features, text_features, captions)
+            metrics.update({f"{prefix}/{k}": v for k, v in retrieval.items()})
+        return metrics
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        save_clip(model, self.model_config, directory, preprocess_cfg=self.preprocess_cfg)
+
+
+def retrieval_metrics(
+    image_features: Tensor, text_features: Tensor, captions: list[str], ks: tuple[int, ...] = (1, 5)
+) -> dict[str, float]:
+    """Zero-shot retrieval among N image-caption pairs, in both directions.
+
+    A retrieved item counts as correct when its caption equals the query's: procedural datasets repeat
+    captions ("a red circle" describes many scenes), and an image whose caption is identical is an equally
+    right answer.
+
+    Args:
+        image_features, text_features: (N, D) features of the pairs, in the same order.
+        captions: the N captions.
+        ks: the k of each top-k accuracy (capped at N).
+
+    Returns:
+        {"t2i_top{k}": fraction of captions whose top-k images hold a right one, "i2t_top{k}": the same for
+        images and their top-k captions}.
+    """
+    if not len(captions) == len(image_features) == len(text_features):
+        raise ValueError(f"{len(image_features)} images, {len(text_features)} texts and {len(captions)} captions")
+    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    labels = torch.tensor([ids[c] for c in captions], device=image_features.device)
+    same = labels[:, None] == labels[None, :]  # (N, N) pairs with equal captions
+    similarity = F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T
+    metrics = {}
+    for direction, scores in (("t2i", similarity.T), ("i2t", similarity)):  # rows: queries, columns: candidates
+        for k in ks:
+            top = scores.topk(min(k, len(captions)), dim=1).indices  # (N, k)
+            metrics[f"{direction}_top{k}"] = same.gather(1, top).any(dim=1).float().mean().item()
+    return metrics
+
+
+def _check_config(config: RunConfig) -> None:
+    clip = config.clip
+    if clip.model_config is None:
+        raise ValueError(
+            "a clip run trains the architecture in clip.model_config (an open_clip model config with embed_dim, "
+            "vision_cfg and text_cfg); see configs/clip/tiny.yaml"
+        )
+    if clip.checkpoint or clip.model_name or clip.pretrained:
+        raise ValueError(
+            "a clip run trains from scratch: leave clip.checkpoint, clip.model_name and clip.pretrained unset "
+            "and give the architecture in clip.model_config"
+        )
+    if config.data.dataset == "embeddings":
+        raise ValueError("a CLIP trains on image-caption pairs; data.dataset=embeddings holds no images")
