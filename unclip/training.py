@@ -68,6 +68,8 @@ class Task(Protocol):
 
     def export(self, model: nn.Module, directory: Path) -> None: ...
 
+    # optional: `save_samples(ema_model, path)` writes a sample grid at every evaluation
+
 
 class NonFiniteLossError(RuntimeError):
     pass
@@ -129,6 +131,9 @@ class Trainer:
             update_after_step=train.ema_warmup_steps,
             update_every=train.ema_update_every,
             include_online_model=False,
+            # buffers are copied, not averaged: averaging a -inf attention mask gives NaN, and statistics
+            # such as the prior's embedding normalisation are constants
+            param_or_buffer_names_no_ema={name for name, _ in model.named_buffers()},
         )
         self.ema.to(acc.device)
         self.task.setup(acc.device)
@@ -340,6 +345,8 @@ class Trainer:
             model.eval()
             self.ema.ema_model.eval()
             metrics = self.task.evaluate(model, self.ema.ema_model)
+            if hasattr(self.task, "save_samples"):
+                self.task.save_samples(self.ema.ema_model, self.run_dir / "samples" / f"step_{self.step:07d}.png")
             model.train()
         acc.wait_for_everyone()
         return metrics

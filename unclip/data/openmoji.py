@@ -77,9 +77,9 @@ def emoji_names(code: str) -> tuple[str, ...] | None:
     else:
         names = [_clean(data["en"])] + [_clean(a) for a in aliases]
     out, seen = [], set()
-    for name in names:
+    for i, name in enumerate(names):
         key = re.sub(r"[^a-z0-9]", "", name.lower())
-        if len(key) >= 3 and key not in seen:
+        if (len(key) >= 3 or i == 0) and key and key not in seen:  # the CLDR name stays, however short ("ox")
             seen.add(key)
             out.append(name)
     return tuple(out)
