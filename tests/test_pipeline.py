@@ -1,0 +1,133 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline_helpers import make_tiny_pipeline
+from unclip.imageio import read_png_metadata
+from unclip.pipeline import UnCLIPPipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    return make_tiny_pipeline(tmp_path_factory.mktemp("pipe"), inpaint=True)
+
+
+def test_pipeline_generates_at_each_size_and_seeds_reproduce(tiny_pipeline):
+    pipe = UnCLIPPipeline.from_pretrained(tiny_pipeline)
+    assert pipe.sizes == [16, 32]
+    a = pipe(["a red circle", "a blue square"], seed=3)
+    assert a.images.shape == (2, 3, 16, 16) and a.images.abs().max() <= 1
+    assert a.seeds == [3, 4] and a.settings["prior"]["steps"] == 3
+    b = pipe(["a blue square"], seed=4)  # the same image, made alone: equal up to batched-kernel rounding
+    torch.testing.assert_close(b.images[0], a.images[1], rtol=0, atol=1e-4)
+    c = pipe(["a red circle", "a blue square"], seed=3, size=32)
+    assert c.images.shape == (2, 3, 32, 32)
+    assert not torch.equal(pipe(["a red circle"], seed=5).images, a.images[:1])
+    no_prior = pipe(["a red circle"], seed=3, use_prior=False)
+    torch.testing.assert_close(no_prior.image_embeds, no_prior.text_embeds)
+
+
+def test_reranking_keeps_the_best_candidate(tiny_pipeline):
+    pipe = UnCLIPPipeline.from_pretrained(tiny_pipeline)
+    out = pipe(["a red circle", "a green diamond"], seed=0, candidates=3)
+    assert out.images.shape == (2, 3, 16, 16) and out.settings["candidates"] == 3
+    all_ = pipe(["a red circle"] * 3 + ["a green diamond"] * 3, seed=0)
+    scores = (pipe.clip.embed_image(all_.images, normalize=True) * all_.text_embeds).sum(-1).view(2, 3)
+    assert out.seeds == [int(scores[0].argmax()), 3 + int(scores[1].argmax())]
+    torch.testing.assert_close(torch.tensor(out.clip_scores), scores.max(1).values)
+    # the kept seed alone reproduces the kept image
+    again = pipe(["a green diamond"], seed=out.seeds[1])
+    torch.testing.assert_close(again.images[0], out.images[1], rtol=0, atol=1e-4)
+
+
+def test_bad_input_is_a_clear_error(tiny_pipeline, tmp_path):
+    pipe = UnCLIPPipeline.from_pretrained(tiny_pipeline)
+    with pytest.raises(ValueError, match="empty prompt"):
+        pipe(["  "])
+    with pytest.raises(ValueError, match=r"choose one of \[16, 32\]"):
+        pipe(["a red circle"], size=1024)
+    with pytest.raises(ValueError, match="no pipeline.json"):
+        UnCLIPPipeline.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not exist"):
+        UnCLIPPipeline.from_pretrained(tmp_path / "nowhere")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    index = json.loads((tiny_pipeline / "pipeline.json").read_text())
+    (broken / "pipeline.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="incomplete"):
+        UnCLIPPipeline.from_pretrained(broken)
+    (broken / "pipeline.json").write_text(json.dumps({**index, "format_version": 99}))
+    with pytest.raises(ValueError, match="format_version 99"):
+        UnCLIPPipeline.from_pretrained(broken)
+
+
+def test_generate_script_writes_pngs_with_metadata(tiny_pipeline, tmp_path, capsys):
+    from sample.generate import main
+
+    paths = main(
+        [
+            "--prompt",
+            "a small red circle",
+            "--n",
+            "2",
+            "--seed",
+            "7",
+            "--pipeline",
+            str(tiny_pipeline),
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "2",
+        ]
+    )
+    assert [p.name for p in paths] == [
+        "a_small_red_circle_00007.png",
+        "a_small_red_circle_00008.png",
+        "a_small_red_circle_grid.png",
+    ]
+    assert str(paths[0]) in capsys.readouterr().out
+    meta = read_png_metadata(paths[0])
+    assert meta["prompt"] == "a small red circle" and json.loads(meta["seed"]) == 7
+    settings = json.loads(meta["settings"])
+    assert settings["size"] == 32 and settings["decoder"]["steps"] == 2 and settings["prior"]["steps"] == 3
+    # the metadata is enough to make the same image again
+    again = main(
+        [
+            "--prompt",
+            meta["prompt"],
+            "--n",
+            "1",
+            "--seed",
+            meta["seed"],
+            "--pipeline",
+            str(tiny_pipeline),
+            "--out",
+            str(tmp_path / "again"),
+            "--steps",
+            str(settings["decoder"]["steps"]),
+        ]
+    )
+    a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (paths[0], again[0]))
+    assert np.abs(a - b).max() <= 1  # 8-bit rounding of float noise between batch sizes
+
+
+def test_generate_script_errors(tiny_pipeline, tmp_path):
+    from sample.generate import main
+
+    with pytest.raises(SystemExit, match="empty prompt"):
+        main(["--prompt", "", "--pipeline", str(tiny_pipeline), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no pipeline.json"):
+        main(["--prompt", "a red circle", "--pipeline", str(tmp_path), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="choose one of"):
+        main(["--prompt", "a red circle", "--size", "48", "--pipeline", str(tiny_pipeline), "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("dtype", ["bf16"])
+def test_reduced_precision_runs(tiny_pipeline, dtype):
+    pipe = UnCLIPPipeline.from_pretrained(tiny_pipeline, dtype=dtype)
+    out = pipe(["a red circle"], seed=0, prior={"steps": 2}, decoder={"steps": 2})
+    assert out.images.dtype == torch.float32 and torch.isfinite(out.images).all()
+    assert out.settings["dtype"] == "bfloat16"
