@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from pipeline_helpers import make_tiny_pipeline
+
 from unclip.imageio import read_png_metadata
 from unclip.pipeline import UnCLIPPipeline
 
