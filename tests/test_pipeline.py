@@ -131,3 +131,33 @@ def test_reduced_precision_runs(tiny_pipeline, dtype):
     out = pipe(["a red circle"], seed=0, prior={"steps": 2}, decoder={"steps": 2})
     assert out.images.dtype == torch.float32 and torch.isfinite(out.images).all()
     assert out.settings["dtype"] == "bfloat16"
+
+
+def test_assemble_script_with_fp16_weights(tiny_pipeline, tmp_path):
+    from train.pipeline import main
+
+    parts = tiny_pipeline.parent / "parts"
+    out = main(
+        [
+            "--out",
+            str(tmp_path / "p16"),
+            "--clip",
+            str(parts / "clip"),
+            "--prior",
+            str(parts / "prior"),
+            "--decoder",
+            str(parts / "decoder"),
+            "--upsampler",
+            str(parts / "up"),
+            "--fp16",
+        ]
+    )
+    size = (out / "decoder" / "model.safetensors").stat().st_size
+    assert size < 0.6 * (parts / "decoder" / "model.safetensors").stat().st_size
+    full = UnCLIPPipeline.from_pretrained(tiny_pipeline)(
+        ["a red circle"], seed=0, prior={"steps": 3}, decoder={"steps": 3}
+    )
+    half = UnCLIPPipeline.from_pretrained(out)(["a red circle"], seed=0, prior={"steps": 3}, decoder={"steps": 3})
+    assert (full.images - half.images).abs().mean() < 0.05  # fp16 storage, fp32 compute
+    with pytest.raises(SystemExit, match="not a folder"):
+        main(["--out", str(tmp_path / "x"), "--clip", str(parts / "clip"), "--decoder", str(tmp_path / "missing")])

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from unclip.checkpoint import atomic_write_bytes, load_model
+from unclip.checkpoint import atomic_write_bytes, load_model, save_model
 from unclip.clip import ClipAdapter
 from unclip.diffusion import GaussianDiffusion
 from unclip.imageio import make_grid, save_png, to_pil
@@ -134,7 +134,11 @@ class UnCLIPPipeline:
         root = Path(path)
         index = read_index(root)
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        defaults = {**DEFAULTS, **index.get("defaults", {})}
+        saved = index.get("defaults", {})  # per-stage settings that override the toolkit's defaults
+        defaults = {
+            stage: {**DEFAULTS.get(stage, DEFAULTS["upsampler"]), **saved.get(stage, {})}
+            for stage in {*DEFAULTS, *saved}
+        }
         clip = ClipAdapter.from_checkpoint(root / index["clip"], device=device)
         prior = Stage.load(root, index["prior"], defaults["prior"], device, dtype) if index.get("prior") else None
         decoder = Stage.load(root, index["decoder"], defaults["decoder"], device, dtype)
@@ -381,8 +385,13 @@ def build_pipeline_folder(
     upsamplers: list[str | Path] = (),
     inpaint: str | Path | None = None,
     defaults: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Assemble a pipeline folder from exported components (copies them, writes pipeline.json)."""
+    """Assemble a pipeline folder from exported components (copies them, writes pipeline.json).
+
+    Args:
+        dtype: re-save the diffusion components' weights in this dtype (torch.float16 for bundled models).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     index: dict[str, Any] = {"format_version": PIPELINE_FORMAT_VERSION, "upsamplers": []}
@@ -397,7 +406,19 @@ def build_pipeline_folder(
             index["upsamplers"].append(name)
         else:
             index[name] = name
+        if not Path(source).is_dir():
+            raise ValueError(f"{source} is not a folder: pass the component's export folder (runs/NAME/export)")
         shutil.copytree(source, out / name, dirs_exist_ok=True)
+        if dtype is not None and name != "clip":
+            loaded = load_model(out / name)
+            save_model(
+                loaded.model,
+                out / name,
+                kind=loaded.meta["kind"],
+                diffusion=loaded.diffusion,
+                clip=loaded.clip,
+                dtype=dtype,
+            )
     index["defaults"] = defaults or {}
     atomic_write_bytes(out / "pipeline.json", json.dumps(index, indent=2).encode())
     return out
