@@ -276,24 +276,26 @@ class Trainer:
         self.model.train()
         data = self.batches()
         end = train.max_steps if stop_at is None else min(stop_at, train.max_steps)
-        while self.step < end:
-            loss_value, logs = self._train_step(data)
-            if loss_value is not None:
-                window.append(loss_value)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}" if loss_value is not None else "skipped")
-            if self.step % train.log_every == 0 or self.step == train.max_steps:
-                last = {"loss": sum(window) / max(1, len(window)), "lr": lr_at(self.step - 1, train), **logs}
-                last["nonfinite_total"] = self.nonfinite_total
-                last["seconds"] = time.perf_counter() - started
-                window.clear()
-                self._log(last)
-            if self.step % train.eval_every == 0 or self.step == train.max_steps:
-                self._log(self.evaluate())
-            if self.step % train.checkpoint_every == 0 or self.step in (train.max_steps, end):
-                self.save_checkpoint()
-        bar.close()
-        acc.end_training()
+        try:
+            while self.step < end:
+                loss_value, logs = self._train_step(data)
+                if loss_value is not None:
+                    window.append(loss_value)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}" if loss_value is not None else "skipped")
+                if self.step % train.log_every == 0 or self.step == train.max_steps:
+                    last = {"loss": sum(window) / max(1, len(window)), "lr": lr_at(self.step - 1, train), **logs}
+                    last["nonfinite_total"] = self.nonfinite_total
+                    last["seconds"] = time.perf_counter() - started
+                    window.clear()
+                    self._log(last)
+                if self.step % train.eval_every == 0 or self.step == train.max_steps:
+                    self._log(self.evaluate())
+                if self.step % train.checkpoint_every == 0 or self.step in (train.max_steps, end):
+                    self.save_checkpoint()
+        finally:  # also on errors: without end_training, about 1 in 4 multi-process runs abort at exit
+            bar.close()
+            acc.end_training()
         return last
 
     def _train_step(self, data) -> tuple[float | None, dict[str, float]]:
