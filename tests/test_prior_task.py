@@ -108,3 +108,30 @@ def test_prior_metrics():
 def test_tiny_config_loads():
     config = load_config(TINY)
     assert config.kind == "prior" and config.diffusion.prediction == "x0"
+
+
+def test_prior_ablation_command(tmp_path, capsys):
+    """python -m unclip.eval prior: retrieval with the prior's embedding vs the raw text embedding."""
+    from train.prior import main as train
+    from unclip.clip import TINY_CLIP_CONFIG, ClipAdapter
+    from unclip.eval.__main__ import main as evaluate
+
+    export = train([TINY, f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.eval_every=100"])
+    ClipAdapter.from_model_config(TINY_CLIP_CONFIG).save(tmp_path / "clip")  # the tiny config's random CLIP
+    results = evaluate(
+        [
+            "prior",
+            "--prior",
+            str(export),
+            "--clip",
+            str(tmp_path / "clip"),
+            "--n",
+            "20",
+            "--out",
+            str(tmp_path / "ablation.json"),
+        ]
+    )
+    assert results["n"] == 20
+    assert 0 <= results["retrieval_top1"] <= 1 and 0 <= results["text_retrieval_top1"] <= 1
+    assert "text_retrieval_top1" in capsys.readouterr().out
+    assert (tmp_path / "ablation.json").is_file()

@@ -1,0 +1,320 @@
+"""unclip.eval: the shapes checker on ground-truth renders, the metrics on synthetic data, and the suites and
+CLI end to end with fake pipelines and evaluators."""
+
+import json
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from unclip.data.shapes import Scene, ShapeObject, parse_caption, render_scene
+from unclip.eval import __main__ as cli
+from unclip.eval import metrics
+from unclip.eval.shapes_checker import (
+    CORRUPTIONS,
+    check,
+    corrupt_caption,
+    detect,
+    match,
+    render_prompt,
+    scene_for_prompt,
+    validate_checker,
+)
+from unclip.imageio import from_pil
+
+DISTINCT_PROMPTS = [  # fully specified and pairwise exclusive: no render of one satisfies another
+    "a large red circle",
+    "a small blue square",
+    "a large green triangle",
+    "a small purple diamond",
+    "a large cyan square to the left of a small yellow circle",
+    "a small red diamond above a large blue triangle",
+    "a large purple circle below a small green square",
+    "a small yellow triangle to the right of a large cyan diamond",
+]
+
+
+def renders(prompts, size=64, seed=0) -> torch.Tensor:
+    return torch.stack([from_pil(render_prompt(p, size, random.Random(seed + i))) for i, p in enumerate(prompts)])
+
+
+class RenderPipeline:
+    """A perfect fake generator: the exact render of a random scene that satisfies each prompt."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompts, *, size=64, seed=0, use_prior=True, batch_size=None):
+        self.calls.append({"n": len(prompts), "seed": seed, "use_prior": use_prior, "size": size})
+        return SimpleNamespace(images=renders(prompts, size, seed), image_embeds=torch.zeros(len(prompts), 8))
+
+
+class WhitePipeline(RenderPipeline):
+    def __call__(self, prompts, *, size=64, seed=0, use_prior=True, batch_size=None):
+        return SimpleNamespace(
+            images=torch.ones(len(prompts), 3, size, size), image_embeds=torch.zeros(len(prompts), 8)
+        )
+
+
+class CheckerEvaluator:
+    """A perfect evaluator for a vocabulary of prompts: text i -> e_i, an image -> the indicator of the
+    prompts the checker says it satisfies."""
+
+    def __init__(self, vocab):
+        self.vocab = list(vocab)
+
+    def embed_text(self, prompts, *, normalize=False):
+        return SimpleNamespace(embed=F.one_hot(torch.tensor([self.vocab.index(p) for p in prompts]), len(self.vocab)))
+
+    def embed_image(self, images, *, normalize=False):
+        rows = []
+        for image in images:
+            objects = detect(image)
+            rows.append(
+                [float(all(f is not False for f in match(objects, parse_caption(p)).values())) for p in self.vocab]
+            )
+        return F.normalize(torch.tensor(rows), dim=-1)
+
+
+class PixelEvaluator:
+    """A cheap fake CLIP: images pooled to 4x4 (48 dims), prompts to a seeded random 48-vector."""
+
+    def embed_text(self, prompts, *, normalize=False):
+        embeds = [torch.randn(48, generator=torch.Generator().manual_seed(sum(map(ord, p)))) for p in prompts]
+        return SimpleNamespace(embed=F.normalize(torch.stack(embeds), dim=-1))
+
+    def embed_image(self, images, *, normalize=False):
+        return F.normalize(F.adaptive_avg_pool2d(images.float(), 4).flatten(1), dim=-1)
+
+
+# ---- the checker ----
+
+
+@pytest.fixture(scope="module")
+def validation():
+    return validate_checker(100, sizes=(32, 64, 256), seed=1, degraded=(0.7, 0.05))
+
+
+@pytest.mark.parametrize("size", ["32", "64", "256"])
+def test_checker_accepts_true_captions_and_rejects_mismatched_ones(validation, size):
+    rates = validation[size]
+    assert rates["accepted"] >= (0.98 if size == "32" else 0.99)  # 32 px: same-colour objects 0.6 px apart merge
+    assert rates["rejected"] >= 0.99 and rates["n_mismatched"] >= 400
+    assert set(rates["rejected_by_kind"]) == set(CORRUPTIONS)
+    assert min(rates["rejected_by_kind"].values()) >= 0.97
+
+
+def test_checker_survives_blur_and_noise(validation):
+    assert validation["64_degraded"]["accepted"] >= 0.99
+    assert validation["64_degraded"]["rejected"] >= 0.99
+
+
+def test_check_reports_each_attribute():
+    scene = Scene(
+        (ShapeObject("red", "circle", "large", 0.25, 0.5), ShapeObject("blue", "triangle", "small", 0.75, 0.45)),
+        "to the left of",
+    )
+    image = render_scene(scene, 64)
+    result = check(image, "a large red circle to the left of a small blue triangle")
+    assert result.correct and result.relation_ok and result.sizes_ok
+    assert [(o.color, o.shape, o.size) for o in result.detected] == [
+        ("red", "circle", "large"),
+        ("blue", "triangle", "small"),
+    ]
+    assert result.detected[1].cy == pytest.approx(0.45, abs=0.01)  # box centre, not the triangle's centroid
+
+    wrong = check(image, "a red circle to the right of a blue triangle")
+    assert not wrong.correct and wrong.relation_ok is False and wrong.colors_ok and wrong.shapes_ok
+    assert wrong.sizes_ok is None  # no size word: not asked for
+    assert check(image, "a small red circle to the left of a blue triangle").sizes_ok is False
+    assert check(image, "a red square to the left of a blue triangle").shapes_ok is False
+    binding = check(image, "a blue circle to the left of a red triangle")
+    assert binding.colors_ok is False and binding.shapes_ok
+    one = check(image, "a red circle")
+    assert one.count_ok is False and one.colors_ok and one.relation_ok is None and not one.correct
+    missing = check(render_scene(Scene(scene.objects[1:]), 64), "a red circle to the left of a small blue triangle")
+    assert missing.count_ok is False and missing.sizes_ok and missing.colors_ok is False
+    assert missing.relation_ok is False
+    assert json.loads(json.dumps(result.to_dict()))["correct"] is True
+
+
+def test_check_takes_pil_images_and_tensors_of_any_size():
+    scene = scene_for_prompt("a small green diamond above a large purple square", random.Random(3))
+    for size in (48, 100, 512):
+        image = render_scene(scene, size)
+        for form in (image, from_pil(image), from_pil(image)[None]):
+            assert check(form, "a small green diamond above a large purple square").correct, size
+    with pytest.raises(ValueError, match="square"):
+        check(Image.new("RGB", (64, 32), "white"), "a red circle")
+    with pytest.raises(ValueError, match=r"\(3, H, W\)"):
+        check(torch.zeros(4, 64, 64), "a red circle")
+    with pytest.raises(ValueError, match="cannot parse"):
+        check(image, "a red banana")
+
+
+def test_blank_images_and_specks_hold_no_objects():
+    assert detect(Image.new("RGB", (64, 64), "white")) == ()
+    assert check(torch.ones(3, 64, 64), "a red circle").correct is False
+    image = render_scene(scene_for_prompt("a large yellow circle", random.Random(0)), 64)
+    pixels = image.load()
+    for x, y in ((2, 2), (60, 3), (5, 58), (61, 61)):  # single pixels in other colours, off the object
+        pixels[x, y] = (30, 70, 220)
+    assert check(image, "a large yellow circle").correct
+    assert [o.color for o in detect(image)] == ["yellow"]
+
+
+def test_render_prompt_draws_what_the_prompt_asks():
+    for i, prompt in enumerate(DISTINCT_PROMPTS + ["a red triangle below a red triangle"]):
+        scene = scene_for_prompt(prompt, random.Random(i))
+        assert all(f is not False for f in match(scene.objects, parse_caption(prompt)).values())
+        assert check(render_prompt(prompt, 64, random.Random(i)), prompt).correct
+
+
+def test_corrupt_caption_changes_the_caption():
+    scene = Scene((ShapeObject("red", "circle", "large", 0.5, 0.5),))
+    rng = random.Random(0)
+    for kind in ("color", "shape", "size", "count"):
+        wrong = corrupt_caption(scene, "a red circle", kind, rng)
+        assert wrong != "a red circle" and parse_caption(wrong)
+    assert corrupt_caption(scene, "a red circle", "relation", rng) is None
+    with pytest.raises(ValueError, match="unknown corruption"):
+        corrupt_caption(scene, "a red circle", "texture", rng)
+
+
+# ---- metrics ----
+
+
+def test_frechet_distance_is_zero_for_identical_sets_and_grows_with_a_mean_shift():
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert metrics.embedding_frechet_distance(x, x) == pytest.approx(0, abs=1e-8)
+    distances = [metrics.embedding_frechet_distance(x, x + shift) for shift in (0.1, 0.5, 1.0)]
+    assert distances == sorted(distances)
+    assert distances[-1] == pytest.approx(6.0, rel=1e-6)  # |mu_r - mu_f|^2 = 6 x 1^2, covariances equal
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
+    def exact_points(mean, std):  # 2D points ±a·e_i whose sample mean and covariance are exactly mean, diag(std²)
+        d = len(mean)
+        a = torch.tensor(std, dtype=torch.float64) * math.sqrt((2 * d - 1) / 2)
+        return torch.tensor(mean, dtype=torch.float64) + torch.cat([torch.diag(a), -torch.diag(a)])
+
+    mean_r, std_r, mean_f, std_f = [0.0, 1.0, -1.0], [1.0, 2.0, 0.5], [0.5, 1.0, 0.0], [3.0, 1.0, 0.5]
+    # d² = |mu_r - mu_f|² + sum_i (sigma_r,i - sigma_f,i)² when both covariances are diagonal
+    expected = (0.5**2 + 0 + 1**2) + (2**2 + 1**2 + 0)
+    got = metrics.embedding_frechet_distance(exact_points(mean_r, std_r), exact_points(mean_f, std_f))
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="embeddings"):
+        metrics.embedding_frechet_distance(torch.randn(5, 4), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="at least 2"):
+        metrics.embedding_frechet_distance(torch.randn(1, 4), torch.randn(5, 4))
+
+
+def test_clip_metrics_with_a_perfect_evaluator():
+    images = renders(DISTINCT_PROMPTS)
+    evaluator = CheckerEvaluator(DISTINCT_PROMPTS)
+    assert metrics.retrieval_accuracy(evaluator, images, DISTINCT_PROMPTS) == {
+        "image_to_text": 1.0,
+        "text_to_image": 1.0,
+    }
+    assert metrics.clip_score(evaluator, images, DISTINCT_PROMPTS) == pytest.approx(100.0)
+    shuffled = images.roll(1, dims=0)
+    assert metrics.retrieval_accuracy(evaluator, shuffled, DISTINCT_PROMPTS) == {
+        "image_to_text": 0.0,
+        "text_to_image": 0.0,
+    }
+    assert metrics.clip_score(evaluator, shuffled, DISTINCT_PROMPTS) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="one prompt per image"):
+        metrics.clip_score(evaluator, images, DISTINCT_PROMPTS[:-1])
+
+
+def test_retrieval_counts_repeated_prompts_once():
+    prompts = ["a", "b", "a", "c"]
+    text = torch.eye(3)[[0, 1, 0, 2]]
+    images = torch.eye(3)[[0, 1, 0, 1]]  # the "c" image looks like "b"
+    got = metrics.retrieval_top1(images, text, prompts)
+    assert got["image_to_text"] == pytest.approx(3 / 4)
+    assert got["text_to_image"] == pytest.approx(2 / 3)  # "c" retrieves a "b" image
+
+
+def test_shapes_accuracy():
+    prompts = DISTINCT_PROMPTS[:4]
+    good = metrics.shapes_accuracy(renders(prompts), prompts)
+    assert good["accuracy"] == 1.0 and good["sizes"] == 1.0 and good["relation"] is None and good["n"] == 4
+    bad = metrics.shapes_accuracy(torch.ones(4, 3, 64, 64), prompts)
+    assert bad["accuracy"] == 0.0 and bad["colors"] == 0.0 and bad["count"] == 0.0
+
+
+# ---- suites and CLI ----
+
+
+def test_evaluate_shapes_end_to_end():
+    pipe = RenderPipeline()
+    results = metrics.evaluate_shapes(pipe, PixelEvaluator(), n=4, seed=2, batch_size=3)
+    assert set(results["sets"]) == {"single", "relational", "held_out", "all", "real"}
+    for name, row in results["sets"].items():
+        assert row["accuracy"] == 1.0, name
+        assert -100 <= row["clip_score"] <= 100 and 0 <= row["retrieval_image_to_text"] <= 1
+    assert results["sets"]["all"]["n"] == 12 and results["sets"]["real"]["n"] == 8
+    assert results["sets"]["single"]["relation"] is None and results["sets"]["relational"]["relation"] == 1.0
+    assert results["clip_frechet_distance"] >= 0 and "not Inception FID" in results["clip_frechet_distance_note"]
+    assert [c["seed"] for c in pipe.calls] == [2, 5, 6, 9, 10, 13]  # set k: seed + 4k + batch start
+    json.dumps(results, allow_nan=False)
+
+    white = metrics.evaluate_shapes(WhitePipeline(), PixelEvaluator(), n=4, seed=2)
+    assert all(white["sets"][name]["accuracy"] == 0.0 for name in ("single", "relational", "held_out", "all"))
+    assert white["sets"]["real"]["accuracy"] == 1.0
+    assert white["clip_frechet_distance"] > results["clip_frechet_distance"]
+
+
+def test_evaluate_openmoji_with_a_fake_dataset():
+    dataset = [{"image": torch.rand(3, 32, 32) * 2 - 1, "caption": f"emoji {i}"} for i in range(5)]
+    results = metrics.evaluate_openmoji(WhitePipeline(), PixelEvaluator(), n=4, size=32, dataset=dataset)
+    assert set(results["sets"]) == {"generated", "real"} and results["settings"]["n"] == 4
+    assert results["clip_frechet_distance"] > 0 and results["settings"]["evaluator_is_pipeline_clip"] is False
+    assert "clip_frechet_distance" in metrics.format_table(results)
+    json.dumps(results, allow_nan=False)
+
+    shared = torch.nn.Linear(2, 2)  # an evaluator that is the pipeline's own CLIP is flagged
+    pipe, evaluator = WhitePipeline(), PixelEvaluator()
+    pipe.clip, evaluator.model = SimpleNamespace(model=shared), shared
+    results = metrics.evaluate_openmoji(pipe, evaluator, n=4, size=32, dataset=dataset)
+    assert results["settings"]["evaluator_is_pipeline_clip"] is True
+
+
+def test_cli_writes_json_and_a_table(tmp_path, monkeypatch, capsys):
+    pipe = RenderPipeline()
+    monkeypatch.setattr(cli, "load_pipeline", lambda path, device: pipe)
+    monkeypatch.setattr(cli, "load_evaluator", lambda path, device: PixelEvaluator())
+    out = tmp_path / "results" / "shapes.json"
+    argv = ["shapes", "--pipeline", "p", "--evaluator-clip", "e", "--n", "3", "--no-prior", "--device", "cpu"]
+    results = cli.main([*argv, "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    assert results["settings"]["use_prior"] is False and all(c["use_prior"] is False for c in pipe.calls)
+    printed = capsys.readouterr().out
+    table = [line for line in printed.splitlines() if line.split()[0] in results["sets"] or line.startswith("set ")]
+    assert len(table) == 6 and len({len(line) for line in table}) == 1  # aligned columns
+    assert "clip_frechet_distance" in printed and "not Inception FID" in printed
+
+
+def test_cli_checker(capsys):
+    results = cli.main(["checker", "--n", "8", "--sizes", "64"])
+    assert set(results) == {"64", "64_degraded"}
+    assert "accepted%" in capsys.readouterr().out
+
+
+def test_metrics_take_a_real_clip_adapter():
+    from unclip.clip import TINY_CLIP_CONFIG, ClipAdapter
+
+    evaluator = ClipAdapter.from_model_config(TINY_CLIP_CONFIG)
+    images, prompts = renders(DISTINCT_PROMPTS[:3]), DISTINCT_PROMPTS[:3]
+    assert -100 <= metrics.clip_score(evaluator, images, prompts) <= 100
+    assert set(metrics.retrieval_accuracy(evaluator, images, prompts)) == {"image_to_text", "text_to_image"}
+    embeds = metrics.embed_images(evaluator, images, batch_size=2)
+    assert embeds.shape == (3, 32) and torch.allclose(embeds.norm(dim=-1), torch.ones(3))

@@ -1,0 +1,127 @@
+"""Evaluate an unCLIP pipeline on `shapes` or OpenMoji, or validate the `shapes` checker.
+
+    python -m unclip.eval shapes --pipeline models/shapes --evaluator-clip runs/clip-eval/export/clip --n 200
+    python -m unclip.eval shapes --pipeline models/shapes --evaluator-clip ... --no-prior   # the ablation
+    python -m unclip.eval openmoji --pipeline models/openmoji --evaluator-clip ... --out openmoji.json
+    python -m unclip.eval checker --n 500
+
+The evaluator CLIP must be trained separately from the pipeline's own CLIP. A table is printed and, with
+--out, the results are written as JSON.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from unclip.config import DataConfig, from_dict, load_config
+from unclip.eval.metrics import evaluate_openmoji, evaluate_shapes, format_table, format_validation
+from unclip.eval.shapes_checker import validate_checker
+
+SUITES = {"shapes": evaluate_shapes, "openmoji": evaluate_openmoji}
+
+
+def load_pipeline(path: str, device: str):
+    from unclip.pipeline import UnCLIPPipeline  # the CLI's loaders are module-level so tests can swap them
+
+    return UnCLIPPipeline.from_pretrained(path, device=device)
+
+
+def load_evaluator(path: str, device: str):
+    from unclip.clip import ClipAdapter
+
+    return ClipAdapter.from_checkpoint(path, device=device)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m unclip.eval",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name in SUITES:
+        p = commands.add_parser(name, help=f"evaluate a pipeline on {name}")
+        p.add_argument("--pipeline", required=True, help="pipeline folder (pipeline.json + components)")
+        p.add_argument("--evaluator-clip", required=True, help="CLIP checkpoint folder, not the pipeline's CLIP")
+        what = "prompts per set" if name == "shapes" else "held-out emoji, at most"
+        p.add_argument("--n", type=int, default=200, help=f"{what} (default 200)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--size", type=int, default=64, help="image size to generate (default 64)")
+        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--no-prior", action="store_true", help="decode the raw text embeddings (the ablation)")
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--out", help="write the results here as JSON")
+        if name == "openmoji":
+            p.add_argument(
+                "--val-size", type=int, default=64, help="the data.val_size the pipeline was trained with (default 64)"
+            )
+    p = commands.add_parser("checker", help="validate the shapes checker on ground-truth renders")
+    p.add_argument("--n", type=int, default=300, help="scenes (default 300)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 256])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the rates here as JSON")
+    p = commands.add_parser("prior", help="prior vs raw text embedding: retrieval of held-out images (DALL·E 2 §5.1)")
+    p.add_argument("--prior", required=True, help="the prior's export folder")
+    p.add_argument("--clip", required=True, help="the CLIP the prior was trained with")
+    p.add_argument("--config", help="the prior's run config, for its data section (default: the export's)")
+    p.add_argument("--n", type=int, default=100, help="held-out pairs, each retrieved among all n (default 100)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="write the results here as JSON")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.command == "checker":
+        results = validate_checker(args.n, args.sizes, seed=args.seed, progress=True)
+        print(format_validation(results))
+    elif args.command == "prior":
+        try:
+            results = run_prior(args)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        print("\n".join(f"{k:>22}  {v:.4f}" if isinstance(v, float) else f"{k:>22}  {v}" for k, v in results.items()))
+    else:
+        try:
+            pipe = load_pipeline(args.pipeline, args.device)
+            evaluator = load_evaluator(args.evaluator_clip, args.device)
+            options = dict(size=args.size, use_prior=not args.no_prior, batch_size=args.batch_size, progress=True)
+            if args.command == "openmoji":
+                options["val_size"] = args.val_size
+            results = SUITES[args.command](pipe, evaluator, args.n, args.seed, **options)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        results["settings"].update(pipeline=str(args.pipeline), evaluator_clip=str(args.evaluator_clip))
+        print(format_table(results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return results
+
+
+def run_prior(args) -> dict:
+    from unclip.eval.prior import evaluate_prior
+
+    clip = load_evaluator(args.clip, args.device)
+    data = load_config(args.config).data if args.config else run_data_config(args.prior)
+    return evaluate_prior(args.prior, clip, data, n=args.n, seed=args.seed)
+
+
+def run_data_config(export: str) -> DataConfig:
+    """The data section of the run that wrote `export` (runs/NAME/export -> runs/NAME/config.json)."""
+    run_config = Path(export).parent / "config.json"
+    if not run_config.is_file():
+        raise ValueError(f"no run config beside {export}; pass --config configs/prior/NAME.yaml")
+    return from_dict(DataConfig, json.loads(run_config.read_text())["data"], "data")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,421 @@
+"""Metrics for generated images, and the evaluation suites that `python -m unclip.eval` runs.
+
+CLIP metrics use an *evaluator* CLIP, trained separately from the CLIP that conditions the pipeline, so that
+the generator is not scored by the judge its prior and decoder were fitted to (DALL·E 2 reports CLIP scores
+and FID as well, Ramesh et al. 2022 §5.3; they are meaningful only with an independent judge). An evaluator
+is anything with `embed_text(prompts, normalize=True).embed` (N, D) and `embed_image(images, normalize=True)`
+(N, D), such as a `ClipAdapter`.
+
+    clip_score                 100 x mean cosine between each image and its prompt (no clamp at 0)
+    retrieval_accuracy         top-1 retrieval of each image's prompt among the set's prompts, and back
+    embedding_frechet_distance Fréchet distance between Gaussians fitted to two sets of CLIP image
+                               embeddings, reported as `clip_frechet_distance`: Heusel et al.'s FID formula
+                               in CLIP image-embedding space, *not* Inception FID
+    shapes_accuracy            the `shapes` checker's verdicts (unclip.eval.shapes_checker), no network
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from unclip.data.openmoji import OpenMojiDataset
+from unclip.data.shapes import ShapesDataset, prompt_sets
+from unclip.eval.shapes_checker import CheckResult, check
+
+logger = logging.getLogger(__name__)
+
+Images = Tensor | Sequence[Image.Image]  # (N, 3, H, W) in [-1, 1], or N RGB PIL images
+FRECHET_NOTE = "Fréchet distance in CLIP image-embedding space (evaluator CLIP), not Inception FID"
+
+# ---- CLIP metrics ----
+
+
+def embed_images(evaluator, images: Images, *, batch_size: int = 64) -> Tensor:
+    """(N, D) L2-normalised evaluator image embeddings, float32 on the CPU."""
+    out = [
+        evaluator.embed_image(images[i : i + batch_size], normalize=True) for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(out).float().cpu()
+
+
+def embed_prompts(evaluator, prompts: Sequence[str], *, batch_size: int = 256) -> Tensor:
+    """(N, D) L2-normalised evaluator text embeddings, float32 on the CPU."""
+    out = [
+        evaluator.embed_text(list(prompts[i : i + batch_size]), normalize=True).embed
+        for i in range(0, len(prompts), batch_size)
+    ]
+    return torch.cat(out).float().cpu()
+
+
+def cosine_score(image_embeds: Tensor, text_embeds: Tensor) -> float:
+    """100 x the mean cosine similarity of matching rows of (N, D) image and text embeddings."""
+    if image_embeds.shape != text_embeds.shape:
+        raise ValueError(f"need one text per image, got {tuple(image_embeds.shape)} and {tuple(text_embeds.shape)}")
+    return 100 * F.cosine_similarity(image_embeds.float(), text_embeds.float(), dim=-1).mean().item()
+
+
+def clip_score(evaluator, images: Images, prompts: Sequence[str], *, batch_size: int = 64) -> float:
+    """CLIP score: 100 x the mean cosine similarity between each image's and its prompt's evaluator embeddings.
+
+    The x100 scale is the customary one (as torchmetrics' CLIPScore; Hessel et al. 2021 weight by 2.5
+    instead); unlike those, negative cosines are not clamped to 0, so the score is a plain mean in
+    [-100, 100]. Scores from different evaluator CLIPs are not comparable.
+    """
+    _check_pairs(images, prompts)
+    return cosine_score(embed_images(evaluator, images, batch_size=batch_size), embed_prompts(evaluator, prompts))
+
+
+def retrieval_top1(image_embeds: Tensor, text_embeds: Tensor, prompts: Sequence[str]) -> dict[str, float]:
+    """Top-1 retrieval between N images and their N prompts, by cosine similarity.
+
+    Repeated prompts count once as candidates: an image is right when its nearest distinct prompt is its
+    own (image_to_text); a distinct prompt is right when its nearest image is one made from it
+    (text_to_image, averaged over the distinct prompts). Chance is 1 / (number of distinct prompts).
+    """
+    first = {}  # distinct prompt -> the row of its first occurrence
+    for i, p in enumerate(prompts):
+        first.setdefault(p, i)
+    index = {p: j for j, p in enumerate(first)}
+    own = torch.tensor([index[p] for p in prompts])
+    sims = (
+        F.normalize(image_embeds.float(), dim=-1) @ F.normalize(text_embeds.float()[list(first.values())], dim=-1).T
+    )  # (N, P)
+    image_to_text = (sims.argmax(dim=1) == own).float().mean().item()
+    text_to_image = (own[sims.argmax(dim=0)] == torch.arange(len(first))).float().mean().item()
+    return {"image_to_text": image_to_text, "text_to_image": text_to_image}
+
+
+def retrieval_accuracy(evaluator, images: Images, prompts: Sequence[str], *, batch_size: int = 64) -> dict[str, float]:
+    """Top-1 retrieval accuracy with the evaluator CLIP: {"image_to_text", "text_to_image"}, see `retrieval_top1`."""
+    _check_pairs(images, prompts)
+    image_embeds = embed_images(evaluator, images, batch_size=batch_size)
+    return retrieval_top1(image_embeds, embed_prompts(evaluator, prompts), prompts)
+
+
+def _sqrtm_psd(matrix: Tensor) -> Tensor:
+    """Square root of a symmetric positive semi-definite matrix, by eigendecomposition."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix)
+    return (eigenvectors * eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.T
+
+
+def embedding_frechet_distance(real_embeds: Tensor, fake_embeds: Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two sets of embeddings (Dowson & Landau 1982):
+
+        d² = |mu_r - mu_f|² + Tr(S_r + S_f - 2 (S_r S_f)^½)
+
+    the formula of FID (Heusel et al. 2017, eq. 6), here over CLIP image embeddings: call it
+    `clip_frechet_distance`, never FID. Computed in float64 with Tr((S_r S_f)^½) = Tr((S_r^½ S_f S_r^½)^½),
+    whose argument is symmetric PSD, so two symmetric eigendecompositions replace scipy's general `sqrtm`
+    (scipy is not a dependency). Like FID it is biased upwards at small N, so compare values at equal N.
+
+    Args:
+        real_embeds: (N, D) embeddings of real images; N >= 2.
+        fake_embeds: (M, D) embeddings of generated images; M >= 2.
+
+    Returns:
+        d², >= 0 (0 for identical sets).
+    """
+    if real_embeds.ndim != 2 or fake_embeds.ndim != 2 or real_embeds.shape[1] != fake_embeds.shape[1]:
+        raise ValueError(
+            f"need (N, D) and (M, D) embeddings, got {tuple(real_embeds.shape)}, {tuple(fake_embeds.shape)}"
+        )
+    if min(len(real_embeds), len(fake_embeds)) < 2:
+        raise ValueError("need at least 2 embeddings in each set to fit a covariance")
+    real, fake = real_embeds.double().cpu(), fake_embeds.double().cpu()
+    cov_r, cov_f = torch.cov(real.T, correction=1), torch.cov(fake.T, correction=1)
+    sqrt_r = _sqrtm_psd(cov_r)
+    cross = torch.linalg.eigvalsh(sqrt_r @ cov_f @ sqrt_r).clamp(min=0).sqrt().sum()
+    d2 = (real.mean(0) - fake.mean(0)).square().sum() + cov_r.trace() + cov_f.trace() - 2 * cross
+    return max(d2.item(), 0.0)
+
+
+# ---- shapes ----
+
+
+def summarize_checks(results: Sequence[CheckResult]) -> dict[str, float | int | None]:
+    """Accuracy overall and per attribute; "sizes" counts only prompts that name a size and "relation" only
+    two-object prompts (None when there are none).
+
+    An attribute is judged on the best assignment of detected objects to the prompt's (see
+    `shapes_checker.match`), so when an image holds extra objects its attribute rates are generous; "count"
+    and "accuracy" are not.
+    """
+
+    def rate(flags):
+        flags = [f for f in flags if f is not None]
+        return sum(flags) / len(flags) if flags else None
+
+    return {
+        "n": len(results),
+        "accuracy": rate(r.correct for r in results),
+        "colors": rate(r.colors_ok for r in results),
+        "shapes": rate(r.shapes_ok for r in results),
+        "sizes": rate(r.sizes_ok for r in results),
+        "relation": rate(r.relation_ok for r in results),
+        "count": rate(r.count_ok for r in results),
+    }
+
+
+def shapes_accuracy(
+    images: Images, prompts: Sequence[str], *, progress: bool = False
+) -> dict[str, float | int | None]:
+    """Compositional accuracy of `shapes` images against their prompts, by the checker (no network).
+
+    Returns:
+        {"n", "accuracy", "colors", "shapes", "sizes", "relation", "count"}, fractions in [0, 1], see
+        `summarize_checks`.
+    """
+    _check_pairs(images, prompts)
+    pairs = tqdm(zip(images, prompts, strict=True), total=len(prompts), desc="checking", disable=not progress)
+    return summarize_checks([check(image, prompt) for image, prompt in pairs])
+
+
+def _check_pairs(images: Images, prompts: Sequence[str]) -> None:
+    if len(images) != len(prompts) or not prompts:
+        raise ValueError(f"need one prompt per image and at least one of each, got {len(images)} and {len(prompts)}")
+
+
+# ---- suites ----
+
+
+def generate(
+    pipe,
+    prompts: list[str],
+    *,
+    size: int,
+    seed: int,
+    use_prior: bool,
+    batch_size: int,
+    progress: bool = False,
+    desc: str = "generating",
+) -> Iterator[Tensor]:
+    """Images for `prompts` from a pipeline, yielded `batch_size` at a time as (b, 3, size, size) in [-1, 1];
+    image i uses seed seed + i, as one pipeline call would give it."""
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
+        chunk = prompts[start : start + batch_size]
+        yield pipe(chunk, size=size, seed=seed + start, use_prior=use_prior, batch_size=batch_size).images.float()
+
+
+def _settings(pipe, evaluator, **settings) -> dict:
+    """The run's settings, with a warning (and a flag) when the evaluator is the pipeline's own CLIP."""
+    own = getattr(getattr(pipe, "clip", None), "model", None)
+    judge = getattr(evaluator, "model", None)
+    same = False
+    if own is not None and judge is not None:
+        a, b = own.state_dict(), judge.state_dict()
+        same = a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k].to(a[k])) for k in a)
+    if same:
+        logger.warning("the evaluator CLIP is the pipeline's own CLIP: its scores favour the pipeline")
+    return {**settings, "evaluator_is_pipeline_clip": same}
+
+
+def _score(evaluator, batches: Iterable[Tensor], prompts: list[str], *, shapes: bool, batch_size: int) -> dict:
+    """Evaluator embeddings and, for `shapes` images, checker verdicts of images that come in batches (so
+    that only one batch is held), image i made for prompts[i]."""
+    checks, image_embeds, done = [], [], 0
+    for images in batches:
+        image_embeds.append(embed_images(evaluator, images, batch_size=batch_size))
+        if shapes:
+            checks += [check(x, p) for x, p in zip(images, prompts[done : done + len(images)], strict=True)]
+        done += len(images)
+    assert done == len(prompts), (done, len(prompts))
+    return {
+        "prompts": prompts,
+        "checks": checks,
+        "image_embeds": torch.cat(image_embeds),
+        "text_embeds": embed_prompts(evaluator, prompts),
+    }
+
+
+def _pool(scored: Iterable[dict]) -> dict:
+    scored = list(scored)
+    return {
+        "prompts": [p for s in scored for p in s["prompts"]],
+        "checks": [c for s in scored for c in s["checks"]],
+        "image_embeds": torch.cat([s["image_embeds"] for s in scored]),
+        "text_embeds": torch.cat([s["text_embeds"] for s in scored]),
+    }
+
+
+def _clip_metrics(scored: dict) -> dict[str, float]:
+    retrieval = retrieval_top1(scored["image_embeds"], scored["text_embeds"], scored["prompts"])
+    return {
+        "clip_score": cosine_score(scored["image_embeds"], scored["text_embeds"]),
+        "retrieval_image_to_text": retrieval["image_to_text"],
+        "retrieval_text_to_image": retrieval["text_to_image"],
+    }
+
+
+def evaluate_shapes(
+    pipe,
+    evaluator,
+    n: int = 200,
+    seed: int = 0,
+    *,
+    size: int = 64,
+    use_prior: bool = True,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> dict:
+    """The `shapes` suite: compositional accuracy, CLIP score and retrieval, Fréchet distance in CLIP space.
+
+    Prompts come from `prompt_sets(n, seed)`: single objects, two objects with a relation, and held-out
+    (colour, shape) pairs; set k is generated with seeds seed + k·n + i. Each set is scored by the checker
+    and the evaluator (retrieval among the set's own prompts); "all" pools the three. "real" scores 2n
+    ground-truth val renders with their captions, a reference for both (the checker should give ~100%).
+    The Fréchet distance compares the single and relational images (2n, no held-out pairs, half one and
+    half two objects, like the val split) with those 2n val renders.
+
+    Args:
+        pipe: an UnCLIPPipeline, or anything with its call signature.
+        evaluator: a CLIP independent of the pipeline's (see the module docstring).
+        n: prompts per set.
+        use_prior: False decodes the raw text embeddings (DALL·E 2's ablation, §5.1).
+
+    Returns:
+        {"suite", "settings", "sets": {name: {"n", "accuracy", ..., "clip_score", "retrieval_*"}},
+        "clip_frechet_distance", "clip_frechet_distance_note"}; JSON-serialisable.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    options = dict(size=size, use_prior=use_prior, batch_size=batch_size, progress=progress)
+    scored = {}
+    for k, (name, prompts) in enumerate(prompt_sets(n, seed)._asdict().items()):
+        batches = generate(pipe, prompts, seed=seed + k * n, desc=name, **options)
+        scored[name] = _score(evaluator, batches, prompts, shapes=True, batch_size=batch_size)
+    scored["all"] = _pool(scored.values())
+    real = ShapesDataset(size, split="val", val_size=2 * n)
+    renders = (
+        torch.stack([real[i]["image"] for i in range(start, min(start + batch_size, len(real)))])
+        for start in tqdm(range(0, len(real), batch_size), desc="real", unit="batch", disable=not progress)
+    )
+    real_captions = [real.scene(i)[1] for i in range(len(real))]
+    scored["real"] = _score(evaluator, renders, real_captions, shapes=True, batch_size=batch_size)
+    fake = torch.cat([scored["single"]["image_embeds"], scored["relational"]["image_embeds"]])
+    return {
+        "suite": "shapes",
+        "settings": _settings(pipe, evaluator, n=n, seed=seed, size=size, use_prior=use_prior),
+        "sets": {name: {**summarize_checks(s["checks"]), **_clip_metrics(s)} for name, s in scored.items()},
+        "clip_frechet_distance": embedding_frechet_distance(scored["real"]["image_embeds"], fake),
+        "clip_frechet_distance_note": f"{FRECHET_NOTE}; {len(fake)} generated (single + relational) vs "
+        f"{len(real)} val renders",
+    }
+
+
+def evaluate_openmoji(
+    pipe,
+    evaluator,
+    n: int = 200,
+    seed: int = 0,
+    *,
+    size: int = 64,
+    use_prior: bool = True,
+    batch_size: int = 16,
+    val_size: int = 64,
+    dataset=None,
+    progress: bool = False,
+) -> dict:
+    """The `openmoji` suite: CLIP score and retrieval of images made from the captions of held-out emoji,
+    and the Fréchet distance in CLIP space between them and those emoji; "real" scores the emoji themselves.
+
+    Args:
+        n: at most this many held-out emoji are used (all of them when the split holds fewer).
+        val_size: the `data.val_size` the pipeline was trained with, or the smallest of its components'.
+            The val split is the `val_size` emoji groups with the smallest hashes, so a larger value would
+            take in emoji the models were trained on; 64 is DataConfig's default.
+        dataset: items {"image": (3, S, S) in [-1, 1], "caption"}; default `OpenMojiDataset(size,
+            split="val", val_size=val_size)`.
+
+    Returns:
+        {"suite", "settings", "sets": {"generated", "real"}, "clip_frechet_distance", ...}; JSON-serialisable.
+    """
+    if dataset is None:
+        dataset = OpenMojiDataset(size, split="val", val_size=val_size)  # renders SVGs into a cache on first use
+    else:
+        val_size = None  # the caller's dataset decides
+    items = [dataset[i] for i in tqdm(range(min(n, len(dataset))), desc="emoji", disable=not progress)]
+    if len(items) < 2:
+        raise ValueError(f"need at least 2 held-out emoji, got {len(items)}")
+    prompts = [item["caption"] for item in items]
+    batches = generate(
+        pipe, prompts, seed=seed, size=size, use_prior=use_prior, batch_size=batch_size, progress=progress
+    )
+    real = torch.stack([item["image"] for item in items])
+    scored = {
+        "generated": _score(evaluator, batches, prompts, shapes=False, batch_size=batch_size),
+        "real": _score(evaluator, [real], prompts, shapes=False, batch_size=batch_size),
+    }
+    return {
+        "suite": "openmoji",
+        "settings": _settings(
+            pipe, evaluator, n=len(items), seed=seed, size=size, use_prior=use_prior, val_size=val_size
+        ),
+        "sets": {name: {"n": len(items), **_clip_metrics(s)} for name, s in scored.items()},
+        "clip_frechet_distance": embedding_frechet_distance(
+            scored["real"]["image_embeds"], scored["generated"]["image_embeds"]
+        ),
+        "clip_frechet_distance_note": f"{FRECHET_NOTE}; {len(items)} generated vs the {len(items)} held-out emoji",
+    }
+
+
+# ---- reporting ----
+
+COLUMNS = {  # result key -> (header, format); fractions are shown as percentages
+    "n": ("n", "{:d}"),
+    "accuracy": ("acc%", "pct"),
+    "colors": ("color%", "pct"),
+    "shapes": ("shape%", "pct"),
+    "sizes": ("size%", "pct"),
+    "relation": ("rel%", "pct"),
+    "count": ("count%", "pct"),
+    "clip_score": ("clip", "{:.2f}"),
+    "retrieval_image_to_text": ("R@1 i->t%", "pct"),
+    "retrieval_text_to_image": ("R@1 t->i%", "pct"),
+}
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}" if fmt == "pct" else fmt.format(value)
+
+
+def _align(table: list[list[str]]) -> list[str]:
+    """Rows of cells as lines: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return [
+        "  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True))])
+        for row in table
+    ]
+
+
+def format_table(results: dict) -> str:
+    """A plain-text table of an `evaluate_*` result: one row per set, then the Fréchet distance."""
+    rows = results["sets"]
+    keys = [k for k in COLUMNS if any(k in row for row in rows.values())]
+    table = [["set", *(COLUMNS[k][0] for k in keys)]]
+    table += [[name, *(_cell(row.get(k), COLUMNS[k][1]) for k in keys)] for name, row in rows.items()]
+    settings = ", ".join(f"{k}={v}" for k, v in results["settings"].items())
+    distance = (
+        f"clip_frechet_distance {results['clip_frechet_distance']:.4f}  ({results['clip_frechet_distance_note']})"
+    )
+    return "\n".join([f"{results['suite']} ({settings})", *_align(table), distance])
+
+
+def format_validation(results: dict) -> str:
+    """A plain-text table of `validate_checker`'s rates, in percent."""
+    first = next(iter(results.values()))
+    kinds = list(first["rejected_by_kind"])
+    table = [["images", "accepted%", "rejected%", *kinds]]
+    for name, r in results.items():
+        rates = [r["accepted"], r["rejected"], *(r["rejected_by_kind"].get(k) for k in kinds)]
+        table.append([name, *(_cell(v, "pct") for v in rates)])
+    title = f"checker on {first['n']} val scenes: true captions accepted, {first['n_mismatched']} mismatched rejected"
+    return "\n".join([title, *_align(table)])
