@@ -5,15 +5,17 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 from torch import Tensor
 
 from unclip.checkpoint import atomic_write_bytes
+from unclip.data.images import to_rgb
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:
@@ -65,3 +67,47 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, caption
     if captions:
         atomic_write_bytes(path.with_suffix(".txt"), ("\n".join(captions) + "\n").encode())
     return path
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Decode an image file to RGB as the training data was (upright by its EXIF orientation, transparency
+    composited onto white), with a clear error for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"cannot read image {path}: " + ("it is a folder" if path.is_dir() else "no such file"))
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from e
+
+
+def center_square(image: Image.Image) -> Image.Image:
+    """The largest centred square of an image (with a warning when that crops anything)."""
+    w, h = image.size
+    if w == h:
+        return image
+    s = min(w, h)
+    warnings.warn(f"image is {w}x{h}, not square: using its centre {s}x{s} square", stacklevel=2)
+    left, top = (w - s) // 2, (h - s) // 2
+    return image.crop((left, top, left + s, top + s))
+
+
+def square_tensor(image: Image.Image, size: int) -> Tensor:
+    """An RGB image's centre square resized (Lanczos, as the training data) -> (1, 3, size, size) in [-1, 1]."""
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"image size must be a positive integer, got {size!r}")
+    square = center_square(image)
+    if square.size != (size, size):
+        square = square.resize((size, size), Image.Resampling.LANCZOS)
+    return from_pil(square)[None]
+
+
+def load_image(path: str | Path, size: int) -> Tensor:
+    """Read an image file for a pipeline: (1, 3, size, size) in [-1, 1], its centre square resized to `size`.
+
+    Raises:
+        ValueError: "cannot read image PATH: ..." for a missing, unreadable or corrupt file, or a bad size.
+    """
+    return square_tensor(open_image(path), size)

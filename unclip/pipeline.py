@@ -11,6 +11,7 @@ A pipeline folder holds one folder per component and a `pipeline.json` that name
     pipe = UnCLIPPipeline.from_pretrained("models/shapes")
     out = pipe(["a red circle above a blue square"], size=256, seed=0)
     out.images          # (B, 3, 256, 256) in [-1, 1]
+    pipe.variations("photo.png", n=4).save("outputs/")   # and .inpaint, .interpolate: DALL·E 2 §3 (edits.py)
 
 Every image i of a call with seed s draws its noise from its own generator seeded s + i, so an image does not
 depend on the batch it was made in, and the deterministic samplers (DPM-Solver++, DDIM with eta 0) reproduce
@@ -27,12 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 
+from unclip import edits
 from unclip.checkpoint import atomic_write_bytes, load_model, save_model
 from unclip.clip import ClipAdapter
 from unclip.diffusion import GaussianDiffusion
-from unclip.imageio import make_grid, save_png, to_pil
+from unclip.imageio import make_grid, save_png, square_tensor, to_pil
 from unclip.sampling import (
     DECODER_DEFAULTS,
     PRIOR_DEFAULTS,
@@ -335,6 +339,212 @@ class UnCLIPPipeline:
             "dtype": str(self.dtype).removeprefix("torch."),
             **stages,
         }
+
+    # -- edits (DALL·E 2 §3); their pieces are in unclip/edits.py ---------------------------------------------
+
+    def _check_edit(self, size: int | None, n: int = 1) -> int:
+        size = size or self.sizes[0]
+        if size not in self.sizes:
+            raise ValueError(f"size {size} is not one this pipeline makes; choose one of {self.sizes}")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n (the number of images) must be an integer >= 1, got {n!r}")
+        return size
+
+    @torch.no_grad()
+    def invert(
+        self,
+        image: Image.Image,
+        image_embed: Tensor | None = None,
+        *,
+        steps: int = edits.INVERSION_STEPS,
+        refine: int = edits.INVERSION_REFINE,
+    ) -> Tensor:
+        """The decoder's DDIM latent x_T (1, 3, s, s) of an image's centre square: with its L2-normalised CLIP
+        embedding z_i (1, D), computed if None, the bipartite latent (z_i, x_T) of DALL·E 2 §3.1. The decoder
+        is inverted conditioned on z_i and no caption (`edits.null_text`), at guidance scale 1."""
+        if image_embed is None:
+            image_embed = self.clip.embed_image([image], normalize=True).to(self.device)
+        x_0 = square_tensor(image, self.sizes[0]).to(self.device)
+        text = edits.null_text(1, self.decoder.model, self.device)
+        with self._autocast():
+            x_T = edits.invert_decoder(
+                self.decoder.model, self.decoder.diffusion, x_0, image_embed, text, steps=steps, refine=refine
+            )
+        return x_T.float()
+
+    @torch.no_grad()
+    def variations(
+        self,
+        image: Image.Image | str | Path,
+        *,
+        n: int = 4,
+        seed: int = 0,
+        invert: bool = True,
+        eta: float = edits.VARIATION_ETA,
+        size: int | None = None,
+        decoder: dict[str, Any] | None = None,
+        upsamplers: dict[str, dict[str, Any]] | None = None,
+        inversion_steps: int = edits.INVERSION_STEPS,
+        refine: int = edits.INVERSION_REFINE,
+    ) -> edits.EditOutput:
+        """Variations of an image: decodings of its CLIP image embedding (DALL·E 2 §3.1, figure 3).
+
+        Args:
+            image: a PIL image or an image file. n: variation i uses seed + i.
+            invert: decode the image's DDIM-inverted latent x_T (`invert`) with DDIM at `eta`, as the paper does:
+                eta = 0 reconstructs the image, larger eta keeps less of it. False: decode fresh noise with the
+                decoder's own sampler (what Karlo and diffusers do).
+            decoder: overrides of {"sampler", "steps", "guidance_scale"}; with invert only "guidance_scale"
+                (default 1, the model that was inverted: larger scales leave the path back to the image).
+            inversion_steps, refine: DDIM inversion (and decoding) steps, and fixed-point iterations per step.
+        """
+        size = self._check_edit(size, n)
+        # 1. the bipartite latent (z_i, x_T): CLIP image embedding (CLIP's own preprocessing), decoder inversion
+        source, name = edits.open_source(image)
+        image_embed = self.clip.embed_image([source], normalize=True).to(self.device)
+        x_T = self.invert(source, image_embed, steps=inversion_steps, refine=refine) if invert else None
+        generators = self.generators(seed, n)
+        # 2. decoder: DDIM at eta from x_T (or fresh noise), one generator per image; 3. upsamplers (edit_output)
+        embeds, x_T = image_embed.repeat(n, 1), None if x_T is None else x_T.repeat(n, 1, 1, 1)
+        s, images = edits.decode_embeds(
+            self, embeds, x_T, generators, decoder, invert=invert, eta=eta, steps=inversion_steps, refine=refine
+        )
+        stem, meta = f"{_slug(Path(name).stem)}_variations", {"mode": "variation", "source": name}
+        fields = {"names": [f"{stem}_{seed + i:05d}" for i in range(n)], "stem": stem}
+        per_image = [{"seed": seed + i} for i in range(n)]
+        return edits.edit_output(
+            self, images, embeds, generators, size, seed, upsamplers, {"decoder": s}, meta, per_image, fields
+        )
+
+    @torch.no_grad()
+    def inpaint(
+        self,
+        image: Image.Image | str | Path,
+        mask: Image.Image | str | Path,
+        prompt: str,
+        *,
+        n: int = 4,
+        seed: int = 0,
+        size: int | None = None,
+        method: str = "auto",
+        resample: int = edits.REPAINT_RESAMPLE,
+        use_prior: bool = True,
+        prior: dict[str, Any] | None = None,
+        decoder: dict[str, Any] | None = None,
+        upsamplers: dict[str, dict[str, Any]] | None = None,
+    ) -> edits.EditOutput:
+        """Repaint the white part of `mask` to fit `prompt`, keeping the rest (GLIDE §3.3, DALL·E 2 figure 1).
+
+        The decoder is conditioned on the prompt's prior embedding and tokens, as in generation. At the
+        decoder's size s the pixels outside the mask (reduced to s, see `prepare_mask`) equal the input's; the
+        upsamplers then re-render the whole image. `EditOutput.low_res` holds the size-s images.
+
+        Args:
+            mask: white = repaint, black = keep; see `edits.prepare_mask` for sizes and greyscale.
+            method: "model" (the trained inpainting decoder, pipeline.json's "inpaint", with known-region
+                replacement), "repaint" (training-free RePaint with the plain decoder, `resample` jumps back
+                per step) or "auto" (the model if the pipeline has one).
+            prior, decoder, upsamplers: per-stage overrides as in `__call__`.
+        """
+        size = self._check_edit(size, n)
+        check_prompts(prompt)
+        use_model = edits.use_inpaint_model(method, self.inpaint_stage is not None)
+        source, name = edits.open_source(image)
+        s = self.sizes[0]
+        known = square_tensor(source, s).to(self.device)  # (1, 3, s, s)
+        mask_s = edits.prepare_mask(mask, source.size, s).to(self.device)  # (1, 1, s, s), 1 = repaint
+        # 1. prior: the prompt's CLIP image embedding; 2. decoder: fill the mask; 3. upsamplers (edit_output)
+        text = self.encode_text([prompt] * n)
+        generators = self.generators(seed, n)
+        image_embed = self.image_embeds_from_text(text, generators, prior, use_prior)
+        d, low_res = edits.inpaint_embeds(
+            self, image_embed, text, known, mask_s, generators, decoder, use_model, resample
+        )
+        settings = {"use_prior": use_prior, "decoder": d}
+        if use_prior and self.prior is not None:
+            settings["prior"] = self.prior.settings(prior)
+        stem, mask_name = f"{_slug(prompt)}_inpaint", str(mask) if isinstance(mask, (str, Path)) else "<mask>"
+        meta = {"mode": "inpaint", "prompt": prompt, "source": name, "mask": mask_name}
+        fields = {"names": [f"{stem}_{seed + i:05d}" for i in range(n)], "stem": stem, "low_res": low_res}
+        per_image = [{"seed": seed + i} for i in range(n)]
+        return edits.edit_output(
+            self, low_res, image_embed, generators, size, seed, upsamplers, settings, meta, per_image, fields
+        )
+
+    @torch.no_grad()
+    def interpolate(
+        self,
+        image: Image.Image | str | Path,
+        *,
+        image2: Image.Image | str | Path | None = None,
+        prompt: str | None = None,
+        from_caption: str | None = None,
+        to_caption: str | None = None,
+        steps: int = 5,
+        max_theta: float = 0.5,
+        seed: int = 0,
+        invert: bool = True,
+        size: int | None = None,
+        prior: dict[str, Any] | None = None,
+        decoder: dict[str, Any] | None = None,
+        upsamplers: dict[str, dict[str, Any]] | None = None,
+        inversion_steps: int = edits.INVERSION_STEPS,
+        refine: int = edits.INVERSION_REFINE,
+    ) -> edits.EditOutput:
+        """Frames that move an image's CLIP embedding z_1 toward a target z_2 by slerp (DALL·E 2 §3.2-3.3).
+
+        Give exactly one target:
+            image2: z_2 is a second image's embedding; t runs over [0, 1] (§3.2, figure 4).
+            prompt: z_2 is the prior's image embedding for the prompt (drawn with `seed`); t over [0, 1].
+            from_caption + to_caption: a text diff (§3.3, figure 5): z_2 = z_d = normalize(z_t(to) - z_t(from)),
+                and θ runs over [0, max_theta] (the paper goes up to about 0.5; beyond, z_d's content takes over).
+
+        With invert (default), frames decode DDIM-inverted latents with DDIM eta 0: for two images the slerp of
+        both latents, so that the ends reconstruct the images (§3.2's first option); otherwise the image's own
+        latent. Without invert, every frame decodes the same noise drawn from `seed` (§3.2's second option).
+        All frames use the null caption, so that only the embedding changes along the way.
+
+        Args:
+            steps: number of frames, >= 2, ends included.
+        """
+        size = self._check_edit(size)
+        mode = edits.interpolation_mode(image2, prompt, from_caption, to_caption, steps)
+        # 1. the start: the image's CLIP embedding z_1 and decoder latent x_1 (inverted, or fresh noise)
+        source, name = edits.open_source(image)
+        z_1 = self.clip.embed_image([source], normalize=True).to(self.device)
+        if invert:
+            x_1 = self.invert(source, z_1, steps=inversion_steps, refine=refine)
+        else:
+            x_1 = self.noise((3, self.sizes[0], self.sizes[0]), self.generators(seed, 1))
+        # 2. the target z_2 (and x_2)
+        x_2, settings = x_1, {}
+        if mode == "images":
+            source2, name2 = edits.open_source(image2)
+            z_2 = self.clip.embed_image([source2], normalize=True).to(self.device)
+            x_2 = self.invert(source2, z_2, steps=inversion_steps, refine=refine) if invert else x_1
+            ends = {"image2": name2}
+        elif mode == "prompt":
+            z_2 = self.image_embeds_from_text(self.encode_text([prompt]), self.generators(seed, 1), prior)
+            ends, settings = {"prompt": prompt}, {"prior": self.prior.settings(prior)}
+        else:
+            z_t = self.encode_text([from_caption, to_caption]).embed
+            z_2 = F.normalize(z_t[1:] - z_t[:1], dim=-1)  # z_d, the text diff (§3.3)
+            ends = {"from_caption": from_caption, "to_caption": to_caption}
+        # 3. slerp, then decode every frame with the same decoder noise; 4. upsamplers (in edit_output)
+        fractions = torch.linspace(0, max_theta if mode == "text_diff" else 1, steps, dtype=torch.float64).tolist()
+        embeds = torch.cat([edits.slerp(z_1, z_2, f) for f in fractions])
+        x_T = torch.cat([edits.slerp(x_1, x_2, f) for f in fractions])
+        generators = [torch.Generator().manual_seed(seed) for _ in fractions]  # the same noise for every frame
+        settings["decoder"], images = edits.decode_embeds(
+            self, embeds, x_T, generators, decoder, invert=invert, eta=0.0, steps=inversion_steps, refine=refine
+        )
+        key, stem = ("theta" if mode == "text_diff" else "t"), f"{_slug(Path(name).stem)}_{mode}"
+        meta = {"mode": mode if mode == "text_diff" else f"interpolate_{mode}", "source": name, **ends, "seed": seed}
+        per_image = [{"frame": i, key: round(f, 6)} for i, f in enumerate(fractions)]
+        fields = {"names": [f"{stem}_{i:02d}" for i in range(steps)], "stem": stem, "nrow": steps}
+        return edits.edit_output(
+            self, images, embeds, generators, size, seed, upsamplers, settings, meta, per_image, fields
+        )
 
 
 def check_prompts(prompts: str | list[str]) -> list[str]:
