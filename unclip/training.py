@@ -396,7 +396,7 @@ def train_main(kinds: tuple[str, ...], argv: list[str] | None, doc: str) -> Path
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=3e-4 model.layers=2")
     parser.add_argument("--resume", help="'latest', or a checkpoint folder (runs/NAME/checkpoints/step_...)")
     parser.add_argument("--stop-at", type=int, help="stop after this many steps, with a checkpoint (resume later)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
     from unclip.tasks import build_task
 
     try:
