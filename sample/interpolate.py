@@ -12,21 +12,12 @@ first frame reconstructs the image; --fresh-noise decodes the same random noise 
 Frames are written as PNGs (mode, t or θ, sources, seed and settings in their metadata) with a strip grid.
 """
 
-import argparse
-import sys
-
-import torch
-
+from unclip.cli import run_sample, sample_parser
 from unclip.edits import INVERSION_STEPS
-from unclip.pipeline import DEFAULT_PIPELINE, DTYPES, UnCLIPPipeline
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[1:]),
-    )
+    p = sample_parser(__doc__, n=None)
     p.add_argument("--image", required=True, help="the starting image")
     p.add_argument("--image2", help="target: a second image")
     p.add_argument("--prompt", help="target: a caption, through the prior")
@@ -34,23 +25,17 @@ def parse_args(argv=None):
     p.add_argument("--to-caption", help="... and the caption to move it toward")
     p.add_argument("--steps", type=int, default=5, help="frames, ends included (default 5)")
     p.add_argument("--max-theta", type=float, default=0.5, help="text diff: the last frame's θ (default 0.5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prior and of any fresh noise (default 0)")
-    p.add_argument("--size", type=int, help="output size, as the pipeline allows (default: largest)")
     p.add_argument("--inversion-steps", type=int, default=INVERSION_STEPS, help="DDIM inversion and decoding steps")
     p.add_argument("--guidance", type=float, help="decoder guidance scale (default 1 inverted, else the pipeline's)")
     p.add_argument("--fresh-noise", action="store_true", help="decode the same random noise in every frame")
-    p.add_argument("--pipeline", default=DEFAULT_PIPELINE, help=f"pipeline folder (default {DEFAULT_PIPELINE})")
-    p.add_argument("--out", default="outputs", help="output folder (default outputs/)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="fp16/bf16 are for GPUs")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        pipe = UnCLIPPipeline.from_pretrained(args.pipeline, device=args.device, dtype=args.dtype)
-        out = pipe.interpolate(
+    return run_sample(
+        args,
+        lambda pipe: pipe.interpolate(
             args.image,
             image2=args.image2,
             prompt=args.prompt,
@@ -60,16 +45,11 @@ def main(argv=None):
             max_theta=args.max_theta,
             seed=args.seed,
             invert=not args.fresh_noise,
-            size=args.size or max(pipe.sizes),
+            size=args.size,
             decoder={"guidance_scale": args.guidance},
             inversion_steps=args.inversion_steps,
-        )
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    paths = out.save(args.out)
-    for path in paths:
-        print(path)
-    return paths
+        ),
+    )
 
 
 if __name__ == "__main__":
