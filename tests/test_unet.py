@@ -11,15 +11,6 @@ from unclip.nets.unet import InpaintUNet, UNet, UNetConfig, random_inpaint_mask
 B, L = 2, 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convs gain nothing from threads, and on a busy 2-core machine OpenMP waits cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny() -> UNetConfig:
     return load_config("configs/decoder/tiny.yaml").model

@@ -10,15 +10,6 @@ from unclip.nets.upsampler import UpsamplerConfig, UpsamplerUNet
 B = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convs gain nothing from threads, and on a busy 2-core machine OpenMP waits cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny() -> UpsamplerConfig:
     return load_config("configs/upsampler/tiny.yaml").model
