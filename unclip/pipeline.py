@@ -560,7 +560,10 @@ def check_prompts(prompts: str | list[str]) -> list[str]:
 def read_index(root: Path) -> dict[str, Any]:
     """Read and check pipeline.json."""
     if not root.is_dir():
-        raise ValueError(f"pipeline folder {root} does not exist")
+        raise ValueError(
+            f"pipeline folder {root} does not exist; pass --pipeline with a folder assembled by train/pipeline.py "
+            "from trained components (see README.md, 'Train the cascade')"
+        )
     index_path = root / "pipeline.json"
     if not index_path.is_file():
         raise ValueError(
