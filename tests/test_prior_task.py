@@ -135,3 +135,39 @@ def test_prior_ablation_command(tmp_path, capsys):
     assert 0 <= results["retrieval_top1"] <= 1 and 0 <= results["text_retrieval_top1"] <= 1
     assert "text_retrieval_top1" in capsys.readouterr().out
     assert (tmp_path / "ablation.json").is_file()
+
+
+def test_precomputed_embeddings_train_the_prior_and_mismatches_are_clear(tmp_path):
+    """Pooled-only shards (as published LAION embeddings are) train a prior without text tokens."""
+    import numpy as np
+
+    from unclip.data.embeddings import write_shard
+    from unclip.tasks import build_task
+    from unclip.training import Trainer
+
+    rng = np.random.default_rng(0)
+    n = 64
+    write_shard(
+        tmp_path / "emb",
+        0,
+        image_embed=rng.standard_normal((n, 32)).astype(np.float16),
+        text_embed=rng.standard_normal((n, 32)).astype(np.float16),
+        captions=[f"caption {i}" for i in range(n)],
+    )
+    base = [
+        f"data.path={tmp_path / 'emb'}",
+        "data.dataset=embeddings",
+        "data.val_size=8",
+        f"train.output_dir={tmp_path / 'run'}",
+        "train.max_steps=3",
+        "train.eval_every=3",
+    ]
+    with pytest.raises(ValueError, match="no per-token text encodings"):
+        build_task(load_config(TINY, base))
+    with pytest.raises(ValueError, match="have 32 dims but model.clip_dim is 16"):
+        build_task(load_config(TINY, [*base, "model.text_width=null", "model.clip_dim=16"]))
+    config = load_config(TINY, [*base, "model.text_width=null"])
+    task = build_task(config)
+    assert task.clip is None and task.model.has_normalization
+    Trainer(task, config).fit()
+    assert (tmp_path / "run" / "export" / "model.safetensors").is_file()

@@ -53,6 +53,11 @@ class PriorTask:
         self.diffusion = GaussianDiffusion.from_config(config.diffusion)
         self.train_dataset = build_dataset(config.data, split="train")
         self.val_dataset = build_dataset(config.data, split="val")
+        if precomputed and self.train_dataset.embed_dim != model_config.clip_dim:
+            raise ValueError(
+                f"the embeddings under {config.data.path} have {self.train_dataset.embed_dim} dims but "
+                f"model.clip_dim is {model_config.clip_dim}; set model.clip_dim to match"
+            )
         if precomputed and model_config.text_width and not self.train_dataset.has_text_tokens:
             raise ValueError(
                 f"the embedding shards under {config.data.path} have no per-token text encodings; set "
