@@ -152,8 +152,9 @@ def test_assemble_script_with_fp16_weights(tiny_pipeline, tmp_path):
             "--fp16",
         ]
     )
-    size = (out / "decoder" / "model.safetensors").stat().st_size
-    assert size < 0.6 * (parts / "decoder" / "model.safetensors").stat().st_size
+    for folder, weights in (("decoder", "model.safetensors"), ("clip", "open_clip_model.safetensors")):
+        size = (out / folder / weights).stat().st_size
+        assert size < 0.6 * (parts / folder / weights).stat().st_size
     full = UnCLIPPipeline.from_pretrained(tiny_pipeline)(
         ["a red circle"], seed=0, prior={"steps": 3}, decoder={"steps": 3}
     )

@@ -30,10 +30,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import load_file
 from torch import Tensor
 
 from unclip import edits
-from unclip.checkpoint import atomic_write_bytes, load_model, save_model
+from unclip.checkpoint import atomic_save_safetensors, atomic_write_bytes, load_model, save_model
 from unclip.clip import ClipAdapter
 from unclip.diffusion import GaussianDiffusion
 from unclip.imageio import make_grid, save_png, square_tensor, to_pil
@@ -622,7 +623,9 @@ def build_pipeline_folder(
         if not Path(source).is_dir():
             raise ValueError(f"{source} is not a folder: pass the component's export folder (runs/NAME/export)")
         shutil.copytree(source, out / name, dirs_exist_ok=True)
-        if dtype is not None and name != "clip":
+        if dtype is not None and name == "clip":
+            cast_weights(out / name, dtype)  # the adapter loads them into its fp32 model
+        elif dtype is not None:
             loaded = load_model(out / name)
             save_model(
                 loaded.model,
@@ -635,3 +638,10 @@ def build_pipeline_folder(
     index["defaults"] = defaults or {}
     atomic_write_bytes(out / "pipeline.json", json.dumps(index, indent=2).encode())
     return out
+
+
+def cast_weights(folder: Path, dtype: torch.dtype) -> None:
+    """Re-save every floating-point tensor of the .safetensors files in `folder` as `dtype`."""
+    for path in Path(folder).glob("*.safetensors"):
+        tensors = load_file(str(path))
+        atomic_save_safetensors({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, path)
