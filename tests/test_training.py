@@ -158,3 +158,11 @@ def test_two_gloo_ranks_equal_one_process_with_accumulation(tmp_path):
     half = Trainer(ToyTask(noisy=False), toy_config(tmp_path / "half", checkpoint_every=1000))
     half.fit()
     assert not torch.allclose(half.accelerator.unwrap_model(half.model).state_dict()["0.weight"], single["0.weight"])
+
+
+def test_mixed_precision_no_on_the_command_line():
+    from unclip.config import load_config
+
+    # YAML reads a bare `no` as false; the override must still mean "no mixed precision"
+    config = load_config("configs/prior/tiny.yaml", ["train.mixed_precision=no"])
+    assert config.train.mixed_precision == "no"

@@ -107,6 +107,8 @@ class TrainConfig:
     init_from: str | None = None  # an exported model folder whose weights start this run (fine-tuning)
 
     def __post_init__(self):
+        if self.mixed_precision is False:  # YAML reads a bare `no` (as in train.mixed_precision=no) as false
+            self.mixed_precision = "no"
         _check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         _check_choice("train.lr_schedule", self.lr_schedule, ("cosine", "constant"))
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "checkpoint_every"):
