@@ -54,6 +54,7 @@ class GaussianDiffusion:
         self.vlb_weight = vlb_weight
         self.min_snr_gamma = min_snr_gamma
 
+        self._on_device: dict[tuple[str, torch.device], Tensor] = {}
         ac = alphas_cumprod_from_betas(self.betas)
         ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
         self.alphas_cumprod = ac
@@ -81,11 +82,25 @@ class GaussianDiffusion:
 
     def alpha_bar(self, t: Tensor, x: Tensor) -> Tensor:
         """ᾱ_t gathered for a batch of integer timesteps, shaped to broadcast against x."""
-        return _gather(self.alphas_cumprod, t, x)
+        return self._gather("alphas_cumprod", t, x)
 
     def snr(self, t: Tensor) -> Tensor:
-        ac = self.alphas_cumprod.to(t.device)[t]
+        ac = self._table("alphas_cumprod", t.device)[t]
         return (ac / (1 - ac)).float()
+
+    def _table(self, name: str, device: torch.device) -> Tensor:
+        """A float64 table on `device`, copied there once (a copy per call would synchronise a GPU each step)."""
+        key = (name, device)
+        if key not in self._on_device:
+            table = torch.log(self.betas) if name == "log_betas" else getattr(self, name)
+            self._on_device[key] = table.to(device)
+        return self._on_device[key]
+
+    def _gather(self, name: str, t: Tensor, x: Tensor) -> Tensor:
+        """table[t] as x's dtype (float32 for half inputs) on x's device, shaped (B, 1, ..., 1)."""
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        values = self._table(name, t.device)[t].to(device=x.device, dtype=dtype)
+        return values.reshape(-1, *([1] * (x.ndim - 1)))
 
     # -- forward process -----------------------------------------------------------------------------
 
@@ -160,14 +175,14 @@ class GaussianDiffusion:
 
     def q_posterior(self, x_0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0)  (Ho et al. eq. 6-7)."""
-        mean = _gather(self.posterior_mean_coef1, t, x_t) * x_0 + _gather(self.posterior_mean_coef2, t, x_t) * x_t
-        return mean, _gather(self.posterior_log_variance_clipped, t, x_t)
+        mean = self._gather("posterior_mean_coef1", t, x_t) * x_0 + self._gather("posterior_mean_coef2", t, x_t) * x_t
+        return mean, self._gather("posterior_log_variance_clipped", t, x_t)
 
     def learned_log_variance(self, var_values: Tensor, t: Tensor, x_t: Tensor) -> Tensor:
         """IDDPM eq. 15: log Σ = v·log β_t + (1-v)·log β̃_t, with v = (out+1)/2 clamped to [0, 1]."""
         frac = ((var_values.float() + 1) / 2).clamp(0, 1)
-        min_log = _gather(self.posterior_log_variance_clipped, t, x_t).float()
-        max_log = _gather(torch.log(self.betas), t, x_t).float()
+        min_log = self._gather("posterior_log_variance_clipped", t, x_t).float()
+        max_log = self._gather("log_betas", t, x_t).float()
         return frac * max_log + (1 - frac) * min_log
 
     # -- training ------------------------------------------------------------------------------------
@@ -259,13 +274,6 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
 
 def _approx_std_normal_cdf(x: Tensor) -> Tensor:
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-
-
-def _gather(table: Tensor, t: Tensor, x: Tensor) -> Tensor:
-    """table[t] as x's dtype (float32 for half inputs) on x's device, shaped (B, 1, ..., 1)."""
-    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-    values = table.to(t.device)[t].to(device=x.device, dtype=dtype)
-    return values.reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def _mean_flat(x: Tensor) -> Tensor:

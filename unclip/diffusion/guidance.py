@@ -36,7 +36,7 @@ def classifier_free_guidance(model: Callable[..., Tensor], scale: float) -> Call
         if "cond_drop" in cond:
             raise ValueError("classifier_free_guidance sets cond_drop itself; do not pass it")
         B = x_t.shape[0]
-        drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(x_t.device)
+        drop = torch.arange(2 * B, device=x_t.device) >= B  # the second half runs unconditionally
         doubled = {k: _double(v) for k, v in cond.items()}
         out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), **doubled, cond_drop=drop)
         cond_out, uncond_out = out[:B], out[B:]
