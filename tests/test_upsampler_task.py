@@ -80,3 +80,49 @@ def test_crops_are_aligned():
     torch.testing.assert_close(F.avg_pool2d(crop, 2), low_crop)
     with pytest.raises(ValueError, match="divide"):
         random_crop_pair(image, low, 15)
+
+
+def test_untrained_residual_upsampler_gives_bicubic_upscaling():
+    # x_0-prediction of the residual: the output layer starts at zero, so before training every sampler step
+    # predicts a zero residual and the result is the resized low-res image (the floor training improves on)
+    config = load_config(TINY)
+    assert config.model.residual and config.diffusion.prediction == "x0"
+    model = UpsamplerUNet(config.model).eval()
+    low = torch.rand(2, 3, 16, 16) * 1.6 - 0.8
+    out = sample_upsampler(
+        model, GaussianDiffusion.from_config(config.diffusion), low, generator=torch.Generator().manual_seed(0)
+    )
+    bicubic = F.interpolate(low, size=(32, 32), mode="bicubic", align_corners=False).clamp(-1, 1)
+    torch.testing.assert_close(out, bicubic, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_trained_tiny_upsampler_beats_bicubic_on_shapes(tmp_path):
+    """16 -> 64 px on shapes, trained on 32 px crops: the EMA samples at the default settings (DDIM, 8 steps)
+    against the exact vector render at 64 px, in PSNR, next to bicubic upscaling. Measured: 27.7 dB vs 26.1
+    after 900 steps, about 6 min on one busy core."""
+    import json
+
+    from train.upsampler import main
+
+    overrides = {
+        "model.image_size": 64,
+        "data.image_size": 64,
+        "model.low_res_size": 16,
+        "model.channel_mult": "[1,2,2]",
+        "model.sample_noise_level": 0,
+        "data.crop_size": 32,
+        "train.batch_size": 16,
+        "train.lr": 1e-3,
+        "train.max_steps": 900,
+        "train.warmup_steps": 50,
+        "train.eval_every": 900,
+        "train.checkpoint_every": 900,
+        "train.ema_beta": 0.99,
+        "train.ema_warmup_steps": 50,
+        "train.output_dir": tmp_path,
+    }
+    main([TINY, *(f"{k}={v}" for k, v in overrides.items())])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in rows if "val_ema/psnr" in r][-1]
+    assert final["val_ema/psnr"] > final["val/bicubic_psnr"] + 1.0, final

@@ -191,16 +191,21 @@ def sample_upsampler(
     if config.clip_dim:
         cond["image_embed"] = image_embed
     model = classifier_free_guidance(upsampler, guidance_scale)
+    shape = (B, C, h * scale, w * scale)
+    base, threshold = 0.0, "static"
+    if config.residual:  # x_0 is the detail over the resized low-res image; keep base + x_0 in [-1, 1]
+        base = upsampler.resize_low_res(low_res, shape[-2:])
+        threshold = lambda x0: torch.maximum(torch.minimum(x0, 1 - base), -1 - base)  # noqa: E731
     x = sample(
         sampler,
         model,
         diffusion,
-        (B, C, h * scale, w * scale),
+        shape,
         steps=steps,
         cond=cond,
         generator=generator,
-        threshold="static",
+        threshold=threshold,
         device=low_res.device,
         callback=callback,
     )
-    return x.clamp(-1, 1)
+    return (base + x).clamp(-1, 1)

@@ -48,11 +48,14 @@ def randn(shape, *, generator: torch.Generator | None, device, dtype=torch.float
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
 
-def threshold_x0(x0: Tensor, threshold: str | None, percentile: float = 0.995) -> Tensor:
+def threshold_x0(x0: Tensor, threshold, percentile: float = 0.995) -> Tensor:
     """Static clipping to [-1, 1], or dynamic thresholding (Saharia et al. 2022, §2.3): s = the
-    `percentile` of |x_0| per sample, at least 1; clip to [-s, s] and divide by s."""
+    `percentile` of |x_0| per sample, at least 1; clip to [-s, s] and divide by s. A callable is applied as it
+    is (the residual upsampler clips x_0 so that x_0 + its base image stays in [-1, 1])."""
     if threshold is None:
         return x0
+    if callable(threshold):
+        return threshold(x0)
     if threshold == "static":
         return x0.clamp(-1, 1)
     if threshold == "dynamic":
@@ -89,7 +92,7 @@ def denoise(
 
 
 def _check_common(diffusion: GaussianDiffusion, shape, x_T: Tensor | None, threshold) -> None:
-    if threshold not in THRESHOLDS:
+    if not callable(threshold) and threshold not in THRESHOLDS:
         raise ValueError(f"unknown threshold {threshold!r}; valid: {list(THRESHOLDS)}")
     if x_T is not None and tuple(x_T.shape) != tuple(shape):
         raise ValueError(f"x_T has shape {tuple(x_T.shape)} but the sample shape is {tuple(shape)}")

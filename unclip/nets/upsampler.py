@@ -33,11 +33,11 @@ class UpsamplerConfig(UNetConfig):
     text_width: int | None = None
     extra_in_channels: int = 3  # the resized low-res image; always in_channels
     noise_aug_embed: bool = True  # embed the augmentation level of the low-res image (Imagen)
-    # the augmentation levels, in diffusion timesteps: drawn from [0, max] in training, fixed when sampling (kept
-    # here so that an exported upsampler carries the level it should be sampled with)
-    train_noise_level_max: int = 250
-    sample_noise_level: int = 50
     low_res_mode: Literal["bilinear", "bicubic"] = "bicubic"  # how low_res is resized to x_t's size
+    # Residual: diffuse x_0 = image - resize(low_res), the detail that resizing misses (as SRDiff, Li et al.
+    # 2022), and add the resized low-res image back after sampling. The target is small and mostly zero; with
+    # x_0-prediction the untrained network (its output layer starts at zero) already gives bicubic upscaling.
+    residual: bool = True
     # Noise-conditioning augmentation of the low-res input (not architecture, but it must travel with the
     # weights): training draws levels in [0, train_noise_level_max]; sampling uses sample_noise_level.
     train_noise_level_max: int = 250
@@ -109,9 +109,12 @@ class UpsamplerUNet(UNet):
                 f"{H * c.low_res_size / c.image_size:g}x{W * c.low_res_size / c.image_size:g}"
             )
         emb = self._embed_timestep(t, B) + self._embed_noise_level(noise_level, B)
-        low_res = F.interpolate(low_res.to(x_t.dtype), size=(H, W), mode=c.low_res_mode, align_corners=False)
-        x = torch.cat([x_t, low_res], dim=1)  # (B, 2 * in_channels, H, W)
+        x = torch.cat([x_t, self.resize_low_res(low_res.to(x_t.dtype), (H, W))], dim=1)  # (B, 2 * in_channels, H, W)
         return self._forward(x, emb, image_embed, None, None, cond_drop)
+
+    def resize_low_res(self, low_res: Tensor, size: tuple[int, int]) -> Tensor:
+        """The low-res image resized to `size`: the network's extra input and, with `residual`, the base image."""
+        return F.interpolate(low_res, size=size, mode=self.config.low_res_mode, align_corners=False)
 
     def _embed_noise_level(self, noise_level: Tensor | None, B: int) -> Tensor | float:
         if self.noise_embed is None:

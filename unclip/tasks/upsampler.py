@@ -83,7 +83,13 @@ class UpsamplerTask:
             image, low_res = random_crop_pair(image, low_res, self.config.data.crop_size)
         low_res = degrade(low_res, self.config.data.degradation)
         cond = self._cond(batch, low_res, self._noise_levels(image.shape[0]))
-        return self.diffusion.training_loss(model, image, cond=cond)["loss"].mean(), {}
+        return self.diffusion.training_loss(model, self._target(image, low_res), cond=cond)["loss"].mean(), {}
+
+    def _target(self, image: Tensor, low_res: Tensor) -> Tensor:
+        """What the diffusion models: the image, or with `residual` its difference from the resized low-res."""
+        if not self.model.config.residual:
+            return image
+        return image - self.model.resize_low_res(low_res, image.shape[-2:])
 
     def _val_batch(self, n: int):
         n = min(n, len(self.val_dataset))
@@ -101,10 +107,10 @@ class UpsamplerTask:
         state = torch.random.get_rng_state()
         cond = self._cond(batch, low_res, level)
         torch.random.set_rng_state(state)
-        metrics = {}
+        metrics, x_0 = {}, self._target(image, low_res)
         for name, net in (("val", model), ("val_ema", ema_model)):
             metrics[f"{name}/loss"] = (
-                self.diffusion.training_loss(net, image, cond=cond, t=t, noise=noise)["loss"].mean().item()
+                self.diffusion.training_loss(net, x_0, cond=cond, t=t, noise=noise)["loss"].mean().item()
             )
         samples, bicubic, target = self._samples(ema_model, self._val_batch(VAL_SAMPLES))
         metrics["val_ema/psnr"] = psnr(samples, target).mean().item()
