@@ -166,3 +166,35 @@ def test_mixed_precision_no_on_the_command_line():
     # YAML reads a bare `no` as false; the override must still mean "no mixed precision"
     config = load_config("configs/prior/tiny.yaml", ["train.mixed_precision=no"])
     assert config.train.mixed_precision == "no"
+
+
+def test_init_from_starts_prior_and_upsampler_from_an_export(tmp_path):
+    import pytest
+
+    from train.prior import main as train_prior
+    from train.upsampler import main as train_upsampler
+    from unclip.checkpoint import load_model
+    from unclip.config import load_config
+    from unclip.tasks import build_task
+    from unclip.training import Trainer
+
+    for name, main, config in (
+        ("prior", train_prior, "configs/prior/tiny.yaml"),
+        ("upsampler", train_upsampler, "configs/upsampler/tiny.yaml"),
+    ):
+        export = main([config, f"train.output_dir={tmp_path / name}", "train.max_steps=2", "train.eval_every=100"])
+        source = load_model(export).model.state_dict()
+        run = load_config(config, [f"train.output_dir={tmp_path / (name + '2')}", f"train.init_from={export}"])
+        trainer = Trainer(build_task(run), run)
+        trainer._build()
+        for key, value in trainer.task.model.state_dict().items():
+            torch.testing.assert_close(value, source[key], msg=key)
+
+    wrong = load_config("configs/prior/tiny.yaml", [f"train.init_from={tmp_path / 'upsampler' / 'export'}"])
+    with pytest.raises(ValueError, match="kind 'upsampler', not 'prior'"):
+        Trainer(build_task(wrong), wrong)._build()
+    wider = load_config(
+        "configs/prior/tiny.yaml", ["model.width=64", f"train.init_from={tmp_path / 'prior' / 'export'}"]
+    )
+    with pytest.raises(ValueError, match="do not fit the model this config builds"):
+        Trainer(build_task(wider), wider)._build()

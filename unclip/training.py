@@ -106,6 +106,31 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     )
 
 
+def init_weights(model: nn.Module, source: str, kind: str) -> None:
+    """Start `model` from the weights exported at `source` (train.init_from): fine-tuning, or continuing a run
+    whose checkpoints are gone from its exported (EMA) weights. The architectures must match."""
+    from unclip.checkpoint import load_model, load_state_dict_checked
+
+    if kind == "clip":
+        from unclip.clip import ClipAdapter
+
+        state = ClipAdapter.from_checkpoint(source).model.state_dict()
+    else:
+        loaded = load_model(source)
+        if loaded.meta.get("kind") != kind:
+            raise ValueError(
+                f"train.init_from={source} holds a model of kind {loaded.meta.get('kind')!r}, not {kind!r}"
+            )
+        state = loaded.model.state_dict()
+    try:
+        load_state_dict_checked(model, {k: v.float() for k, v in state.items()}, source)
+    except ValueError as e:
+        raise ValueError(
+            f"train.init_from={source}: its weights do not fit the model this config builds; give the run the "
+            f"model section of {source}/config.json.\n{e}"
+        ) from None
+
+
 class Trainer:
     """Trains `task.model` according to `config.train`; see the module docstring."""
 
@@ -125,6 +150,8 @@ class Trainer:
         acc, train = self.accelerator, self.train_config
         set_seed(train.seed)
         model = self.task.model
+        if train.init_from and not getattr(self.task, "handles_init_from", False):
+            init_weights(model, train.init_from, self.task.kind)
         self.ema = EMA(
             model,
             beta=train.ema_beta,

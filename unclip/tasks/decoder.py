@@ -34,6 +34,8 @@ GRID_SIZE = 8  # validation captions in the sample grid
 
 
 class DecoderTask:
+    handles_init_from = True  # _build_model: an inpainting model widens a decoder's first layer
+
     def __init__(self, config: RunConfig, clip=None):
         self.config, self.kind = config, config.kind
         model_config = config.model
