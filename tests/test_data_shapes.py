@@ -167,3 +167,22 @@ def test_build_dataset():
     config = DataConfig(dataset="shapes", image_size=16, options={"exclude": [], "seed": 2}, val_size=3)
     assert len(build_dataset(config, split="val")) == 3
     assert build_dataset(config, low_res_size=8)[0]["low_res"].shape == (3, 8, 8)
+
+
+def test_sample_scene_for_a_caption_fits_it():
+    from unclip.data.shapes import SIZES, parse_caption, sample_scene_for
+
+    rng = random.Random(0)
+    sizes = set()
+    for caption in ["a red circle", "a small blue square", "a green triangle above a large yellow diamond"] * 20:
+        spec = parse_caption(caption)
+        scene = sample_scene_for(spec, rng)
+        assert scene.relation == spec.relation
+        for want, got in zip(spec.objects, scene.objects, strict=True):
+            assert (got.color, got.shape) == (want.color, want.shape)
+            assert want.size is None or got.size == want.size
+        if spec.relation:
+            assert relation_holds(*scene.objects, spec.relation)
+        if caption == "a red circle":
+            sizes.add(scene.objects[0].size)
+    assert sizes == set(SIZES)  # a size the caption leaves out is drawn

@@ -136,6 +136,12 @@ def test_prior_ablation_command(tmp_path, capsys):
     assert "text_retrieval_top1" in capsys.readouterr().out
     assert (tmp_path / "ablation.json").is_file()
 
+    reference = evaluate(
+        ["prior", "--prior", str(export), "--clip", str(tmp_path / "clip"), "--n", "12"] + ["--shapes-reference"]
+    )
+    assert reference["n"] == 12 and 0 <= reference["posterior_retrieval_top1"] <= 1
+    assert -1 <= reference["posterior_cos_image"] <= 1 and "retrieval_top1" in reference
+
 
 def test_precomputed_embeddings_train_the_prior_and_mismatches_are_clear(tmp_path):
     """Pooled-only shards (as published LAION embeddings are) train a prior without text tokens."""

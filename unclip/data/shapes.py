@@ -175,6 +175,20 @@ def sample_scene(rng, exclude=HELD_OUT_PAIRS, two_object_prob: float = 0.5) -> S
     raise RuntimeError(f"could not place {kinds} {relation!r} in {MAX_TRIES} tries")
 
 
+def sample_scene_for(spec: SceneSpec, rng) -> Scene:
+    """Draw a scene that fits a caption's spec as the dataset draws scenes: positions uniform over the valid
+    placements, and each size the caption leaves out uniform. An exact sample of p(scene | caption), the
+    reference a diffusion prior's image embedding can at best reproduce (`python -m unclip.eval prior`)."""
+    kinds = [(o.color, o.shape, o.size or _choice(rng, list(SIZES))) for o in spec.objects]
+    if spec.relation is None:
+        return Scene((_place(rng, *kinds[0]),))
+    for _ in range(MAX_TRIES):
+        a, b = _place(rng, *kinds[0]), _place(rng, *kinds[1])
+        if _disjoint(a, b) and relation_holds(a, b, spec.relation):
+            return Scene((a, b), spec.relation)
+    raise RuntimeError(f"could not place {kinds} {spec.relation!r} in {MAX_TRIES} tries")
+
+
 def _object_svg(obj: ShapeObject, size: int) -> str:
     """SVG element for one object, in pixel units of a `size` px canvas."""
     x0, y0, x1, y1 = (v * size for v in obj.box)

@@ -70,6 +70,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip", required=True, help="the CLIP the prior was trained with")
     p.add_argument("--config", help="the prior's run config, for its data section (default: the export's)")
     p.add_argument("--n", type=int, default=100, help="held-out pairs, each retrieved among all n (default 100)")
+    p.add_argument(
+        "--shapes-reference",
+        action="store_true",
+        help="shapes only: evaluate on rendered held-out scenes and add the retrieval of an exact sample of "
+        "p(image | caption), the best a prior can reproduce",
+    )
+    p.add_argument(
+        "--size-word-prob",
+        type=float,
+        default=0.5,
+        help="with --shapes-reference: the chance a caption states each object's size (default 0.5, as in training)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write the results here as JSON")
@@ -87,7 +99,7 @@ def main(argv=None) -> dict:
             results = run_prior(args)
         except ValueError as e:
             sys.exit(f"error: {e}")
-        print("\n".join(f"{k:>22}  {v:.4f}" if isinstance(v, float) else f"{k:>22}  {v}" for k, v in results.items()))
+        print("\n".join(f"{k:>24}  {v:.4f}" if isinstance(v, float) else f"{k:>24}  {v}" for k, v in results.items()))
     else:
         try:
             pipe = load_pipeline(args.pipeline, args.device)
@@ -108,9 +120,14 @@ def main(argv=None) -> dict:
 
 
 def run_prior(args) -> dict:
-    from unclip.eval.prior import evaluate_prior
+    from unclip.eval.prior import evaluate_prior, shapes_reference
 
     clip = load_evaluator(args.clip, args.device)
+    if args.shapes_reference:
+        size = clip.image_size if isinstance(clip.image_size, int) else clip.image_size[0]
+        return shapes_reference(
+            args.prior, clip, n=args.n, image_size=size, size_word_prob=args.size_word_prob, seed=args.seed
+        )
     data = load_config(args.config).data if args.config else run_data_config(args.prior)
     return evaluate_prior(args.prior, clip, data, n=args.n, seed=args.seed)
 
