@@ -137,9 +137,11 @@ def test_prior_ablation_command(tmp_path, capsys):
     assert (tmp_path / "ablation.json").is_file()
 
     reference = evaluate(
-        ["prior", "--prior", str(export), "--clip", str(tmp_path / "clip"), "--n", "12"] + ["--shapes-reference"]
+        ["prior", "--prior", str(export), "--clip", str(tmp_path / "clip"), "--n", "6", "--groups", "2"]
+        + ["--shapes-reference"]
     )
-    assert reference["n"] == 12 and 0 <= reference["posterior_retrieval_top1"] <= 1
+    assert reference["n"] == 6 and reference["groups"] == 2 and 0 <= reference["posterior_retrieval_top1"] <= 1
+    assert reference["retrieval_top1_se"] >= 0 and "text_retrieval_top1_se" in reference
     assert -1 <= reference["posterior_cos_image"] <= 1 and "retrieval_top1" in reference
 
 

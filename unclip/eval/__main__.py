@@ -77,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "p(image | caption), the best a prior can reproduce",
     )
     p.add_argument(
+        "--groups", type=int, default=1, help="with --shapes-reference: average over this many disjoint sets of n"
+    )
+    p.add_argument(
         "--size-word-prob",
         type=float,
         default=0.5,
@@ -99,7 +102,7 @@ def main(argv=None) -> dict:
             results = run_prior(args)
         except ValueError as e:
             sys.exit(f"error: {e}")
-        print("\n".join(f"{k:>24}  {v:.4f}" if isinstance(v, float) else f"{k:>24}  {v}" for k, v in results.items()))
+        print("\n".join(f"{k:>27}  {v:.4f}" if isinstance(v, float) else f"{k:>27}  {v}" for k, v in results.items()))
     else:
         try:
             pipe = load_pipeline(args.pipeline, args.device)
@@ -126,7 +129,13 @@ def run_prior(args) -> dict:
     if args.shapes_reference:
         size = clip.image_size if isinstance(clip.image_size, int) else clip.image_size[0]
         return shapes_reference(
-            args.prior, clip, n=args.n, image_size=size, size_word_prob=args.size_word_prob, seed=args.seed
+            args.prior,
+            clip,
+            n=args.n,
+            groups=args.groups,
+            image_size=size,
+            size_word_prob=args.size_word_prob,
+            seed=args.seed,
         )
     data = load_config(args.config).data if args.config else run_data_config(args.prior)
     return evaluate_prior(args.prior, clip, data, n=args.n, seed=args.seed)
