@@ -162,3 +162,18 @@ def test_assemble_script_with_fp16_weights(tiny_pipeline, tmp_path):
     assert (full.images - half.images).abs().mean() < 0.05  # fp16 storage, fp32 compute
     with pytest.raises(SystemExit, match="not a folder"):
         main(["--out", str(tmp_path / "x"), "--clip", str(parts / "clip"), "--decoder", str(tmp_path / "missing")])
+
+
+def test_assemble_around_a_component_already_in_the_folder(tiny_pipeline, tmp_path):
+    # the bundled pipelines keep their CLIP in the pipeline folder (models/shapes/clip) and add the rest later
+    import shutil
+
+    from train.pipeline import main
+
+    parts = tiny_pipeline.parent / "parts"
+    shutil.copytree(parts / "clip", tmp_path / "p" / "clip")
+    out = main(
+        ["--out", str(tmp_path / "p"), "--clip", str(tmp_path / "p" / "clip"), "--decoder", str(parts / "decoder")]
+    )
+    pipe = UnCLIPPipeline.from_pretrained(out)
+    assert pipe(["a red circle"], seed=0, decoder={"steps": 2}, use_prior=False).images.shape[0] == 1

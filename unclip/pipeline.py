@@ -622,7 +622,8 @@ def build_pipeline_folder(
             index[name] = name
         if not Path(source).is_dir():
             raise ValueError(f"{source} is not a folder: pass the component's export folder (runs/NAME/export)")
-        shutil.copytree(source, out / name, dirs_exist_ok=True)
+        if Path(source).resolve() != (out / name).resolve():  # a component may already live in the folder
+            shutil.copytree(source, out / name, dirs_exist_ok=True)
         if dtype is not None and name == "clip":
             cast_weights(out / name, dtype)  # the adapter loads them into its fp32 model
         elif dtype is not None:
