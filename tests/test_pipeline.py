@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -177,3 +178,18 @@ def test_assemble_around_a_component_already_in_the_folder(tiny_pipeline, tmp_pa
     )
     pipe = UnCLIPPipeline.from_pretrained(out)
     assert pipe(["a red circle"], seed=0, decoder={"steps": 2}, use_prior=False).images.shape[0] == 1
+
+
+def test_demo_script_generates_and_prints_the_path(tiny_pipeline, tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "UNCLIP_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    args = ["--pipeline", str(tiny_pipeline), "--out", str(tmp_path), "--steps", "2", "--n", "1"]
+    done = subprocess.run(
+        ["bash", "sample/demo.sh", "a blue square", *args], env=env, capture_output=True, text=True, check=True
+    )
+    image = tmp_path / "a_blue_square_00000.png"
+    assert image.is_file() and str(image) in done.stdout
+    usage = subprocess.run(["bash", "sample/demo.sh"], env=env, capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage" in usage.stderr

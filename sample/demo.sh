@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One command from a fresh clone: install the project into .venv (the first time only), then make an image
+# with the bundled shapes pipeline and print where it is.
+#
+#   bash sample/demo.sh "a red circle above a blue square"
+#   bash sample/demo.sh "a small green square" --n 4 --seed 7     # any sample/generate.py options follow
+#
+# UNCLIP_PYTHON=/path/to/python skips the install and uses that interpreter.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ $# -lt 1 ] || [ -z "$1" ]; then
+    echo "usage: bash sample/demo.sh \"PROMPT\" [sample/generate.py options]" >&2
+    exit 2
+fi
+prompt="$1"
+shift
+
+python="${UNCLIP_PYTHON:-.venv/bin/python}"
+if [ -z "${UNCLIP_PYTHON:-}" ] && [ ! -x .venv/bin/python ]; then
+    echo "installing into .venv (once; see DEVELOPERS.md for why torch comes first)..." >&2
+    python3 -m venv .venv
+    .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+    .venv/bin/pip install -q -e .
+fi
+# the bundled models are local: never wait on the network for a pretrained tag
+HF_HUB_OFFLINE=1 exec "$python" sample/generate.py --prompt "$prompt" "$@"
