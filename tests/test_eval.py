@@ -318,3 +318,13 @@ def test_metrics_take_a_real_clip_adapter():
     assert set(metrics.retrieval_accuracy(evaluator, images, prompts)) == {"image_to_text", "text_to_image"}
     embeds = metrics.embed_images(evaluator, images, batch_size=2)
     assert embeds.shape == (3, 32) and torch.allclose(embeds.norm(dim=-1), torch.ones(3))
+
+
+def test_shapes_without_an_evaluator_scores_the_checker_alone(monkeypatch, capsys):
+    pipe = RenderPipeline()
+    monkeypatch.setattr(cli, "load_pipeline", lambda path, device: pipe)
+    results = cli.main(["shapes", "--pipeline", "p", "--n", "3", "--device", "cpu"])
+    assert results["sets"]["single"]["accuracy"] == 1.0  # exact renders pass the checker
+    assert "clip_score" not in results["sets"]["single"] and "clip_frechet_distance" not in results
+    printed = capsys.readouterr().out
+    assert "\nsingle " in printed and "clip_frechet_distance" not in printed

@@ -47,7 +47,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in SUITES:
         p = commands.add_parser(name, help=f"evaluate a pipeline on {name}")
         p.add_argument("--pipeline", required=True, help="pipeline folder (pipeline.json + components)")
-        p.add_argument("--evaluator-clip", required=True, help="CLIP checkpoint folder, not the pipeline's CLIP")
+        if name == "shapes":
+            p.add_argument(
+                "--evaluator-clip",
+                help="CLIP checkpoint folder, not the pipeline's CLIP; without it only the checker's compositional "
+                "accuracy is measured (no CLIP score, retrieval or Fréchet distance)",
+            )
+        else:
+            p.add_argument("--evaluator-clip", required=True, help="CLIP checkpoint folder, not the pipeline's CLIP")
         what = "prompts per set" if name == "shapes" else "held-out emoji, at most"
         p.add_argument("--n", type=int, default=200, help=f"{what} (default 200)")
         p.add_argument("--seed", type=int, default=0)
@@ -106,7 +113,7 @@ def main(argv=None) -> dict:
     else:
         try:
             pipe = load_pipeline(args.pipeline, args.device)
-            evaluator = load_evaluator(args.evaluator_clip, args.device)
+            evaluator = load_evaluator(args.evaluator_clip, args.device) if args.evaluator_clip else None
             options = dict(size=args.size, use_prior=not args.no_prior, batch_size=args.batch_size, progress=True)
             if args.command == "openmoji":
                 options["val_size"] = args.val_size

@@ -221,11 +221,14 @@ def _score(evaluator, batches: Iterable[Tensor], prompts: list[str], *, shapes: 
     that only one batch is held), image i made for prompts[i]."""
     checks, image_embeds, done = [], [], 0
     for images in batches:
-        image_embeds.append(embed_images(evaluator, images, batch_size=batch_size))
+        if evaluator is not None:
+            image_embeds.append(embed_images(evaluator, images, batch_size=batch_size))
         if shapes:
             checks += [check(x, p) for x, p in zip(images, prompts[done : done + len(images)], strict=True)]
         done += len(images)
     assert done == len(prompts), (done, len(prompts))
+    if evaluator is None:  # the shapes checker alone
+        return {"prompts": prompts, "checks": checks, "image_embeds": None, "text_embeds": None}
     return {
         "prompts": prompts,
         "checks": checks,
@@ -236,15 +239,18 @@ def _score(evaluator, batches: Iterable[Tensor], prompts: list[str], *, shapes: 
 
 def _pool(scored: Iterable[dict]) -> dict:
     scored = list(scored)
+    embedded = scored[0]["image_embeds"] is not None
     return {
         "prompts": [p for s in scored for p in s["prompts"]],
         "checks": [c for s in scored for c in s["checks"]],
-        "image_embeds": torch.cat([s["image_embeds"] for s in scored]),
-        "text_embeds": torch.cat([s["text_embeds"] for s in scored]),
+        "image_embeds": torch.cat([s["image_embeds"] for s in scored]) if embedded else None,
+        "text_embeds": torch.cat([s["text_embeds"] for s in scored]) if embedded else None,
     }
 
 
 def _clip_metrics(scored: dict) -> dict[str, float]:
+    if scored["image_embeds"] is None:
+        return {}
     retrieval = retrieval_top1(scored["image_embeds"], scored["text_embeds"], scored["prompts"])
     return {
         "clip_score": cosine_score(scored["image_embeds"], scored["text_embeds"]),
@@ -275,7 +281,8 @@ def evaluate_shapes(
 
     Args:
         pipe: an UnCLIPPipeline, or anything with its call signature.
-        evaluator: a CLIP independent of the pipeline's (see the module docstring).
+        evaluator: a CLIP independent of the pipeline's (see the module docstring), or None for the
+            checker's compositional accuracy alone (no CLIP score, retrieval or Fréchet distance).
         n: prompts per set.
         use_prior: False decodes the raw text embeddings (DALL·E 2's ablation, §5.1).
 
@@ -298,15 +305,18 @@ def evaluate_shapes(
     )
     real_captions = [real.scene(i)[1] for i in range(len(real))]
     scored["real"] = _score(evaluator, renders, real_captions, shapes=True, batch_size=batch_size)
-    fake = torch.cat([scored["single"]["image_embeds"], scored["relational"]["image_embeds"]])
-    return {
+    results = {
         "suite": "shapes",
         "settings": _settings(pipe, evaluator, n=n, seed=seed, size=size, use_prior=use_prior),
         "sets": {name: {**summarize_checks(s["checks"]), **_clip_metrics(s)} for name, s in scored.items()},
-        "clip_frechet_distance": embedding_frechet_distance(scored["real"]["image_embeds"], fake),
-        "clip_frechet_distance_note": f"{FRECHET_NOTE}; {len(fake)} generated (single + relational) vs "
-        f"{len(real)} val renders",
     }
+    if evaluator is not None:
+        fake = torch.cat([scored["single"]["image_embeds"], scored["relational"]["image_embeds"]])
+        results["clip_frechet_distance"] = embedding_frechet_distance(scored["real"]["image_embeds"], fake)
+        results["clip_frechet_distance_note"] = (
+            f"{FRECHET_NOTE}; {len(fake)} generated (single + relational) vs {len(real)} val renders"
+        )
+    return results
 
 
 def evaluate_openmoji(
@@ -403,10 +413,11 @@ def format_table(results: dict) -> str:
     table = [["set", *(COLUMNS[k][0] for k in keys)]]
     table += [[name, *(_cell(row.get(k), COLUMNS[k][1]) for k in keys)] for name, row in rows.items()]
     settings = ", ".join(f"{k}={v}" for k, v in results["settings"].items())
-    distance = (
-        f"clip_frechet_distance {results['clip_frechet_distance']:.4f}  ({results['clip_frechet_distance_note']})"
-    )
-    return "\n".join([f"{results['suite']} ({settings})", *_align(table), distance])
+    lines = [f"{results['suite']} ({settings})", *_align(table)]
+    if "clip_frechet_distance" in results:
+        distance = results["clip_frechet_distance"]
+        lines.append(f"clip_frechet_distance {distance:.4f}  ({results['clip_frechet_distance_note']})")
+    return "\n".join(lines)
 
 
 def format_validation(results: dict) -> str:
