@@ -193,3 +193,15 @@ def test_demo_script_generates_and_prints_the_path(tiny_pipeline, tmp_path):
     assert image.is_file() and str(image) in done.stdout
     usage = subprocess.run(["bash", "sample/demo.sh"], env=env, capture_output=True, text=True)
     assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def test_image_stages_sample_channels_last_with_the_same_result(tiny_pipeline):
+    pipe = UnCLIPPipeline.from_pretrained(tiny_pipeline)
+    weight = next(p for p in pipe.decoder.model.parameters() if p.ndim == 4)
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    fast = pipe(["a red circle"], seed=0, prior={"steps": 2}, decoder={"steps": 3}).images
+    for stage in (pipe.decoder, *pipe.upsamplers):
+        stage.model.config.channels_last = False
+        stage.model.to(memory_format=torch.contiguous_format)
+    plain = pipe(["a red circle"], seed=0, prior={"steps": 2}, decoder={"steps": 3}).images
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=0)
