@@ -1,6 +1,6 @@
 """Assemble a pipeline folder from trained components, for sample/generate.py and the other sample scripts.
 
-    python train/pipeline.py --out models/mine --clip runs/clip-shapes/export \\
+    python train/pipeline.py --out models/mine --clip models/shapes/clip \\
         --prior runs/prior-shapes/export --decoder runs/decoder-shapes/export \\
         --upsampler runs/upsampler-shapes-256/export --upsampler runs/upsampler-shapes-1024/export
 """

@@ -3,7 +3,7 @@
 For N held-out (caption, image) pairs, the prior's image embedding for each caption should find the caption's
 own image among the N images more often than the raw text embedding does:
 
-    python -m unclip.eval prior --prior runs/prior-shapes/export --clip runs/clip-shapes/export --n 100
+    python -m unclip.eval prior --prior runs/prior-shapes/export --clip models/shapes/clip --n 100
 
 Reports top-1 retrieval with the prior and with the raw text embedding, and the paper's cosine metrics. On
 `shapes`, `--shapes-reference` adds what an exact sample of p(image | caption) achieves (`shapes_reference`):
