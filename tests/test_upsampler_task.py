@@ -71,6 +71,20 @@ def test_degradations():
         degrade(x, "sharpen")
 
 
+def test_degradations_run_in_fp32_under_mixed_precision():
+    # A bf16 training step autocasts the blur's convolution; the degradation must stay fp32 (CPUs have no bf16
+    # antialiased resize, and a rounded low-res input would round the residual target).
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    for seed in range(6):
+        torch.manual_seed(seed)
+        plain = degrade(x, "bsr")
+        torch.manual_seed(seed)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = degrade(x, "bsr")
+        assert mixed.dtype == torch.float32
+        torch.testing.assert_close(mixed, plain)
+
+
 def test_crops_are_aligned():
     image = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32)
     low = F.avg_pool2d(image, 2)

@@ -91,14 +91,19 @@ def bsr_degradation(x: Tensor) -> Tensor:
 
 
 def degrade(x: Tensor, kind: str | None) -> Tensor:
-    """Apply the named corruption ("blur", "bsr") or none."""
+    """Apply the named corruption ("blur", "bsr") or none.
+
+    It runs in fp32 with autocast off: it is data preparation, and under a mixed-precision training step the
+    blur's convolution would otherwise return bf16/fp16 (whose antialiased resize CPUs lack, and which would
+    round the residual target the upsampler learns).
+    """
     if kind is None:
         return x
-    if kind == "blur":
-        return blur_degradation(x)
-    if kind == "bsr":
-        return bsr_degradation(x)
-    raise ValueError(f"unknown degradation {kind!r}; valid: {list(DEGRADATIONS)} or null")
+    if kind not in DEGRADATIONS:
+        raise ValueError(f"unknown degradation {kind!r}; valid: {list(DEGRADATIONS)} or null")
+    corrupt = blur_degradation if kind == "blur" else bsr_degradation
+    with torch.autocast(x.device.type, enabled=False):
+        return corrupt(x.float()).to(x.dtype)
 
 
 def random_crop_pair(image: Tensor, low_res: Tensor, crop: int) -> tuple[Tensor, Tensor]:
