@@ -1,4 +1,4 @@
-"""The 64 px decoder: a training step (batch 8) and a 50-step guided sampling loop (batch 1 and 4).
+"""The 64 px decoder: a training step (batch 8, or `--decoder-batch`) and a 50-step guided sampling loop (batch 1 and 4).
 
 Both U-Nets are conditioned on a 512-d CLIP image embedding and 77 text tokens of width 512, randomly
 initialised, and built to about the same size (50M parameters):
@@ -25,7 +25,6 @@ from unclip.nets.unet import UNet, UNetConfig
 from unclip.sampling import sample_decoder
 
 IMAGE_SIZE, CLIP_DIM, TEXT_WIDTH, TEXT_LEN = 64, 512, 512, 77
-TRAIN_BATCH = 8
 SAMPLE_STEPS, GUIDANCE = 50, 5.0
 LR = 1e-4
 
@@ -94,7 +93,7 @@ def train_case(settings: Settings) -> Case:
     n_ours, n_theirs = param_count(ours), param_count(theirs)
     if abs(n_ours - n_theirs) > 0.1 * n_theirs:
         raise AssertionError(f"decoder sizes differ by more than 10%: ours {n_ours:,}, theirs {n_theirs:,}")
-    c = conditioning(TRAIN_BATCH, device)
+    c = conditioning(settings.decoder_batch, device)
     x_0 = c["images"] * 2 - 1
     cond = {"image_embed": c["image_embed"], "text_tokens": c["text_tokens"], "text_mask": c["text_mask"]}
 
@@ -106,7 +105,7 @@ def train_case(settings: Settings) -> Case:
 
     return Case(
         name="decoder_train",
-        title=f"decoder train step, 64 px, batch {TRAIN_BATCH}",
+        title=f"decoder train step, 64 px, batch {settings.decoder_batch}",
         contenders=[
             Contender(OURS, train_step(ours, our_loss, settings), n_ours, notes="v-prediction, Min-SNR-5 MSE"),
             Contender(
