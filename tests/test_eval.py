@@ -48,13 +48,14 @@ class RenderPipeline:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, prompts, *, size=64, seed=0, use_prior=True, batch_size=None):
-        self.calls.append({"n": len(prompts), "seed": seed, "use_prior": use_prior, "size": size})
+    def __call__(self, prompts, *, size=64, seed=0, use_prior=True, batch_size=None, prior=None, decoder=None):
+        call = {"n": len(prompts), "seed": seed, "use_prior": use_prior, "size": size}
+        self.calls.append({**call, "prior": prior, "decoder": decoder})
         return SimpleNamespace(images=renders(prompts, size, seed), image_embeds=torch.zeros(len(prompts), 8))
 
 
 class WhitePipeline(RenderPipeline):
-    def __call__(self, prompts, *, size=64, seed=0, use_prior=True, batch_size=None):
+    def __call__(self, prompts, *, size=64, seed=0, use_prior=True, batch_size=None, prior=None, decoder=None):
         return SimpleNamespace(
             images=torch.ones(len(prompts), 3, size, size), image_embeds=torch.zeros(len(prompts), 8)
         )
@@ -301,6 +302,20 @@ def test_cli_writes_json_and_a_table(tmp_path, monkeypatch, capsys):
     table = [line for line in printed.splitlines() if line.split()[0] in results["sets"] or line.startswith("set ")]
     assert len(table) == 6 and len({len(line) for line in table}) == 1  # aligned columns
     assert "clip_frechet_distance" in printed and "not Inception FID" in printed
+
+
+def test_cli_passes_sampler_overrides_to_the_pipeline(monkeypatch):
+    pipe = RenderPipeline()
+    monkeypatch.setattr(cli, "load_pipeline", lambda path, device: pipe)
+    argv = ["shapes", "--pipeline", "p", "--n", "2", "--device", "cpu"]
+    results = cli.main([*argv, "--prior-sampler", "ddpm", "--prior-steps", "1000", "--decoder-steps", "7"])
+    assert all(c["prior"] == {"sampler": "ddpm", "steps": 1000} and c["decoder"] == {"steps": 7} for c in pipe.calls)
+    assert results["settings"]["prior"] == {"sampler": "ddpm", "steps": 1000}
+    pipe.calls.clear()
+    cli.main(argv)  # none given: the pipeline's own settings
+    assert all(c["prior"] is None and c["decoder"] is None for c in pipe.calls)
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--decoder-steps", "0"])
 
 
 def test_cli_checker(capsys):

@@ -2,6 +2,8 @@
 
     python -m unclip.eval shapes --pipeline models/shapes --evaluator-clip runs/clip-eval/export/clip --n 200
     python -m unclip.eval shapes --pipeline models/shapes --evaluator-clip ... --no-prior   # the ablation
+    python -m unclip.eval shapes --pipeline models/shapes --prior-sampler ddpm --prior-steps 1000 \
+        --decoder-sampler ddpm --decoder-steps 1000   # the same models sampled as DALLE2-pytorch does
     python -m unclip.eval openmoji --pipeline models/openmoji --evaluator-clip ... --out openmoji.json
     python -m unclip.eval checker --n 500
 
@@ -18,6 +20,7 @@ from pathlib import Path
 import torch
 
 from unclip.config import DataConfig, from_dict, load_config
+from unclip.diffusion import SAMPLERS
 from unclip.eval.metrics import evaluate_openmoji, evaluate_shapes, format_table, format_validation
 from unclip.eval.shapes_checker import validate_checker
 
@@ -61,6 +64,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument("--size", type=int, default=64, help="image size to generate (default 64)")
         p.add_argument("--batch-size", type=int, default=16)
         p.add_argument("--no-prior", action="store_true", help="decode the raw text embeddings (the ablation)")
+        for stage in ("prior", "decoder"):
+            p.add_argument(
+                f"--{stage}-sampler", choices=SAMPLERS, help=f"the {stage}'s sampler (default: the pipeline's)"
+            )
+            p.add_argument(f"--{stage}-steps", type=int, help=f"the {stage}'s sampling steps (default: the pipeline's)")
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--out", help="write the results here as JSON")
         if name == "openmoji":
@@ -98,6 +106,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def stage_overrides(args: argparse.Namespace) -> dict:
+    """{"prior": {...}, "decoder": {...}} from --prior-sampler/--prior-steps/--decoder-sampler/--decoder-steps."""
+    out = {}
+    for stage in ("prior", "decoder"):
+        sampler, steps = getattr(args, f"{stage}_sampler"), getattr(args, f"{stage}_steps")
+        if steps is not None and steps < 1:
+            raise SystemExit(f"error: --{stage}-steps must be >= 1, got {steps}")
+        settings = {k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None}
+        if settings:
+            out[stage] = settings
+    return out
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -115,6 +136,7 @@ def main(argv=None) -> dict:
             pipe = load_pipeline(args.pipeline, args.device)
             evaluator = load_evaluator(args.evaluator_clip, args.device) if args.evaluator_clip else None
             options = dict(size=args.size, use_prior=not args.no_prior, batch_size=args.batch_size, progress=True)
+            options.update(stage_overrides(args))
             if args.command == "openmoji":
                 options["val_size"] = args.val_size
             results = SUITES[args.command](pipe, evaluator, args.n, args.seed, **options)

@@ -193,14 +193,19 @@ def generate(
     seed: int,
     use_prior: bool,
     batch_size: int,
+    prior: dict | None = None,
+    decoder: dict | None = None,
     progress: bool = False,
     desc: str = "generating",
 ) -> Iterator[Tensor]:
     """Images for `prompts` from a pipeline, yielded `batch_size` at a time as (b, 3, size, size) in [-1, 1];
-    image i uses seed seed + i, as one pipeline call would give it."""
+    image i uses seed seed + i, as one pipeline call would give it. `prior` and `decoder` override the
+    pipeline's sampler settings ({"sampler", "steps", "guidance_scale"}), as in its call."""
+    stages = {k: v for k, v in (("prior", prior), ("decoder", decoder)) if v}  # a plain call where none is given
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
         chunk = prompts[start : start + batch_size]
-        yield pipe(chunk, size=size, seed=seed + start, use_prior=use_prior, batch_size=batch_size).images.float()
+        out = pipe(chunk, size=size, seed=seed + start, use_prior=use_prior, batch_size=batch_size, **stages)
+        yield out.images.float()
 
 
 def _settings(pipe, evaluator, **settings) -> dict:
@@ -268,6 +273,8 @@ def evaluate_shapes(
     size: int = 64,
     use_prior: bool = True,
     batch_size: int = 16,
+    prior: dict | None = None,
+    decoder: dict | None = None,
     progress: bool = False,
 ) -> dict:
     """The `shapes` suite: compositional accuracy, CLIP score and retrieval, Fréchet distance in CLIP space.
@@ -285,6 +292,8 @@ def evaluate_shapes(
             checker's compositional accuracy alone (no CLIP score, retrieval or Fréchet distance).
         n: prompts per set.
         use_prior: False decodes the raw text embeddings (DALL·E 2's ablation, §5.1).
+        prior, decoder: sampler overrides for those stages ({"sampler", "steps", "guidance_scale"}); default
+            the pipeline's own settings.
 
     Returns:
         {"suite", "settings", "sets": {name: {"n", "accuracy", ..., "clip_score", "retrieval_*"}},
@@ -292,7 +301,9 @@ def evaluate_shapes(
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    options = dict(size=size, use_prior=use_prior, batch_size=batch_size, progress=progress)
+    options = dict(
+        size=size, use_prior=use_prior, batch_size=batch_size, prior=prior, decoder=decoder, progress=progress
+    )
     scored = {}
     for k, (name, prompts) in enumerate(prompt_sets(n, seed)._asdict().items()):
         batches = generate(pipe, prompts, seed=seed + k * n, desc=name, **options)
@@ -307,7 +318,9 @@ def evaluate_shapes(
     scored["real"] = _score(evaluator, renders, real_captions, shapes=True, batch_size=batch_size)
     results = {
         "suite": "shapes",
-        "settings": _settings(pipe, evaluator, n=n, seed=seed, size=size, use_prior=use_prior),
+        "settings": _settings(
+            pipe, evaluator, n=n, seed=seed, size=size, use_prior=use_prior, prior=prior, decoder=decoder
+        ),
         "sets": {name: {**summarize_checks(s["checks"]), **_clip_metrics(s)} for name, s in scored.items()},
     }
     if evaluator is not None:
@@ -330,6 +343,8 @@ def evaluate_openmoji(
     batch_size: int = 16,
     val_size: int = 64,
     dataset=None,
+    prior: dict | None = None,
+    decoder: dict | None = None,
     progress: bool = False,
 ) -> dict:
     """The `openmoji` suite: CLIP score and retrieval of images made from the captions of held-out emoji,
@@ -342,6 +357,7 @@ def evaluate_openmoji(
             take in emoji the models were trained on; 64 is DataConfig's default.
         dataset: items {"image": (3, S, S) in [-1, 1], "caption"}; default `OpenMojiDataset(size,
             split="val", val_size=val_size)`.
+        prior, decoder: sampler overrides, as in `evaluate_shapes`.
 
     Returns:
         {"suite", "settings", "sets": {"generated", "real"}, "clip_frechet_distance", ...}; JSON-serialisable.
@@ -354,9 +370,8 @@ def evaluate_openmoji(
     if len(items) < 2:
         raise ValueError(f"need at least 2 held-out emoji, got {len(items)}")
     prompts = [item["caption"] for item in items]
-    batches = generate(
-        pipe, prompts, seed=seed, size=size, use_prior=use_prior, batch_size=batch_size, progress=progress
-    )
+    options = dict(size=size, use_prior=use_prior, batch_size=batch_size, prior=prior, decoder=decoder)
+    batches = generate(pipe, prompts, seed=seed, progress=progress, **options)
     real = torch.stack([item["image"] for item in items])
     scored = {
         "generated": _score(evaluator, batches, prompts, shapes=False, batch_size=batch_size),
@@ -364,9 +379,7 @@ def evaluate_openmoji(
     }
     return {
         "suite": "openmoji",
-        "settings": _settings(
-            pipe, evaluator, n=len(items), seed=seed, size=size, use_prior=use_prior, val_size=val_size
-        ),
+        "settings": _settings(pipe, evaluator, n=len(items), seed=seed, val_size=val_size, **options),
         "sets": {name: {"n": len(items), **_clip_metrics(s)} for name, s in scored.items()},
         "clip_frechet_distance": embedding_frechet_distance(
             scored["real"]["image_embeds"], scored["generated"]["image_embeds"]
