@@ -1,6 +1,6 @@
 """Evaluate an unCLIP pipeline on `shapes` or OpenMoji, or validate the `shapes` checker.
 
-    python -m unclip.eval shapes --pipeline models/shapes --evaluator-clip runs/clip-eval/export/clip --n 200
+    python -m unclip.eval shapes --pipeline models/shapes --evaluator-clip models/evaluators/shapes_clip --n 200
     python -m unclip.eval shapes --pipeline models/shapes --evaluator-clip ... --no-prior   # the ablation
     python -m unclip.eval shapes --pipeline models/shapes --prior-sampler ddpm --prior-steps 1000 \
         --decoder-sampler ddpm --decoder-steps 1000   # the same models sampled as DALLE2-pytorch does
