@@ -1,4 +1,5 @@
-"""The 64 px decoder: a training step (batch 8, or `--decoder-batch`) and a 50-step guided sampling loop (batch 1 and 4).
+"""The 64 px decoder: a training step (batch 8, or `--decoder-batch`) and a 50-step guided sampling loop
+(batch 1 and 4).
 
 Both U-Nets are conditioned on a 512-d CLIP image embedding and 77 text tokens of width 512, randomly
 initialised, and built to about the same size (50M parameters):

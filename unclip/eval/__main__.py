@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.add_argument(
                 f"--{stage}-sampler", choices=SAMPLERS, help=f"the {stage}'s sampler (default: the pipeline's)"
             )
-            p.add_argument(f"--{stage}-steps", type=int, help=f"the {stage}'s sampling steps (default: the pipeline's)")
+            p.add_argument(f"--{stage}-steps", type=int, help=f"{stage} sampling steps (default: the pipeline's)")
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--out", help="write the results here as JSON")
         if name == "openmoji":
@@ -103,7 +103,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write the results here as JSON")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for stage in ("prior", "decoder"):
+        steps = getattr(args, f"{stage}_steps", None)
+        if steps is not None and steps < 1:
+            parser.error(f"--{stage}-steps must be >= 1, got {steps}")
+    return args
 
 
 def stage_overrides(args: argparse.Namespace) -> dict:
@@ -111,8 +116,6 @@ def stage_overrides(args: argparse.Namespace) -> dict:
     out = {}
     for stage in ("prior", "decoder"):
         sampler, steps = getattr(args, f"{stage}_sampler"), getattr(args, f"{stage}_steps")
-        if steps is not None and steps < 1:
-            raise SystemExit(f"error: --{stage}-steps must be >= 1, got {steps}")
         settings = {k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None}
         if settings:
             out[stage] = settings
