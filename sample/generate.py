@@ -2,10 +2,15 @@
 
     python sample/generate.py --prompt "a red circle above a blue square"
     python sample/generate.py --prompt "a small green diamond" --n 8 --size 256 --seed 3 --out outputs/
+    python sample/generate.py --prompt "a red circle" --prompt "a blue square" --n 4   # a row per prompt
+    python sample/generate.py --prompts-file prompts.txt --n 1 --pipeline models/openmoji
 
 Each image is written as a PNG whose text metadata holds the prompt, the seed and every sampling setting,
-with a grid of all of them beside; the paths are printed.
+with a grid of all of them beside (the n images of a prompt on one row when there are several prompts);
+the paths are printed. Image i of the whole run uses seed + i.
 """
+
+from pathlib import Path
 
 from unclip.cli import run_sample, sample_parser
 from unclip.diffusion import SAMPLERS
@@ -13,7 +18,10 @@ from unclip.diffusion import SAMPLERS
 
 def parse_args(argv=None):
     p = sample_parser(__doc__)
-    p.add_argument("--prompt", required=True, help="what to draw")
+    p.add_argument("--prompt", action="append", default=[], help="what to draw (repeat for several prompts)")
+    p.add_argument(
+        "--prompts-file", type=Path, help="a text file of prompts, one a line (blank lines and # comments skipped)"
+    )
     p.add_argument("--steps", type=int, help="decoder sampling steps (default: the pipeline's, 25)")
     p.add_argument("--guidance", type=float, help="decoder classifier-free guidance scale (default 5)")
     p.add_argument("--sampler", choices=SAMPLERS, help="decoder sampler (default dpm++)")
@@ -26,7 +34,19 @@ def parse_args(argv=None):
         help="make N images per requested image and keep the one CLIP scores highest (DALL·E's reranking)",
     )
     p.add_argument("--no-prior", action="store_true", help="decode the raw text embedding (the paper's ablation)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.prompts_file is not None:
+        try:
+            lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            p.error(f"cannot read --prompts-file {args.prompts_file}: {e}")
+        args.prompt += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not args.prompt:
+            p.error(f"--prompts-file {args.prompts_file} holds no prompts")
+    if not args.prompt:
+        p.error('give a prompt: --prompt "a red circle" (or --prompts-file FILE)')
+    args.nrow = args.n if len(args.prompt) > 1 else None
+    return args
 
 
 def main(argv=None):
@@ -34,7 +54,7 @@ def main(argv=None):
     return run_sample(
         args,
         lambda pipe: pipe(
-            [args.prompt] * args.n,
+            [prompt for prompt in args.prompt for _ in range(args.n)],
             candidates=args.candidates,
             size=args.size,
             seed=args.seed,

@@ -115,9 +115,43 @@ def test_generate_script_writes_pngs_with_metadata(tiny_pipeline, tmp_path, caps
     assert np.abs(a - b).max() <= 1  # 8-bit rounding of float noise between batch sizes
 
 
-def test_generate_script_errors(tiny_pipeline, tmp_path):
+def test_generate_script_several_prompts(tiny_pipeline, tmp_path):
     from sample.generate import main
 
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\na blue square\n\n  a green diamond  \n")
+    common = ["--n", "2", "--seed", "3", "--pipeline", str(tiny_pipeline), "--out", str(tmp_path), "--steps", "2"]
+    paths = main(["--prompt", "a red circle", "--prompts-file", str(prompts), *common])
+    assert [p.name for p in paths] == [
+        "a_red_circle_00003.png",
+        "a_red_circle_00004.png",
+        "a_blue_square_00005.png",
+        "a_blue_square_00006.png",
+        "a_green_diamond_00007.png",
+        "a_green_diamond_00008.png",
+        "a_red_circle_and_2_more_grid.png",
+    ]
+    assert read_png_metadata(paths[5])["prompt"] == "a green diamond"
+    assert Image.open(paths[-1]).size == (2 * 34 + 2, 3 * 34 + 2)  # a row of n=2 per prompt, 32 px tiles
+    # an image of a multi-prompt run is made again from its own metadata
+    meta = read_png_metadata(paths[2])
+    again = main(["--prompt", meta["prompt"], *common[:2], "--seed", meta["seed"], *common[4:]])
+    a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (paths[2], again[0]))
+    assert np.abs(a - b).max() <= 1
+
+
+def test_generate_script_errors(tiny_pipeline, tmp_path, capsys):
+    from sample.generate import main
+
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    for argv, message in [
+        ([], "give a prompt"),
+        (["--prompts-file", str(tmp_path / "empty.txt")], "holds no prompts"),
+        (["--prompts-file", str(tmp_path / "missing.txt")], "cannot read --prompts-file"),
+    ]:
+        with pytest.raises(SystemExit):  # usage errors, before any model is loaded
+            main([*argv, "--pipeline", str(tiny_pipeline)])
+        assert message in capsys.readouterr().err
     with pytest.raises(SystemExit, match="empty prompt"):
         main(["--prompt", "", "--pipeline", str(tiny_pipeline), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="no pipeline.json"):

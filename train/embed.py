@@ -1,7 +1,9 @@
-"""Precompute the CLIP image and text embeddings of a dataset, for training the prior.
+r"""Precompute the CLIP image and text embeddings of a dataset, for training the prior.
 
-    python train/embed.py configs/prior/vit_l.yaml --out data/embeddings/shapes --tokens
-    python train/embed.py configs/prior/tiny.yaml data.dataset=openmoji --out emb/openmoji --split val
+    python train/embed.py configs/prior/shapes.yaml data.dataset=shapes data.image_size=64 \
+        data.options.num_samples=50000 --out runs/embeddings-shapes --tokens
+    python train/embed.py configs/prior/openmoji.yaml data.dataset=openmoji data.image_size=64 \
+        data.options.skin_tones=true --out runs/embeddings-openmoji --tokens
 
 The run config's `clip:` section picks the CLIP and its `data:` section the images and captions. The output
 folder uses clip-retrieval's layout (img_emb/, text_emb/, metadata/, see unclip/data/embeddings.py), with

@@ -46,7 +46,7 @@ def run_sample(args: argparse.Namespace, make: Callable[[UnCLIPPipeline], object
         out = make(pipe)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    paths = out.save(args.out)
+    paths = out.save(args.out, nrow=getattr(args, "nrow", None))
     for path in paths:
         print(path)
     return paths

@@ -96,20 +96,23 @@ class PipelineOutput:
             meta["clip_score"] = round(self.clip_scores[i], 4)
         return meta
 
-    def save(self, folder: str | Path, stem: str | None = None) -> list[Path]:
-        """Write image_XXX.png for each image (prompt, seed and settings in its text chunks) and grid.png.
+    def save(self, folder: str | Path, stem: str | None = None, nrow: int | None = None) -> list[Path]:
+        """Write <prompt>_<seed>.png for each image (prompt, seed and settings in its text chunks) and a grid,
+        <prompt>_grid.png (or <first prompt>_and_<k>_more_grid.png when the prompts differ), `nrow` a row.
 
         Returns:
             the image paths, then the grid's.
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        stem = stem or _slug(self.prompts[0])
         paths = []
         for i, image in enumerate(to_pil(self.images)):
-            paths.append(save_png(image, folder / f"{stem}_{self.seeds[i]:05d}.png", self.metadata(i)))
+            name = f"{stem or _slug(self.prompts[i])}_{self.seeds[i]:05d}.png"
+            paths.append(save_png(image, folder / name, self.metadata(i)))
+        others = len(dict.fromkeys(self.prompts)) - 1
+        grid_stem = stem or _slug(self.prompts[0]) + (f"_and_{others}_more" if others else "")
         grid = {"prompts": self.prompts, "seeds": self.seeds, "settings": self.settings}
-        paths.append(save_png(make_grid(self.images), folder / f"{stem}_grid.png", grid))
+        paths.append(save_png(make_grid(self.images, nrow), folder / f"{grid_stem}_grid.png", grid))
         return paths
 
 
