@@ -6,7 +6,7 @@
     python sample/generate.py --prompts-file prompts.txt --n 1 --pipeline models/openmoji
 
 Each image is written as a PNG whose text metadata holds the prompt, the seed and every sampling setting,
-with a grid of all of them beside (the n images of a prompt on one row when there are several prompts);
+with a grid of all of them beside (a row per prompt when there are several prompts and n > 1);
 the paths are printed. Image i of the whole run uses seed + i.
 """
 
@@ -45,7 +45,7 @@ def parse_args(argv=None):
             p.error(f"--prompts-file {args.prompts_file} holds no prompts")
     if not args.prompt:
         p.error('give a prompt: --prompt "a red circle" (or --prompts-file FILE)')
-    args.nrow = args.n if len(args.prompt) > 1 else None
+    args.nrow = args.n if len(args.prompt) > 1 and args.n > 1 else None  # a row per prompt; else square
     return args
 
 
