@@ -308,14 +308,18 @@ def test_cli_passes_sampler_overrides_to_the_pipeline(monkeypatch):
     pipe = RenderPipeline()
     monkeypatch.setattr(cli, "load_pipeline", lambda path, device: pipe)
     argv = ["shapes", "--pipeline", "p", "--n", "2", "--device", "cpu"]
-    results = cli.main([*argv, "--prior-sampler", "ddpm", "--prior-steps", "1000", "--decoder-steps", "7"])
-    assert all(c["prior"] == {"sampler": "ddpm", "steps": 1000} and c["decoder"] == {"steps": 7} for c in pipe.calls)
+    results = cli.main(
+        [*argv, "--prior-sampler", "ddpm", "--prior-steps", "1000", "--decoder-steps", "7", "--decoder-guidance", "2"]
+    )
+    decoder = {"steps": 7, "guidance_scale": 2.0}
+    assert all(c["prior"] == {"sampler": "ddpm", "steps": 1000} and c["decoder"] == decoder for c in pipe.calls)
     assert results["settings"]["prior"] == {"sampler": "ddpm", "steps": 1000}
     pipe.calls.clear()
     cli.main(argv)  # none given: the pipeline's own settings
     assert all(c["prior"] is None and c["decoder"] is None for c in pipe.calls)
-    with pytest.raises(SystemExit):
-        cli.main([*argv, "--decoder-steps", "0"])
+    for bad in (["--decoder-steps", "0"], ["--prior-guidance", "-1"], ["--decoder-guidance", "nan"]):
+        with pytest.raises(SystemExit):
+            cli.main([*argv, *bad])
 
 
 def test_cli_checker(capsys):

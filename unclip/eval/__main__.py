@@ -69,6 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"--{stage}-sampler", choices=SAMPLERS, help=f"the {stage}'s sampler (default: the pipeline's)"
             )
             p.add_argument(f"--{stage}-steps", type=int, help=f"{stage} sampling steps (default: the pipeline's)")
+            p.add_argument(
+                f"--{stage}-guidance",
+                type=float,
+                help=f"the {stage}'s classifier-free guidance scale (default: the pipeline's)",
+            )
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--out", help="write the results here as JSON")
         if name == "openmoji":
@@ -108,15 +113,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         steps = getattr(args, f"{stage}_steps", None)
         if steps is not None and steps < 1:
             parser.error(f"--{stage}-steps must be >= 1, got {steps}")
+        guidance = getattr(args, f"{stage}_guidance", None)
+        if guidance is not None and not guidance >= 0:
+            parser.error(f"--{stage}-guidance must be >= 0 (1 is no guidance), got {guidance}")
     return args
 
 
 def stage_overrides(args: argparse.Namespace) -> dict:
-    """{"prior": {...}, "decoder": {...}} from --prior-sampler/--prior-steps/--decoder-sampler/--decoder-steps."""
+    """{"prior": {...}, "decoder": {...}} from the --{prior,decoder}-{sampler,steps,guidance} options."""
     out = {}
     for stage in ("prior", "decoder"):
-        sampler, steps = getattr(args, f"{stage}_sampler"), getattr(args, f"{stage}_steps")
-        settings = {k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None}
+        options = (("sampler", "sampler"), ("steps", "steps"), ("guidance_scale", "guidance"))
+        settings = {k: getattr(args, f"{stage}_{a}") for k, a in options if getattr(args, f"{stage}_{a}") is not None}
         if settings:
             out[stage] = settings
     return out
