@@ -23,7 +23,11 @@ def parse_args(argv=None):
         "--prompts-file", type=Path, help="a text file of prompts, one a line (blank lines and # comments skipped)"
     )
     p.add_argument("--steps", type=int, help="decoder sampling steps (default: the pipeline's, 25)")
-    p.add_argument("--guidance", type=float, help="decoder classifier-free guidance scale (default 5)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        help="decoder classifier-free guidance scale (default: the pipeline's; 2 for models/shapes)",
+    )
     p.add_argument("--sampler", choices=SAMPLERS, help="decoder sampler (default dpm++)")
     p.add_argument("--prior-steps", type=int, help="prior sampling steps (default 25)")
     p.add_argument("--prior-guidance", type=float, help="prior guidance scale (default 2)")

@@ -239,3 +239,35 @@ def test_image_stages_sample_channels_last_with_the_same_result(tiny_pipeline):
         stage.model.to(memory_format=torch.contiguous_format)
     plain = pipe(["a red circle"], seed=0, prior={"steps": 2}, decoder={"steps": 3}).images
     torch.testing.assert_close(fast, plain, atol=1e-4, rtol=0)
+
+
+def test_assemble_script_stores_sampling_defaults(tiny_pipeline, tmp_path):
+    from train.pipeline import main
+
+    parts = tiny_pipeline.parent / "parts"
+    base = ["--clip", str(parts / "clip"), "--prior", str(parts / "prior"), "--decoder", str(parts / "decoder")]
+    out = main(
+        ["--out", str(tmp_path / "p"), *base, "--default", "decoder.guidance_scale=1", "--default", "prior.steps=3"]
+    )
+    assert json.loads((out / "pipeline.json").read_text())["defaults"] == {
+        "decoder": {"guidance_scale": 1.0},
+        "prior": {"steps": 3},
+    }
+    made = UnCLIPPipeline.from_pretrained(out)(["a red circle"], seed=0, decoder={"steps": 2})
+    assert made.settings["decoder"]["guidance_scale"] == 1.0 and made.settings["prior"]["steps"] == 3
+    # the same images as the stored settings given by hand to a pipeline without defaults
+    plain = main(["--out", str(tmp_path / "plain"), *base])
+    by_hand = UnCLIPPipeline.from_pretrained(plain)(
+        ["a red circle"], seed=0, prior={"steps": 3}, decoder={"steps": 2, "guidance_scale": 1.0}
+    )
+    assert torch.equal(made.images, by_hand.images)
+    for bad, message in [
+        ("decoder.guidance_scale", "STAGE.SETTING=VALUE"),
+        ("coder.steps=3", "unknown stage"),
+        ("decoder.candidates=2", "no setting 'candidates'"),
+        ("decoder.steps=many", "takes a whole number"),
+        ("decoder.sampler=euler", "the sampler is one of"),
+        ("prior.guidance_scale=-1", "must be >= 0"),
+    ]:
+        with pytest.raises(SystemExit, match=message):
+            main(["--out", str(tmp_path / "bad"), *base, "--default", bad])
