@@ -274,6 +274,50 @@ def test_evaluate_shapes_end_to_end():
     assert white["clip_frechet_distance"] > results["clip_frechet_distance"]
 
 
+class RegistryClip:
+    """A fake CLIP whose image embedding is the image's index in a registry of every image it embedded."""
+
+    image_size = 64
+
+    def __init__(self):
+        self.images = []
+
+    def embed_image(self, images, *, normalize=False):
+        start = len(self.images)
+        self.images += [from_pil(image) for image in images]
+        return torch.arange(start, len(self.images), dtype=torch.float32)[:, None]
+
+
+class EmbeddingPipeline(WhitePipeline):
+    """Draws white images from the prior, and the registered image an embedding names when it is given one."""
+
+    def __init__(self):
+        super().__init__()
+        self.clip = RegistryClip()
+
+    def __call__(self, prompts, *, size=64, seed=0, use_prior=True, batch_size=None, image_embeds=None, **stages):
+        if image_embeds is None:
+            return super().__call__(prompts, size=size, seed=seed, use_prior=use_prior, batch_size=batch_size)
+        assert image_embeds.shape == (len(prompts), 1)
+        images = torch.stack([self.clip.images[int(i)] for i in image_embeds[:, 0]])
+        return SimpleNamespace(images=images, image_embeds=image_embeds)
+
+
+def test_evaluate_shapes_oracle_decodes_embeddings_of_exact_renders():
+    pipe = EmbeddingPipeline()
+    plain = metrics.evaluate_shapes(pipe, PixelEvaluator(), n=4, seed=2, batch_size=3)
+    assert plain["sets"]["relational"]["accuracy"] == 0.0 and not pipe.clip.images
+    oracle = metrics.evaluate_shapes(pipe, PixelEvaluator(), n=4, seed=2, batch_size=3, oracle=True)
+    # each prompt's decoder call got the embedding of a render of that very prompt, in order
+    assert all(oracle["sets"][name]["accuracy"] == 1.0 for name in ("single", "relational", "held_out"))
+    assert len(pipe.clip.images) == 12
+    assert oracle["settings"]["image_embeds"].startswith("oracle") and oracle["settings"]["use_prior"] is False
+    with pytest.raises(ValueError, match="excludes use_prior=False"):
+        metrics.evaluate_shapes(pipe, None, n=2, oracle=True, use_prior=False)
+    with pytest.raises(SystemExit):
+        cli.main(["shapes", "--pipeline", "p", "--oracle", "--no-prior"])
+
+
 def test_evaluate_openmoji_with_a_fake_dataset():
     dataset = [{"image": torch.rand(3, 32, 32) * 2 - 1, "caption": f"emoji {i}"} for i in range(5)]
     results = metrics.evaluate_openmoji(WhitePipeline(), PixelEvaluator(), n=4, size=32, dataset=dataset)

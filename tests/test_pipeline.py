@@ -160,6 +160,22 @@ def test_generate_script_errors(tiny_pipeline, tmp_path, capsys):
         main(["--prompt", "a red circle", "--size", "48", "--pipeline", str(tiny_pipeline), "--out", str(tmp_path)])
 
 
+def test_pipeline_decodes_given_image_embeddings(tiny_pipeline):
+    pipe = UnCLIPPipeline.from_pretrained(tiny_pipeline)
+    prompts, steps = ["a red circle", "a blue square above a green circle"], {"steps": 2}
+    raw = pipe(prompts, seed=4, decoder=steps, use_prior=False)  # decodes the text embeddings, no prior noise
+    given = pipe(prompts, seed=4, decoder=steps, image_embeds=raw.text_embeds)
+    assert torch.equal(given.images, raw.images) and torch.equal(given.image_embeds, raw.text_embeds)
+    assert given.settings["image_embeds"] == "given" and "prior" not in given.settings
+    sampled = pipe(prompts, seed=4, prior=steps, decoder=steps)
+    other = pipe(prompts, seed=4, decoder=steps, image_embeds=sampled.image_embeds)
+    assert torch.equal(other.image_embeds, sampled.image_embeds) and not torch.equal(other.images, raw.images)
+    with pytest.raises(ValueError, match="must have shape"):
+        pipe(prompts, image_embeds=sampled.image_embeds[:1])
+    with pytest.raises(ValueError, match="candidates"):
+        pipe(prompts, image_embeds=sampled.image_embeds, candidates=2)
+
+
 @pytest.mark.parametrize("dtype", ["bf16"])
 def test_reduced_precision_runs(tiny_pipeline, dtype):
     pipe = UnCLIPPipeline.from_pretrained(tiny_pipeline, dtype=dtype)

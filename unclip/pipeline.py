@@ -260,6 +260,7 @@ class UnCLIPPipeline:
         upsamplers: dict[str, dict[str, Any]] | None = None,
         batch_size: int | None = None,
         candidates: int = 1,
+        image_embeds: Tensor | None = None,
     ) -> PipelineOutput:
         """Generate one image per prompt.
 
@@ -273,10 +274,21 @@ class UnCLIPPipeline:
             batch_size: prompts per decoder batch (all at once by default).
             candidates: make this many images per prompt and keep the one whose CLIP image embedding is most
                 similar to the prompt's text embedding (DALL·E's reranking; Ramesh et al. 2021, §2.5).
+            image_embeds: (B, D) CLIP image embeddings to decode instead of the prior's (e.g. those of real
+                images of the prompts: the decoder's accuracy under a perfect prior); the prompts still give
+                the decoder its caption tokens.
         """
         prompts = check_prompts(prompts)
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
+        if image_embeds is not None:
+            if candidates > 1:
+                raise ValueError("candidates > 1 reranks samples of the prior; it cannot be used with image_embeds")
+            if image_embeds.shape != (len(prompts), self.clip.embed_dim):
+                raise ValueError(
+                    f"image_embeds must have shape ({len(prompts)}, {self.clip.embed_dim}) for {len(prompts)} "
+                    f"prompts and this pipeline's CLIP, got {tuple(image_embeds.shape)}"
+                )
         if candidates > 1:
             return self._rerank(
                 prompts,
@@ -293,22 +305,28 @@ class UnCLIPPipeline:
         if size not in self.sizes:
             raise ValueError(f"size {size} is not one this pipeline makes; choose one of {self.sizes}")
         batch_size = batch_size or len(prompts)
-        images, image_embeds, text_embeds = [], [], []
+        images, decoded_embeds, text_embeds = [], [], []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             generators = self.generators(seed + start, len(chunk))
             text = self.encode_text(chunk)
-            image_embed = self.image_embeds_from_text(text, generators, prior, use_prior)
+            if image_embeds is None:
+                image_embed = self.image_embeds_from_text(text, generators, prior, use_prior)
+            else:
+                image_embed = image_embeds[start : start + batch_size].to(self.device, text.embed.dtype)
             out = self.decode(image_embed, text, generators, decoder)
             images.append(self.upsample(out, size, generators, upsamplers))
-            image_embeds.append(image_embed)
+            decoded_embeds.append(image_embed)
             text_embeds.append(text.embed)
         settings = self.describe(
             size=size, seed=seed, use_prior=use_prior, prior=prior, decoder=decoder, upsamplers=upsamplers
         )
+        if image_embeds is not None:
+            settings.pop("prior", None)
+            settings["use_prior"], settings["image_embeds"] = False, "given"
         return PipelineOutput(
             torch.cat(images),
-            torch.cat(image_embeds),
+            torch.cat(decoded_embeds),
             torch.cat(text_embeds),
             prompts,
             [seed + i for i in range(len(prompts))],

@@ -64,6 +64,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument("--size", type=int, default=64, help="image size to generate (default 64)")
         p.add_argument("--batch-size", type=int, default=16)
         p.add_argument("--no-prior", action="store_true", help="decode the raw text embeddings (the ablation)")
+        if name == "shapes":
+            p.add_argument(
+                "--oracle",
+                action="store_true",
+                help="decode the pipeline CLIP's image embeddings of exact renders of the prompts instead of the "
+                "prior's: the decoder's accuracy under a perfect prior",
+            )
         for stage in ("prior", "decoder"):
             p.add_argument(
                 f"--{stage}-sampler", choices=SAMPLERS, help=f"the {stage}'s sampler (default: the pipeline's)"
@@ -109,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write the results here as JSON")
     args = parser.parse_args(argv)
+    if getattr(args, "oracle", False) and args.no_prior:
+        parser.error("--oracle replaces the prior's embeddings with true ones; it cannot go with --no-prior")
     for stage in ("prior", "decoder"):
         steps = getattr(args, f"{stage}_steps", None)
         if steps is not None and steps < 1:
@@ -150,6 +159,8 @@ def main(argv=None) -> dict:
             options.update(stage_overrides(args))
             if args.command == "openmoji":
                 options["val_size"] = args.val_size
+            elif args.oracle:
+                options["oracle"] = True
             results = SUITES[args.command](pipe, evaluator, args.n, args.seed, **options)
         except ValueError as e:
             sys.exit(f"error: {e}")

@@ -17,6 +17,7 @@ is anything with `embed_text(prompts, normalize=True).embed` (N, D) and `embed_i
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from unclip.data.openmoji import OpenMojiDataset
 from unclip.data.shapes import ShapesDataset, prompt_sets
-from unclip.eval.shapes_checker import CheckResult, check
+from unclip.eval.shapes_checker import CheckResult, check, render_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -197,13 +198,17 @@ def generate(
     decoder: dict | None = None,
     progress: bool = False,
     desc: str = "generating",
+    image_embeds: Tensor | None = None,
 ) -> Iterator[Tensor]:
     """Images for `prompts` from a pipeline, yielded `batch_size` at a time as (b, 3, size, size) in [-1, 1];
     image i uses seed seed + i, as one pipeline call would give it. `prior` and `decoder` override the
-    pipeline's sampler settings ({"sampler", "steps", "guidance_scale"}), as in its call."""
+    pipeline's sampler settings ({"sampler", "steps", "guidance_scale"}), as in its call; `image_embeds`
+    (one per prompt) are decoded instead of the prior's."""
     stages = {k: v for k, v in (("prior", prior), ("decoder", decoder)) if v}  # a plain call where none is given
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
         chunk = prompts[start : start + batch_size]
+        if image_embeds is not None:
+            stages["image_embeds"] = image_embeds[start : start + batch_size]
         out = pipe(chunk, size=size, seed=seed + start, use_prior=use_prior, batch_size=batch_size, **stages)
         yield out.images.float()
 
@@ -275,6 +280,7 @@ def evaluate_shapes(
     batch_size: int = 16,
     prior: dict | None = None,
     decoder: dict | None = None,
+    oracle: bool = False,
     progress: bool = False,
 ) -> dict:
     """The `shapes` suite: compositional accuracy, CLIP score and retrieval, Fréchet distance in CLIP space.
@@ -294,6 +300,9 @@ def evaluate_shapes(
         use_prior: False decodes the raw text embeddings (DALL·E 2's ablation, §5.1).
         prior, decoder: sampler overrides for those stages ({"sampler", "steps", "guidance_scale"}); default
             the pipeline's own settings.
+        oracle: decode the pipeline CLIP's image embedding of an exact render of each prompt (a random scene
+            that satisfies it) instead of the prior's sample: the decoder's accuracy under a perfect prior,
+            which tells the two stages' errors apart.
 
     Returns:
         {"suite", "settings", "sets": {name: {"n", "accuracy", ..., "clip_score", "retrieval_*"}},
@@ -301,11 +310,15 @@ def evaluate_shapes(
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    if oracle and not use_prior:
+        raise ValueError("oracle decodes true image embeddings instead of the prior's; it excludes use_prior=False")
     options = dict(
         size=size, use_prior=use_prior, batch_size=batch_size, prior=prior, decoder=decoder, progress=progress
     )
     scored = {}
     for k, (name, prompts) in enumerate(prompt_sets(n, seed)._asdict().items()):
+        if oracle:
+            options["image_embeds"] = oracle_image_embeds(pipe.clip, prompts, seed=seed + k * n)
         batches = generate(pipe, prompts, seed=seed + k * n, desc=name, **options)
         scored[name] = _score(evaluator, batches, prompts, shapes=True, batch_size=batch_size)
     scored["all"] = _pool(scored.values())
@@ -319,7 +332,15 @@ def evaluate_shapes(
     results = {
         "suite": "shapes",
         "settings": _settings(
-            pipe, evaluator, n=n, seed=seed, size=size, use_prior=use_prior, prior=prior, decoder=decoder
+            pipe,
+            evaluator,
+            n=n,
+            seed=seed,
+            size=size,
+            use_prior=use_prior and not oracle,
+            prior=prior,
+            decoder=decoder,
+            **({"image_embeds": "oracle: the pipeline CLIP's embeddings of exact renders"} if oracle else {}),
         ),
         "sets": {name: {**summarize_checks(s["checks"]), **_clip_metrics(s)} for name, s in scored.items()},
     }
@@ -330,6 +351,17 @@ def evaluate_shapes(
             f"{FRECHET_NOTE}; {len(fake)} generated (single + relational) vs {len(real)} val renders"
         )
     return results
+
+
+def oracle_image_embeds(clip, prompts: Sequence[str], *, seed: int, batch_size: int = 64) -> Tensor:
+    """(B, D) normalised CLIP image embeddings of exact renders of shapes prompts (scene i drawn by
+    random.Random(f"oracle/{seed}/{i}")), at the CLIP's input size: what a perfect prior would sample."""
+    size = clip.image_size if isinstance(clip.image_size, int) else clip.image_size[0]
+    renders = [render_prompt(p, size, random.Random(f"oracle/{seed}/{i}")) for i, p in enumerate(prompts)]
+    with torch.no_grad():
+        return torch.cat(
+            [clip.embed_image(renders[i : i + batch_size], normalize=True) for i in range(0, len(renders), batch_size)]
+        ).float()
 
 
 def evaluate_openmoji(
