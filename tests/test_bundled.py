@@ -1,4 +1,4 @@
-"""The bundled pipeline loads and samples with the library as it is (a change that breaks old exports fails here)."""
+"""The bundled pipelines load and sample with the library as it is (a change that breaks old exports fails here)."""
 
 from pathlib import Path
 
@@ -16,8 +16,22 @@ def test_bundled_shapes_pipeline_generates():
     assert out.images.shape == (1, 3, 64, 64) and torch.isfinite(out.images).all()
 
 
-def test_bundled_weights_are_fp16():
-    for weights in Path(DEFAULT_PIPELINE).glob("*/*.safetensors"):
+def test_bundled_openmoji_pipeline_generates():
+    root = Path(DEFAULT_PIPELINE).parent / "openmoji"
+    pipe = UnCLIPPipeline.from_pretrained(root)
+    assert pipe.sizes == [64, 256]
+    out = pipe(["grinning face"], seed=0, size=64, prior={"steps": 4}, decoder={"steps": 4})
+    assert out.images.shape == (1, 3, 64, 64) and torch.isfinite(out.images).all()
+    assert out.settings["decoder"]["guidance_scale"] == 3.0  # pipeline.json's default, measured in its card
+    assert "CC BY-SA 4.0" in (root / "MODEL_CARD.md").read_text()
+
+
+def test_bundled_weights_are_fp16_and_fit_the_budget():
+    models = Path(DEFAULT_PIPELINE).parent
+    pipelines = [models / "shapes", models / "openmoji"]
+    files = [w for p in pipelines for w in p.glob("*/*.safetensors")]
+    assert sum(w.stat().st_size for w in files) < 80e6  # issue #8: both pipelines together at most 80 MB
+    for weights in [*files, *models.glob("evaluators/*/*.safetensors")]:
         with safe_open(str(weights), "pt") as f:
             dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
         assert "F32" not in dtypes, weights
