@@ -49,7 +49,6 @@ def parse_args(argv=None):
             p.error(f"--prompts-file {args.prompts_file} holds no prompts")
     if not args.prompt:
         p.error('give a prompt: --prompt "a red circle" (or --prompts-file FILE)')
-    args.nrow = args.n if len(args.prompt) > 1 and args.n > 1 else None  # a row per prompt; else square
     return args
 
 

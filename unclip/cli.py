@@ -46,8 +46,7 @@ def run_sample(args: argparse.Namespace, make: Callable[[UnCLIPPipeline], object
         out = make(pipe)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    nrow = getattr(args, "nrow", None)  # generate.py with several prompts: a grid row per prompt
-    paths = out.save(args.out) if nrow is None else out.save(args.out, nrow=nrow)
+    paths = out.save(args.out)
     for path in paths:
         print(path)
     return paths

@@ -98,7 +98,8 @@ class PipelineOutput:
 
     def save(self, folder: str | Path, stem: str | None = None, nrow: int | None = None) -> list[Path]:
         """Write <prompt>_<seed>.png for each image (prompt, seed and settings in its text chunks) and a grid,
-        <prompt>_grid.png (or <first prompt>_and_<k>_more_grid.png when the prompts differ), `nrow` a row.
+        <prompt>_grid.png (or <first prompt>_and_<k>_more_grid.png when the prompts differ), `nrow` a row. By
+        default a run of several prompts, each repeated n > 1 times in a row, gets a grid row per prompt.
 
         Returns:
             the image paths, then the grid's.
@@ -110,6 +111,9 @@ class PipelineOutput:
             name = f"{stem or _slug(self.prompts[i])}_{self.seeds[i]:05d}.png"
             paths.append(save_png(image, folder / name, self.metadata(i)))
         others = len(dict.fromkeys(self.prompts)) - 1
+        if nrow is None and others:
+            repeats = next(i for i, p in enumerate(self.prompts) if p != self.prompts[0])
+            nrow = repeats if repeats > 1 else None
         grid_stem = stem or _slug(self.prompts[0]) + (f"_and_{others}_more" if others else "")
         grid = {"prompts": self.prompts, "seeds": self.seeds, "settings": self.settings}
         paths.append(save_png(make_grid(self.images, nrow), folder / f"{grid_stem}_grid.png", grid))
