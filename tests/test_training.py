@@ -168,9 +168,10 @@ def test_mixed_precision_no_on_the_command_line():
     assert config.train.mixed_precision == "no"
 
 
-def test_init_from_starts_prior_and_upsampler_from_an_export(tmp_path):
+def test_init_from_starts_prior_decoder_and_upsampler_from_an_export(tmp_path):
     import pytest
 
+    from train.decoder import main as train_decoder
     from train.prior import main as train_prior
     from train.upsampler import main as train_upsampler
     from unclip.checkpoint import load_model
@@ -180,6 +181,7 @@ def test_init_from_starts_prior_and_upsampler_from_an_export(tmp_path):
 
     for name, main, config in (
         ("prior", train_prior, "configs/prior/tiny.yaml"),
+        ("decoder", train_decoder, "configs/decoder/tiny.yaml"),
         ("upsampler", train_upsampler, "configs/upsampler/tiny.yaml"),
     ):
         export = main([config, f"train.output_dir={tmp_path / name}", "train.max_steps=2", "train.eval_every=100"])
@@ -195,6 +197,11 @@ def test_init_from_starts_prior_and_upsampler_from_an_export(tmp_path):
         Trainer(build_task(wrong), wrong)._build()
     wider = load_config(
         "configs/prior/tiny.yaml", ["model.width=64", f"train.init_from={tmp_path / 'prior' / 'export'}"]
+    )
+    with pytest.raises(ValueError, match="do not fit the model this config builds"):
+        Trainer(build_task(wider), wider)._build()
+    wider = load_config(
+        "configs/decoder/tiny.yaml", ["model.model_channels=64", f"train.init_from={tmp_path / 'decoder' / 'export'}"]
     )
     with pytest.raises(ValueError, match="do not fit the model this config builds"):
         Trainer(build_task(wider), wider)._build()

@@ -56,6 +56,7 @@ VARIANTS = {
     "conv_resample_no_scale_shift": {"resblock_updown": False, "use_scale_shift_norm": False},
     "three_levels": {"channel_mult": (1, 1, 2), "attention_resolutions": (8, 4), "num_heads": 2},
     "per_level_blocks_bare_resample": {"num_res_blocks": (1, 2), "resblock_updown": False, "conv_resample": False},
+    "text_layers": {"text_layers": 2},
 }
 
 
@@ -134,6 +135,40 @@ def test_text_padding_is_ignored(tiny):
     torch.testing.assert_close(short[0], out[1], atol=1e-5, rtol=1e-5)
 
 
+def test_text_layers_read_word_order_and_ignore_padding(tiny):
+    """Without text layers the context attention is blind to token order (only the last token is pooled); the
+    text layers' positions make order count, and padding still changes nothing."""
+    x_t, t, cond = inputs(tiny)
+    swapped = cond["text_tokens"].clone()
+    swapped[:, [0, 1]] = swapped[:, [1, 0]]
+    plain = make_model(tiny)
+    torch.testing.assert_close(plain(x_t, t, **{**cond, "text_tokens": swapped}), plain(x_t, t, **cond))
+    model = make_model(dataclasses.replace(tiny, text_layers=2))
+    out = model(x_t, t, **cond)
+    assert (model(x_t, t, **{**cond, "text_tokens": swapped}) - out).abs().amax(dim=(1, 2, 3)).min() > 1e-4
+    padded = cond["text_tokens"].clone()
+    padded[1, 3:] = torch.randn(L - 3, tiny.text_width)
+    torch.testing.assert_close(model(x_t, t, **{**cond, "text_tokens": padded}), out)
+
+
+def test_text_layers_fine_tune_starts_from_the_plain_decoder(tmp_path, tiny):
+    """train.init_from a decoder without text layers: the new layers start at zero, so the function is the
+    same; the converse (weights the config has no place for) is still refused."""
+    from unclip.training import init_weights
+
+    plain = make_model(tiny)
+    save_model(plain, tmp_path / "plain", kind="decoder", diffusion=DiffusionConfig())
+    model = UNet(dataclasses.replace(tiny, text_layers=1)).eval()
+    new = init_weights(model, str(tmp_path / "plain"), "decoder")
+    assert new == ["text_blocks.0.attn.proj", "text_blocks.0.attn.qkv", "text_blocks.0.ln_1", "text_blocks.0.ln_2",
+                   "text_blocks.0.mlp.0", "text_blocks.0.mlp.2", "text_pos"]  # fmt: skip
+    x_t, t, cond = inputs(tiny)
+    torch.testing.assert_close(model(x_t, t, **cond), plain(x_t, t, **cond))
+    save_model(model, tmp_path / "text", kind="decoder", diffusion=DiffusionConfig())
+    with pytest.raises(ValueError, match="do not fit the model this config builds"):
+        init_weights(UNet(tiny), str(tmp_path / "text"), "decoder")
+
+
 def test_input_errors(tiny):
     model = make_model(tiny)
     x_t, t, cond = inputs(tiny)
@@ -164,6 +199,8 @@ def test_config_errors(tiny):
         dataclasses.replace(tiny, attention_resolutions=())
     with pytest.raises(ValueError, match="cond_drop_text"):
         dataclasses.replace(tiny, cond_drop_text=1.5)
+    with pytest.raises(ValueError, match="text_layers must be >= 0 and needs model.text_width"):
+        dataclasses.replace(tiny, text_width=None, text_layers=1)
     with pytest.raises(ValueError, match="num_res_blocks must be an int >= 1 or one per level"):
         dataclasses.replace(tiny, num_res_blocks=[1, 1, 1])
 

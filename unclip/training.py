@@ -106,9 +106,10 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     )
 
 
-def init_weights(model: nn.Module, source: str, kind: str) -> None:
+def init_weights(model: nn.Module, source: str, kind: str) -> list[str]:
     """Start `model` from the weights exported at `source` (train.init_from): fine-tuning, or continuing a run
-    whose checkpoints are gone from its exported (EMA) weights. The architectures must match."""
+    whose checkpoints are gone from its exported (EMA) weights. The architectures must match, except that the
+    config may add modules the source lacks: they keep their initialisation, and their names are returned."""
     from unclip.checkpoint import load_model, load_state_dict_checked
 
     if kind == "clip":
@@ -122,13 +123,21 @@ def init_weights(model: nn.Module, source: str, kind: str) -> None:
                 f"train.init_from={source} holds a model of kind {loaded.meta.get('kind')!r}, not {kind!r}"
             )
         state = loaded.model.state_dict()
+    state = {k: v.float() for k, v in state.items()}
+    new = sorted(set(model.state_dict()) - set(state))
+    if new and not set(state) - set(model.state_dict()):
+        # the config adds modules (e.g. model.text_layers): they keep their initialisation, the rest is loaded
+        state = {**{k: v for k, v in model.state_dict().items() if k in new}, **state}
+    else:
+        new = []
     try:
-        load_state_dict_checked(model, {k: v.float() for k, v in state.items()}, source)
+        load_state_dict_checked(model, state, source)
     except ValueError as e:
         raise ValueError(
             f"train.init_from={source}: its weights do not fit the model this config builds; give the run the "
             f"model section of {source}/config.json.\n{e}"
         ) from None
+    return sorted({k.rsplit(".", 1)[0] for k in new})
 
 
 class Trainer:
@@ -151,7 +160,12 @@ class Trainer:
         set_seed(train.seed)
         model = self.task.model
         if train.init_from and not getattr(self.task, "handles_init_from", False):
-            init_weights(model, train.init_from, self.task.kind)
+            new = init_weights(model, train.init_from, self.task.kind)
+            if new:
+                self.accelerator.print(
+                    f"train.init_from={train.init_from}: {len(new)} modules are new in this config and start "
+                    f"from their initialisation: {', '.join(new[:8])}{' ...' if len(new) > 8 else ''}"
+                )
         self.ema = EMA(
             model,
             beta=train.ema_beta,

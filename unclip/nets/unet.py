@@ -11,6 +11,10 @@ DALL·E 2 decoder, which extends GLIDE (Nichol et al. 2021):
 - the per-token CLIP text encodings (with the pooled end-of-text feature also added to the timestep
   embedding, as in GLIDE) are concatenated with the image tokens and given to every attention layer as extra
   keys and values; each attention layer has its own key/value projection of these context tokens;
+- optionally (`text_layers`), a small Transformer of the decoder's own reads the projected text tokens before
+  the attention layers do, as GLIDE's text encoder is trained with its diffusion model: a frozen CLIP's
+  per-token outputs carry little of a caption's word order (which colour goes with which shape, which object
+  is left), and these layers learn to recover it from the diffusion loss;
 - for classifier-free guidance both conditions are dropped at training time (independently, with
   `cond_drop_image` and `cond_drop_text`), and replaced by learned null embeddings.
 
@@ -36,6 +40,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from unclip.nets.layers import group_norm, timestep_embedding
+from unclip.nets.prior import Block
 
 
 @dataclass
@@ -57,6 +62,7 @@ class UNetConfig:
     num_image_tokens: int = 4  # context tokens projected from the image embedding (DALL·E 2, section 2.1)
     cond_drop_image: float = 0.1  # training-time chance of replacing the image embedding by the null one
     cond_drop_text: float = 0.5  # training-time chance (independent) of dropping the text
+    text_layers: int = 0  # bidirectional Transformer blocks over the projected text tokens (GLIDE's text encoder)
     gradient_checkpointing: bool = False
     channels_last: bool = False
     use_scale_shift_norm: bool = True
@@ -104,6 +110,8 @@ class UNetConfig:
             raise ValueError("model.num_image_tokens and model.extra_in_channels must be >= 0")
         if self.text_width and not self.attention_resolutions:
             raise ValueError("model.text_width is set but attention_resolutions is empty: text needs attention")
+        if self.text_layers < 0 or (self.text_layers and not self.text_width):
+            raise ValueError(f"model.text_layers must be >= 0 and needs model.text_width, got {self.text_layers}")
 
     @property
     def blocks_per_level(self) -> tuple[int, ...]:
@@ -296,6 +304,9 @@ class UNet(nn.Module):
             self.text_norm = nn.LayerNorm(c.text_width)
             self.text_proj = nn.Linear(c.text_width, emb_dim)
             self.text_pool_proj = nn.Linear(c.text_width, emb_dim)
+            self.text_blocks = nn.ModuleList(self._text_block() for _ in range(c.text_layers))
+            # positions made explicit for the text blocks (the null token is position 0); zero, like the blocks
+            self.text_pos = nn.Parameter(torch.zeros(1, 1 + c.text_ctx, emb_dim)) if c.text_layers else None
             self.context_dim = emb_dim
 
     def _res_block(self, channels: int, out_channels: int | None = None, resample: str | None = None) -> ResBlock:
@@ -308,6 +319,14 @@ class UNet(nn.Module):
             scale_shift=c.use_scale_shift_norm,
             resample=resample,
         )
+
+    def _text_block(self) -> Block:
+        """A pre-LN Transformer block over the text tokens whose residual branches start at zero, so that a
+        decoder trained without text layers can be fine-tuned with them (train.init_from) from where it was."""
+        block = Block(self.emb_dim, self.config.heads_for(self.emb_dim), self.config.dropout)
+        _zero(block.attn.proj)
+        _zero(block.mlp[-1])
+        return block
 
     def _attention(self, channels: int, resolution: int, middle: bool = False) -> list[nn.Module]:
         """An attention layer if this resolution has one (the middle block has one whenever any level does)."""
@@ -455,7 +474,7 @@ class UNet(nn.Module):
         if c.text_width:
             text, text_valid, pooled = self._embed_text(text_tokens, text_mask, drop_text, B, emb.dtype)
             emb = emb + self.text_pool_proj(pooled)
-            tokens.append(self.text_proj(text))
+            tokens.append(self._encode_text(self.text_proj(text), text_valid))
             masks.append(text_valid)
         elif text_tokens is not None:
             raise ValueError("this UNet has text_width=None (no text conditioning) but was given text_tokens")
@@ -463,6 +482,18 @@ class UNet(nn.Module):
             return emb, None, None
         context = tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=1)  # (B, S, E)
         return emb, context, torch.cat(masks, dim=1) if c.text_width else None
+
+    def _encode_text(self, text: Tensor, valid: Tensor) -> Tensor:
+        """Run the text blocks over (B, S, E) projected tokens; every token reads every valid one."""
+        if not len(self.text_blocks):
+            return text
+        S = text.shape[1]
+        text = text + self.text_pos[:, :S].to(text.dtype)
+        eye = torch.eye(S, dtype=torch.bool, device=text.device)
+        mask = (valid[:, None, :] | eye)[:, None]  # (B, 1, S, S); a padding query reads itself, never NaN
+        for block in self.text_blocks:
+            text = block(text, mask)
+        return text
 
     def _drop_masks(self, cond_drop: Tensor | None, B: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """(B,) bool masks of the rows whose image embedding and whose text are replaced by the null ones."""

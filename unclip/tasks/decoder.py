@@ -34,10 +34,11 @@ GRID_SIZE = 8  # validation captions in the sample grid
 
 
 class DecoderTask:
-    handles_init_from = True  # _build_model: an inpainting model widens a decoder's first layer
-
     def __init__(self, config: RunConfig, clip=None):
         self.config, self.kind = config, config.kind
+        # an inpainting model's init_from is a decoder whose first layer _build_model widens; a decoder's is loaded
+        # by the Trainer (unclip.training.init_weights), which checks it and names the tensors it lacks
+        self.handles_init_from = self.kind == "inpaint"
         model_config = config.model
         model_config.gradient_checkpointing = config.train.gradient_checkpointing
         if config.data.image_size != model_config.image_size:
@@ -61,12 +62,9 @@ class DecoderTask:
         self.device = torch.device("cpu")
 
     def _build_model(self) -> UNet:
-        init_from = self.config.train.init_from
         if self.kind == "decoder":
-            model = UNet(self.config.model)
-            if init_from:
-                model.load_state_dict(load_model(init_from).model.state_dict())
-            return model
+            return UNet(self.config.model)
+        init_from = self.config.train.init_from
         if not init_from:
             return InpaintUNet(self.config.model)
         source = load_model(init_from).model
