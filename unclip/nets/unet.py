@@ -12,9 +12,9 @@ DALL·E 2 decoder, which extends GLIDE (Nichol et al. 2021):
   embedding, as in GLIDE) are concatenated with the image tokens and given to every attention layer as extra
   keys and values; each attention layer has its own key/value projection of these context tokens;
 - optionally (`text_layers`), a small Transformer of the decoder's own reads the projected text tokens before
-  the attention layers do, as GLIDE's text encoder is trained with its diffusion model: a frozen CLIP's
-  per-token outputs carry little of a caption's word order (which colour goes with which shape, which object
-  is left), and these layers learn to recover it from the diffusion loss;
+  the attention layers do, trained with the diffusion model as GLIDE's text encoder is: it can learn from the
+  diffusion loss what the frozen CLIP's per-token outputs do not make easy to read (which colour goes with
+  which shape, which object is on the left);
 - for classifier-free guidance both conditions are dropped at training time (independently, with
   `cond_drop_image` and `cond_drop_text`), and replaced by learned null embeddings.
 
