@@ -28,6 +28,12 @@ def parse_args(argv=None):
         type=float,
         help="decoder classifier-free guidance scale (default: the pipeline's; 2 for models/shapes)",
     )
+    p.add_argument(
+        "--text-guidance",
+        type=float,
+        help="extra decoder guidance along what the caption adds to the image embedding (default: the "
+        "pipeline's, 0 = none)",
+    )
     p.add_argument("--sampler", choices=SAMPLERS, help="decoder sampler (default dpm++)")
     p.add_argument("--prior-steps", type=int, help="prior sampling steps (default 25)")
     p.add_argument("--prior-guidance", type=float, help="prior guidance scale (default 2)")
@@ -47,6 +53,8 @@ def parse_args(argv=None):
         args.prompt += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         if not args.prompt:
             p.error(f"--prompts-file {args.prompts_file} holds no prompts")
+    if args.text_guidance is not None and not args.text_guidance >= 0:
+        p.error(f"--text-guidance must be >= 0 (0 is none), got {args.text_guidance}")
     if not args.prompt:
         p.error('give a prompt: --prompt "a red circle" (or --prompts-file FILE)')
     return args
@@ -63,7 +71,12 @@ def main(argv=None):
             seed=args.seed,
             use_prior=not args.no_prior,
             prior={"steps": args.prior_steps, "guidance_scale": args.prior_guidance},
-            decoder={"steps": args.steps, "guidance_scale": args.guidance, "sampler": args.sampler},
+            decoder={
+                "steps": args.steps,
+                "guidance_scale": args.guidance,
+                "text_guidance_scale": args.text_guidance,
+                "sampler": args.sampler,
+            },
         ),
     )
 

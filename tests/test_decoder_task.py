@@ -85,3 +85,10 @@ def test_inpaint_without_a_decoder_to_start_from_builds_a_fresh_model():
 def test_data_and_model_sizes_must_agree():
     with pytest.raises(ValueError, match="data.image_size"):
         build_task(load_config(TINY, ["data.image_size=32"]))
+
+
+def test_text_guidance_needs_caption_tokens():
+    config = load_config(TINY, ["model.text_width=0"]).model
+    with pytest.raises(ValueError, match="text_guidance_scale needs a decoder conditioned on text"):
+        sample_decoder(UNet(config), GaussianDiffusion.from_config(load_config(TINY).diffusion), torch.randn(1, 32),
+                       steps=2, text_guidance_scale=2.0)  # fmt: skip

@@ -262,6 +262,25 @@ def test_guidance_is_one_batched_pass():
         classifier_free_guidance(model, -1)
 
 
+def test_text_guidance_adds_what_the_text_adds_to_the_image():
+    """guided = u + s (c - u) + s_t (c - i), with i the image-only branch: one pass of three branches."""
+    calls = []
+
+    def model(x_t, t, *, cond_drop):
+        calls.append(cond_drop.clone())
+        keep_image, keep_text = (~cond_drop).float().unbind(1)
+        return x_t + 10 * keep_image[:, None] + 1 * keep_text[:, None]  # cond 11, image-only 10, uncond 0
+
+    x, t = torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)
+    out = classifier_free_guidance(model, 2.0, text_scale=3.0)(x, t)
+    torch.testing.assert_close(out, torch.full((2, 3), 0 + 2.0 * 11 + 3.0 * 1))
+    assert len(calls) == 1 and calls[0].tolist() == [[False, False]] * 2 + [[True, True]] * 2 + [[False, True]] * 2
+    # scale 1 with text guidance is still guided (it is not the plain model)
+    torch.testing.assert_close(classifier_free_guidance(model, 1.0, text_scale=1.0)(x, t), torch.full((2, 3), 12.0))
+    with pytest.raises(ValueError, match=">= 0"):
+        classifier_free_guidance(model, 2.0, text_scale=-1)
+
+
 def test_guidance_keeps_conditional_variance():
     def model(x_t, t, *, cond_drop):
         keep = (~cond_drop).float()[:, None]

@@ -353,15 +353,24 @@ def test_cli_passes_sampler_overrides_to_the_pipeline(monkeypatch):
     monkeypatch.setattr(cli, "load_pipeline", lambda path, device: pipe)
     argv = ["shapes", "--pipeline", "p", "--n", "2", "--device", "cpu"]
     results = cli.main(
-        [*argv, "--prior-sampler", "ddpm", "--prior-steps", "1000", "--decoder-steps", "7", "--decoder-guidance", "2"]
+        [
+            *argv,
+            *["--prior-sampler", "ddpm", "--prior-steps", "1000"],
+            *["--decoder-steps", "7", "--decoder-guidance", "2", "--decoder-text-guidance", "1.5"],
+        ]
     )
-    decoder = {"steps": 7, "guidance_scale": 2.0}
+    decoder = {"steps": 7, "guidance_scale": 2.0, "text_guidance_scale": 1.5}
     assert all(c["prior"] == {"sampler": "ddpm", "steps": 1000} and c["decoder"] == decoder for c in pipe.calls)
     assert results["settings"]["prior"] == {"sampler": "ddpm", "steps": 1000}
     pipe.calls.clear()
     cli.main(argv)  # none given: the pipeline's own settings
     assert all(c["prior"] is None and c["decoder"] is None for c in pipe.calls)
-    for bad in (["--decoder-steps", "0"], ["--prior-guidance", "-1"], ["--decoder-guidance", "nan"]):
+    for bad in (
+        ["--decoder-steps", "0"],
+        ["--prior-guidance", "-1"],
+        ["--decoder-guidance", "nan"],
+        ["--decoder-text-guidance", "-2"],
+    ):
         with pytest.raises(SystemExit):
             cli.main([*argv, *bad])
 

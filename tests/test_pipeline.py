@@ -176,6 +176,21 @@ def test_pipeline_decodes_given_image_embeddings(tiny_pipeline):
         pipe(prompts, image_embeds=sampled.image_embeds, candidates=2)
 
 
+def test_text_guidance_from_the_command_line(tiny_pipeline, tmp_path, capsys):
+    from sample.generate import main
+
+    common = ["--prompt", "a red circle", "--n", "1", "--pipeline", str(tiny_pipeline), "--steps", "2"]
+    plain = main([*common, "--out", str(tmp_path / "plain")])
+    guided = main([*common, "--out", str(tmp_path / "guided"), "--text-guidance", "3"])
+    assert json.loads(read_png_metadata(guided[0])["settings"])["decoder"]["text_guidance_scale"] == 3.0
+    assert json.loads(read_png_metadata(plain[0])["settings"])["decoder"]["text_guidance_scale"] == 0.0
+    a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (plain[0], guided[0]))
+    assert np.abs(a - b).max() > 8  # the caption's direction changed the image
+    with pytest.raises(SystemExit):
+        main([*common, "--out", str(tmp_path), "--text-guidance", "-1"])
+    assert "--text-guidance must be >= 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("dtype", ["bf16"])
 def test_reduced_precision_runs(tiny_pipeline, dtype):
     pipe = UnCLIPPipeline.from_pretrained(tiny_pipeline, dtype=dtype)

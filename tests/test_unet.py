@@ -110,6 +110,22 @@ def test_cond_drop_rows_ignore_conditioning(tiny):
     torch.testing.assert_close(out[1], unconditional[1], atol=1e-5, rtol=1e-5)
 
 
+def test_cond_drop_per_condition(tiny):
+    """cond_drop (B, 2) drops the image embedding and the text separately (what text guidance runs)."""
+    model = make_model(tiny)
+    x_t, t, cond = inputs(tiny)
+    text_only = model(x_t, t, **cond, cond_drop=torch.tensor([[True, False]] * B))
+    image_only = model(x_t, t, **cond, cond_drop=torch.tensor([[False, True]] * B))
+    other_image = {**cond, "image_embed": torch.randn(B, tiny.clip_dim)}
+    other_text = {**cond, "text_tokens": torch.randn(B, L, tiny.text_width)}
+    torch.testing.assert_close(model(x_t, t, **other_image, cond_drop=torch.tensor([[True, False]] * B)), text_only)
+    torch.testing.assert_close(model(x_t, t, **other_text, cond_drop=torch.tensor([[False, True]] * B)), image_only)
+    both = model(x_t, t, **cond, cond_drop=torch.tensor([[True, True]] * B))
+    torch.testing.assert_close(both, model(x_t, t, **cond, cond_drop=torch.ones(B, dtype=torch.bool)))
+    with pytest.raises(ValueError, match=r"cond_drop must have shape \(2,\) or \(2, 2\)"):
+        model(x_t, t, **cond, cond_drop=torch.ones(B, 3, dtype=torch.bool))
+
+
 def test_training_drops_are_independent(tiny):
     x_t, t, cond = inputs(tiny)
     model = make_model(dataclasses.replace(tiny, cond_drop_image=1.0, cond_drop_text=0.0)).train()

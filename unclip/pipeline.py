@@ -274,7 +274,7 @@ class UnCLIPPipeline:
             seed: image i uses seed + i.
             use_prior: False decodes the raw text embedding (DALL·E 2's ablation, §5.1).
             prior, decoder: per-stage overrides of {"sampler", "steps", "guidance_scale"} (+ "candidates" for
-                the prior); upsamplers: {folder name: overrides}.
+                the prior, "text_guidance_scale" for the decoder); upsamplers: {folder name: overrides}.
             batch_size: prompts per decoder batch (all at once by default).
             candidates: make this many images per prompt and keep the one whose CLIP image embedding is most
                 similar to the prompt's text embedding (DALL·E's reranking; Ramesh et al. 2021, §2.5).

@@ -81,7 +81,7 @@ def sample_prior(
     return image_embed[torch.arange(B, device=device), scores.argmax(dim=1)]
 
 
-DECODER_DEFAULTS = {"sampler": "dpm++", "steps": 25, "guidance_scale": 5.0}
+DECODER_DEFAULTS = {"sampler": "dpm++", "steps": 25, "guidance_scale": 5.0, "text_guidance_scale": 0.0}
 UPSAMPLER_DEFAULTS = {"sampler": "ddim", "steps": 8, "noise_level": 50}
 
 
@@ -107,6 +107,7 @@ def sample_decoder(
     sampler: str = DECODER_DEFAULTS["sampler"],
     steps: int = DECODER_DEFAULTS["steps"],
     guidance_scale: float = DECODER_DEFAULTS["guidance_scale"],
+    text_guidance_scale: float = DECODER_DEFAULTS["text_guidance_scale"],
     threshold: str | None = "dynamic",
     generator: torch.Generator | None = None,
     x_T: Tensor | None = None,
@@ -119,6 +120,8 @@ def sample_decoder(
         decoder: a UNet (or InpaintUNet, then `inpaint` = {"image": (B,3,H,W), "mask": (B,1,H,W), 1 = repaint}).
         image_embed: (B, D) L2-normalised CLIP image embeddings.
         size: output side, default the decoder's training size.
+        text_guidance_scale: extra guidance along what the caption adds to the image embedding
+            (unclip.diffusion.guidance); needs caption tokens.
         threshold: x_0 clipping: "dynamic" (Imagen), "static" ([-1, 1]) or None.
 
     Returns:
@@ -133,7 +136,9 @@ def sample_decoder(
         if getattr(config, "extra_in_channels", 0):  # a trained inpainting model sees the known region
             cond.update(inpaint_image=inpaint["image"], inpaint_mask=inpaint["mask"])
         replace = (inpaint["image"], inpaint["mask"])  # and the known region is kept exactly
-    model = classifier_free_guidance(decoder, guidance_scale)
+    if text_guidance_scale and "text_tokens" not in cond:
+        raise ValueError("text_guidance_scale needs a decoder conditioned on text and the caption's tokens")
+    model = classifier_free_guidance(decoder, guidance_scale, text_guidance_scale)
     x = sample(
         sampler,
         model,

@@ -9,6 +9,15 @@ in training. At scale 1 the wrapper is the conditional model itself: one pass, i
 
 With a learned variance the network outputs 2C channels; as in GLIDE, only the first C (the prediction) are
 guided and the variance values are taken from the conditional branch.
+
+Text guidance (`text_scale`, for the decoder, whose conditions are an image embedding and a caption) adds a
+second direction, what the caption adds to the image embedding, as InstructPix2Pix guides its two conditions
+(Brooks et al. 2023):
+
+    guided = uncond + scale * (cond - uncond) + text_scale * (cond - image_only)
+
+where image_only keeps the image embedding and drops the caption. The network is told which condition a row
+drops through `cond_drop` of shape (B, 2) (image, text); three branches run in one pass.
 """
 
 from __future__ import annotations
@@ -19,39 +28,51 @@ import torch
 from torch import Tensor
 
 
-def classifier_free_guidance(model: Callable[..., Tensor], scale: float) -> Callable[..., Tensor]:
+def classifier_free_guidance(
+    model: Callable[..., Tensor], scale: float, text_scale: float = 0.0
+) -> Callable[..., Tensor]:
     """Wrap `model(x_t, t, **cond, cond_drop=...)` into a guided denoiser `guided(x_t, t, **cond)`.
 
     Args:
-        model: a network that accepts `cond_drop`, (B,) bool, True = unconditional row.
+        model: a network that accepts `cond_drop`, (B,) bool, True = unconditional row; with text_scale, also
+            (B, 2) bool, (drop the image embedding, drop the text).
         scale: guidance scale w >= 0; 1 returns `model` unchanged, 0 is the unconditional model.
+        text_scale: extra guidance along what the text adds to the image embedding (0 = none).
     """
-    scale = float(scale)
-    if scale < 0:
-        raise ValueError(f"guidance scale must be >= 0, got {scale}")
-    if scale == 1.0:
+    scale, text_scale = float(scale), float(text_scale)
+    if scale < 0 or text_scale < 0:
+        raise ValueError(f"guidance scales must be >= 0, got {scale} and text {text_scale}")
+    if scale == 1.0 and text_scale == 0.0:
         return model
+    branches = 3 if text_scale else 2
 
     def guided(x_t: Tensor, t: Tensor, **cond) -> Tensor:
         if "cond_drop" in cond:
             raise ValueError("classifier_free_guidance sets cond_drop itself; do not pass it")
         B = x_t.shape[0]
-        drop = torch.arange(2 * B, device=x_t.device) >= B  # the second half runs unconditionally
-        doubled = {k: _double(v) for k, v in cond.items()}
-        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), **doubled, cond_drop=drop)
-        cond_out, uncond_out = out[:B], out[B:]
+        row = torch.arange(branches * B, device=x_t.device)
+        drop = row >= B  # rows B..2B-1 run unconditionally
+        if text_scale:  # rows 2B.. keep the image embedding and drop the text
+            drop = torch.stack([drop & (row < 2 * B), drop], dim=1)
+        repeated = {k: _repeat(v, branches) for k, v in cond.items()}
+        out = model(_repeat(x_t, branches), _repeat(t, branches), **repeated, cond_drop=drop)
         channels = x_t.shape[1]
-        guided_pred = uncond_out[:, :channels] + scale * (cond_out[:, :channels] - uncond_out[:, :channels])
+        pred = out[:, :channels]
+        cond_pred, uncond_pred = pred[:B], pred[B : 2 * B]
+        guided_pred = uncond_pred + scale * (cond_pred - uncond_pred)
+        if text_scale:
+            guided_pred = guided_pred + text_scale * (cond_pred - pred[2 * B :])
         if out.shape[1] == channels:
             return guided_pred
-        return torch.cat([guided_pred, cond_out[:, channels:]], dim=1)
+        return torch.cat([guided_pred, out[:B, channels:]], dim=1)
 
     guided.scale = scale
+    guided.text_scale = text_scale
     guided.model = model
     return guided
 
 
-def _double(value):
+def _repeat(value, n: int):
     if isinstance(value, Tensor):
-        return torch.cat([value, value])
+        return torch.cat([value] * n)
     return value

@@ -81,6 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                 type=float,
                 help=f"the {stage}'s classifier-free guidance scale (default: the pipeline's)",
             )
+        p.add_argument(
+            "--decoder-text-guidance",
+            type=float,
+            help="the decoder's extra guidance along what the caption adds (default: the pipeline's)",
+        )
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--out", help="write the results here as JSON")
         if name == "openmoji":
@@ -125,14 +130,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         guidance = getattr(args, f"{stage}_guidance", None)
         if guidance is not None and not guidance >= 0:
             parser.error(f"--{stage}-guidance must be >= 0 (1 is no guidance), got {guidance}")
+    text_guidance = getattr(args, "decoder_text_guidance", None)
+    if text_guidance is not None and not text_guidance >= 0:
+        parser.error(f"--decoder-text-guidance must be >= 0 (0 is none), got {text_guidance}")
     return args
 
 
 def stage_overrides(args: argparse.Namespace) -> dict:
-    """{"prior": {...}, "decoder": {...}} from the --{prior,decoder}-{sampler,steps,guidance} options."""
+    """{"prior": {...}, "decoder": {...}} from the --{prior,decoder}-{sampler,steps,guidance} options (and
+    --decoder-text-guidance)."""
     out = {}
     for stage in ("prior", "decoder"):
         options = (("sampler", "sampler"), ("steps", "steps"), ("guidance_scale", "guidance"))
+        if stage == "decoder":
+            options += (("text_guidance_scale", "text_guidance"),)
         settings = {k: getattr(args, f"{stage}_{a}") for k, a in options if getattr(args, f"{stage}_{a}") is not None}
         if settings:
             out[stage] = settings

@@ -392,8 +392,9 @@ class UNet(nn.Module):
             text_tokens: per-token CLIP text encodings, (B, L, text_width) with L <= text_ctx; required when
                 text_width is set.
             text_mask: (B, L) bool, True for real tokens; None means all are real.
-            cond_drop: (B,) bool, True for a fully unconditional row (null image embedding and no text). None
-                draws independent image and text drops in training mode, and drops nothing in eval mode.
+            cond_drop: (B,) bool, True for a fully unconditional row (null image embedding and no text), or
+                (B, 2) bool to drop the image embedding and the text separately (text guidance). None draws
+                independent image and text drops in training mode, and drops nothing in eval mode.
                 Conditioning may be omitted when every row is dropped.
 
         Returns:
@@ -498,10 +499,10 @@ class UNet(nn.Module):
     def _drop_masks(self, cond_drop: Tensor | None, B: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """(B,) bool masks of the rows whose image embedding and whose text are replaced by the null ones."""
         if cond_drop is not None:
-            if cond_drop.shape != (B,):
-                raise ValueError(f"cond_drop must have shape ({B},), got {tuple(cond_drop.shape)}")
+            if cond_drop.shape not in ((B,), (B, 2)):
+                raise ValueError(f"cond_drop must have shape ({B},) or ({B}, 2), got {tuple(cond_drop.shape)}")
             cond_drop = cond_drop.to(device=device, dtype=torch.bool)
-            return cond_drop, cond_drop
+            return (cond_drop, cond_drop) if cond_drop.ndim == 1 else (cond_drop[:, 0], cond_drop[:, 1])
         if self.training:
             rand = torch.rand(2, B, device=device)
             return rand[0] < self.config.cond_drop_image, rand[1] < self.config.cond_drop_text
