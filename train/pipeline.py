@@ -6,8 +6,9 @@
         --default decoder.guidance_scale=2
 
 A --default sets a sampling setting the pipeline uses unless the caller overrides it (stages: prior, decoder,
-upsampler_256, upsampler_1024; settings: sampler and steps, guidance_scale for the prior and decoder, candidates
-for the prior, noise_level for upsamplers). The settings are stored in pipeline.json under "defaults".
+upsampler_256, upsampler_1024; settings: sampler and steps, guidance_scale for the prior and decoder,
+text_guidance_scale for the decoder, candidates for the prior, noise_level for upsamplers). The settings are
+stored in pipeline.json under "defaults".
 """
 
 import argparse
