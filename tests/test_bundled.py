@@ -11,9 +11,10 @@ from unclip.pipeline import DEFAULT_PIPELINE, UnCLIPPipeline
 def test_bundled_shapes_pipeline_generates():
     assert Path(DEFAULT_PIPELINE).parts[-2:] == ("models", "shapes")
     pipe = UnCLIPPipeline.from_pretrained(DEFAULT_PIPELINE)
-    assert pipe.sizes[:2] == [64, 256]
+    assert pipe.sizes == [64, 256, 1024]
     out = pipe(["a red circle above a blue square"], seed=0, size=64, prior={"steps": 4}, decoder={"steps": 4})
     assert out.images.shape == (1, 3, 64, 64) and torch.isfinite(out.images).all()
+    assert pipe.decoder.model.config.text_layers == 2  # the second stage, configs/decoder/shapes_text.yaml
 
 
 def test_bundled_openmoji_pipeline_generates():
