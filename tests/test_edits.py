@@ -124,6 +124,18 @@ def test_inpaint_keeps_the_known_region_exactly(folders, images, method):
     assert (out.low_res[:, :, ~keep] - known[:, :, ~keep]).abs().max() > 0.1  # the rest was repainted
     again = pipe.inpaint(images / "a.png", images / "mask.png", "a blue square", n=1, seed=2, size=32)
     torch.testing.assert_close(again.images[0], out.images[1], rtol=0, atol=1e-5)
+    guided = pipe.inpaint(
+        images / "a.png",
+        images / "mask.png",
+        "a blue square",
+        n=2,
+        seed=1,
+        size=32,
+        decoder={"text_guidance_scale": 3},
+    )
+    assert guided.metadata[0]["settings"]["decoder"]["text_guidance_scale"] == 3
+    assert torch.equal(guided.low_res[:, :, keep], out.low_res[:, :, keep])
+    assert (guided.low_res[:, :, ~keep] - out.low_res[:, :, ~keep]).abs().max() > 1e-3  # the setting was applied
     if method == "repaint":
         with pytest.raises(ValueError, match="no inpainting decoder"):
             pipe.inpaint(images / "a.png", images / "mask.png", "a blue square", method="model")

@@ -241,12 +241,13 @@ def repaint_decode(
     *,
     steps: int,
     guidance_scale: float,
+    text_guidance_scale: float = 0.0,
     resample: int = REPAINT_RESAMPLE,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """`repaint_sample` with a plain (not inpainting) decoder under classifier-free guidance."""
     cond = decoder_cond(image_embed, text.tokens, text.mask, decoder.config)
-    model = classifier_free_guidance(decoder, guidance_scale)
+    model = classifier_free_guidance(decoder, guidance_scale, text_guidance_scale)
     return repaint_sample(
         model, diffusion, known, mask, steps=steps, resample=resample, cond=cond, generator=generator
     )
@@ -368,6 +369,7 @@ def inpaint_embeds(pipe, image_embed, text, known, mask, generators, decoder, us
                 mask,
                 steps=settings["steps"],  # RePaint is its own ancestral sampler: the `sampler` setting is unused
                 guidance_scale=settings["guidance_scale"],
+                text_guidance_scale=settings["text_guidance_scale"],
                 resample=resample,
                 generator=g,
             )
