@@ -6,7 +6,7 @@ from torch import nn
 
 from unclip.checkpoint import load_model, save_model
 from unclip.config import DiffusionConfig, load_config
-from unclip.nets.unet import InpaintUNet, UNet, UNetConfig, random_inpaint_mask
+from unclip.nets.unet import AttentionBlock, InpaintUNet, UNet, UNetConfig, random_inpaint_mask
 
 B, L = 2, 6
 
@@ -57,6 +57,7 @@ VARIANTS = {
     "three_levels": {"channel_mult": (1, 1, 2), "attention_resolutions": (8, 4), "num_heads": 2},
     "per_level_blocks_bare_resample": {"num_res_blocks": (1, 2), "resblock_updown": False, "conv_resample": False},
     "text_layers": {"text_layers": 2},
+    "attention_pos": {"attention_pos": True},
 }
 
 
@@ -183,6 +184,39 @@ def test_text_layers_fine_tune_starts_from_the_plain_decoder(tmp_path, tiny):
     save_model(model, tmp_path / "text", kind="decoder", diffusion=DiffusionConfig())
     with pytest.raises(ValueError, match="do not fit the model this config builds"):
         init_weights(UNet(tiny), str(tmp_path / "text"), "decoder")
+
+
+def test_attention_pos_tells_the_attention_where_each_pixel_is():
+    """Attention over a feature map that is the same everywhere gives the same output everywhere; with a
+    position table the pixels differ, and a map of another size gets the table resampled."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 1, 1).expand(2, 8, 8, 8).contiguous()
+    context = torch.randn(2, 3, 16)
+    plain = AttentionBlock(8, 2, context_dim=16)
+    nn.init.normal_(plain.proj_out.weight)
+    out = plain(x, context)
+    torch.testing.assert_close(out, out[..., :1, :1].expand_as(out))
+    placed = AttentionBlock(8, 2, context_dim=16, resolution=8)
+    placed.load_state_dict(plain.state_dict(), strict=False)
+    torch.testing.assert_close(placed(x, context), out)  # a zero table: the same function
+    nn.init.normal_(placed.pos)
+    out = placed(x, context)
+    assert (out - out[..., :1, :1]).abs().amax() > 0.1
+    assert placed(x[..., :4, :4], context).shape == (2, 8, 4, 4)
+
+
+def test_attention_pos_fine_tune_starts_from_the_decoder_without_it(tmp_path, tiny):
+    from unclip.training import init_weights
+
+    plain = make_model(tiny)
+    save_model(plain, tmp_path / "plain", kind="decoder", diffusion=DiffusionConfig())
+    model = UNet(dataclasses.replace(tiny, attention_pos=True)).eval()
+    new = init_weights(model, str(tmp_path / "plain"), "decoder")
+    assert new == sorted(f"{name}.pos" for name, m in model.named_modules() if isinstance(m, AttentionBlock))
+    x_t, t, cond = inputs(tiny)
+    torch.testing.assert_close(model(x_t, t, **cond), plain(x_t, t, **cond))
+    x_t, t, cond = inputs(tiny, size=2 * tiny.image_size)  # another size: the tables are resampled
+    assert model(x_t, t, **cond).shape == x_t.shape
 
 
 def test_input_errors(tiny):

@@ -109,7 +109,8 @@ def make_accelerator(config: RunConfig) -> Accelerator:
 def init_weights(model: nn.Module, source: str, kind: str) -> list[str]:
     """Start `model` from the weights exported at `source` (train.init_from): fine-tuning, or continuing a run
     whose checkpoints are gone from its exported (EMA) weights. The architectures must match, except that the
-    config may add modules the source lacks: they keep their initialisation, and their names are returned."""
+    config may add modules or parameters the source lacks: they keep their initialisation, and their names are
+    returned (a module's name for its weight and bias)."""
     from unclip.checkpoint import load_model, load_state_dict_checked
 
     if kind == "clip":
@@ -137,7 +138,7 @@ def init_weights(model: nn.Module, source: str, kind: str) -> list[str]:
             f"train.init_from={source}: its weights do not fit the model this config builds; give the run the "
             f"model section of {source}/config.json.\n{e}"
         ) from None
-    return sorted({k.rsplit(".", 1)[0] for k in new})
+    return sorted({k.removesuffix(".weight").removesuffix(".bias") for k in new})
 
 
 class Trainer:
@@ -163,8 +164,8 @@ class Trainer:
             new = init_weights(model, train.init_from, self.task.kind)
             if new:
                 self.accelerator.print(
-                    f"train.init_from={train.init_from}: {len(new)} modules are new in this config and start "
-                    f"from their initialisation: {', '.join(new[:8])}{' ...' if len(new) > 8 else ''}"
+                    f"train.init_from={train.init_from}: {len(new)} modules or parameters are new in this config and "
+                    f"start from their initialisation: {', '.join(new[:8])}{' ...' if len(new) > 8 else ''}"
                 )
         self.ema = EMA(
             model,

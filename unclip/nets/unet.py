@@ -15,6 +15,11 @@ DALL·E 2 decoder, which extends GLIDE (Nichol et al. 2021):
   the attention layers do, trained with the diffusion model as GLIDE's text encoder is: it can learn from the
   diffusion loss what the frozen CLIP's per-token outputs do not make easy to read (which colour goes with
   which shape, which object is on the left);
+- optionally (`attention_pos`), a learned position embedding per attention layer, added to the normalised
+  pixels before their query/key/value projection. Convolutions see where a pixel is only through the zero
+  padding at the borders, and attention over the pixels not at all; a caption's "above" or "to the left of"
+  is about position, so the layer that reads the caption is told where each pixel is. Zero-initialised, like
+  the text layers, so a decoder trained without it can be fine-tuned with it from where it was;
 - for classifier-free guidance both conditions are dropped at training time (independently, with
   `cond_drop_image` and `cond_drop_text`), and replaced by learned null embeddings.
 
@@ -63,6 +68,7 @@ class UNetConfig:
     cond_drop_image: float = 0.1  # training-time chance of replacing the image embedding by the null one
     cond_drop_text: float = 0.5  # training-time chance (independent) of dropping the text
     text_layers: int = 0  # bidirectional Transformer blocks over the projected text tokens (GLIDE's text encoder)
+    attention_pos: bool = False  # a learned 2-D position embedding in each attention layer (zero-initialised)
     gradient_checkpointing: bool = False
     channels_last: bool = False
     use_scale_shift_norm: bool = True
@@ -219,10 +225,12 @@ class AttentionBlock(nn.Module):
     attention itself is `F.scaled_dot_product_attention`, which picks a fused kernel on CPU and GPU.
     """
 
-    def __init__(self, channels: int, heads: int, context_dim: int | None = None):
+    def __init__(self, channels: int, heads: int, context_dim: int | None = None, resolution: int | None = None):
         super().__init__()
         self.heads = heads
         self.norm = group_norm(channels)
+        # a position embedding for a `resolution` x `resolution` feature map (resampled for other sizes)
+        self.pos = nn.Parameter(torch.zeros(1, channels, resolution, resolution)) if resolution else None
         self.qkv = nn.Linear(channels, 3 * channels)
         self.context_kv = nn.Linear(context_dim, 2 * channels) if context_dim else None
         self.proj_out = _zero(nn.Linear(channels, channels))
@@ -231,7 +239,11 @@ class AttentionBlock(nn.Module):
         """x: (B, C, H, W); context: (B, S, Dc) tokens; context_mask: (B, S) bool, True = attend."""
         B, C, H, W = x.shape
         d = C // self.heads
-        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C); a view for channels_last inputs
+        h = self.norm(x)
+        if self.pos is not None:
+            pos = self.pos if self.pos.shape[-2:] == (H, W) else F.interpolate(self.pos, (H, W), mode="bilinear")
+            h = h + pos.to(h.dtype)
+        tokens = h.flatten(2).transpose(1, 2)  # (B, HW, C); a view for channels_last inputs
         q, k, v = self.qkv(tokens).view(B, H * W, 3, self.heads, d).permute(2, 0, 3, 1, 4)  # 3 x (B, h, HW, d)
         mask = None
         if context is not None and self.context_kv is not None:
@@ -332,7 +344,11 @@ class UNet(nn.Module):
         """An attention layer if this resolution has one (the middle block has one whenever any level does)."""
         c = self.config
         wanted = resolution in c.attention_resolutions or (middle and bool(c.attention_resolutions))
-        return [AttentionBlock(channels, c.heads_for(channels), self.context_dim)] if wanted else []
+        if not wanted:
+            return []
+        return [
+            AttentionBlock(channels, c.heads_for(channels), self.context_dim, resolution if c.attention_pos else None)
+        ]
 
     def _make_down_blocks(self) -> list[int]:
         """Build the encoder half; return the channel count of every skip connection, in push order."""
