@@ -44,6 +44,21 @@ def test_reranking_keeps_the_best_candidate(tiny_pipeline):
     torch.testing.assert_close(again.images[0], out.images[1], rtol=0, atol=1e-4)
 
 
+def test_reranking_scores_at_the_decoder_size_and_upsamples_only_the_kept(tiny_pipeline, monkeypatch):
+    pipe = UnCLIPPipeline.from_pretrained(tiny_pipeline)
+    small = pipe(["a red circle", "a green diamond"], seed=0, candidates=3)
+    upsampled = []
+    upsample = pipe.upsample
+    monkeypatch.setattr(
+        pipe, "upsample", lambda images, *a, **k: upsampled.append(len(images)) or upsample(images, *a, **k)
+    )
+    big = pipe(["a red circle", "a green diamond"], seed=0, candidates=3, size=32)
+    assert upsampled == [2] and big.images.shape == (2, 3, 32, 32)
+    assert big.seeds == small.seeds and big.clip_scores == small.clip_scores
+    again = pipe(["a green diamond"], seed=big.seeds[1], size=32)  # the kept seed alone, upsampled the same
+    torch.testing.assert_close(again.images[0], big.images[1], rtol=0, atol=1e-4)
+
+
 def test_bad_input_is_a_clear_error(tiny_pipeline, tmp_path):
     pipe = UnCLIPPipeline.from_pretrained(tiny_pipeline)
     with pytest.raises(ValueError, match="empty prompt"):

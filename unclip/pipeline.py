@@ -277,7 +277,8 @@ class UnCLIPPipeline:
                 the prior, "text_guidance_scale" for the decoder); upsamplers: {folder name: overrides}.
             batch_size: prompts per decoder batch (all at once by default).
             candidates: make this many images per prompt and keep the one whose CLIP image embedding is most
-                similar to the prompt's text embedding (DALL·E's reranking; Ramesh et al. 2021, §2.5).
+                similar to the prompt's text embedding (DALL·E's reranking; Ramesh et al. 2021, §2.5). Candidates
+                are scored at the decoder's resolution, so only the kept images go through the upsamplers.
             image_embeds: (B, D) CLIP image embeddings to decode instead of the prior's (e.g. those of real
                 images of the prompts: the decoder's accuracy under a perfect prior); the prompts still give
                 the decoder its caption tokens.
@@ -293,67 +294,61 @@ class UnCLIPPipeline:
                     f"image_embeds must have shape ({len(prompts)}, {self.clip.embed_dim}) for {len(prompts)} "
                     f"prompts and this pipeline's CLIP, got {tuple(image_embeds.shape)}"
                 )
-        if candidates > 1:
-            return self._rerank(
-                prompts,
-                candidates,
-                size=size,
-                seed=seed,
-                use_prior=use_prior,
-                prior=prior,
-                decoder=decoder,
-                upsamplers=upsamplers,
-                batch_size=batch_size,
-            )
         size = size or self.sizes[0]
         if size not in self.sizes:
             raise ValueError(f"size {size} is not one this pipeline makes; choose one of {self.sizes}")
-        batch_size = batch_size or len(prompts)
-        images, decoded_embeds, text_embeds = [], [], []
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            generators = self.generators(seed + start, len(chunk))
-            text = self.encode_text(chunk)
-            if image_embeds is None:
-                image_embed = self.image_embeds_from_text(text, generators, prior, use_prior)
-            else:
-                image_embed = image_embeds[start : start + batch_size].to(self.device, text.embed.dtype)
-            out = self.decode(image_embed, text, generators, decoder)
-            images.append(self.upsample(out, size, generators, upsamplers))
-            decoded_embeds.append(image_embed)
-            text_embeds.append(text.embed)
+        stages = {"use_prior": use_prior, "prior": prior, "decoder": decoder}
+        if candidates > 1:
+            many = [p for p in prompts for _ in range(candidates)]
+            images, decoded_embeds, text_embeds, generators = self._decode_all(
+                many, list(range(seed, seed + len(many))), batch_size=batch_size or len(many), **stages
+            )
+            # scored at the decoder's resolution, so that only the kept images are upsampled
+            scores = self.clip_scores(images, text_embeds).view(len(prompts), candidates)
+            best = (scores.argmax(dim=1) + torch.arange(len(prompts), device=scores.device) * candidates).tolist()
+            images, decoded_embeds, text_embeds = images[best], decoded_embeds[best], text_embeds[best]
+            seeds, generators = [seed + i for i in best], [generators[i] for i in best]
+            clip_scores = scores.max(dim=1).values.tolist()
+        else:
+            seeds, clip_scores = list(range(seed, seed + len(prompts))), None
+            images, decoded_embeds, text_embeds, generators = self._decode_all(
+                prompts, seeds, batch_size=batch_size or len(prompts), image_embeds=image_embeds, **stages
+            )
+        images = self.upsample(images, size, generators, upsamplers)
         settings = self.describe(
             size=size, seed=seed, use_prior=use_prior, prior=prior, decoder=decoder, upsamplers=upsamplers
         )
+        if candidates > 1:
+            settings["candidates"] = candidates
         if image_embeds is not None:
             settings.pop("prior", None)
             settings["use_prior"], settings["image_embeds"] = False, "given"
-        return PipelineOutput(
-            torch.cat(images),
-            torch.cat(decoded_embeds),
-            torch.cat(text_embeds),
-            prompts,
-            [seed + i for i in range(len(prompts))],
-            settings,
-        )
+        return PipelineOutput(images, decoded_embeds, text_embeds, prompts, seeds, settings, clip_scores)
 
-    def _rerank(self, prompts: list[str], candidates: int, *, seed: int, **kwargs) -> PipelineOutput:
-        """Image i is the best of the images with seeds seed + i·candidates + j, j < candidates."""
-        many = self([p for p in prompts for _ in range(candidates)], seed=seed, **kwargs)
-        B = len(prompts)
-        image_embed = self.clip.embed_image(many.images.to(self.device), normalize=True).float()
-        scores = (image_embed * many.text_embeds.float()).sum(-1).view(B, candidates)
-        best = scores.argmax(dim=1) + torch.arange(B, device=scores.device) * candidates
-        pick = best.tolist()
-        return PipelineOutput(
-            many.images[best],
-            many.image_embeds[best],
-            many.text_embeds[best],
-            prompts,
-            [many.seeds[i] for i in pick],
-            {**many.settings, "candidates": candidates},
-            clip_scores=scores.max(dim=1).values.tolist(),
-        )
+    def _decode_all(
+        self, prompts: list[str], seeds: list[int], *, batch_size: int, use_prior, prior, decoder, image_embeds=None
+    ) -> tuple[Tensor, Tensor, Tensor, list[torch.Generator]]:
+        """Stages 1-2 for each prompt, `batch_size` at a time, prompt i from its own generator seeded seeds[i]:
+        the decoder's images, the image and text embeddings, and the generators (to go on into the upsamplers)."""
+        images, decoded_embeds, text_embeds, generators = [], [], [], []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            chunk_generators = [torch.Generator().manual_seed(s) for s in seeds[start : start + batch_size]]
+            text = self.encode_text(chunk)
+            if image_embeds is None:
+                image_embed = self.image_embeds_from_text(text, chunk_generators, prior, use_prior)
+            else:
+                image_embed = image_embeds[start : start + batch_size].to(self.device, text.embed.dtype)
+            images.append(self.decode(image_embed, text, chunk_generators, decoder))
+            decoded_embeds.append(image_embed)
+            text_embeds.append(text.embed)
+            generators += chunk_generators
+        return torch.cat(images), torch.cat(decoded_embeds), torch.cat(text_embeds), generators
+
+    def clip_scores(self, images: Tensor, text_embeds: Tensor) -> Tensor:
+        """(B,) cosine similarity of each image's CLIP embedding with its (normalised) text embedding."""
+        image_embed = self.clip.embed_image(images.to(self.device), normalize=True).float()
+        return (image_embed * text_embeds.float()).sum(-1)
 
     def describe(self, *, size, seed, use_prior=True, prior=None, decoder=None, upsamplers=None) -> dict[str, Any]:
         """The full settings of a call (defaults filled in), for the PNG metadata."""
