@@ -375,6 +375,28 @@ def test_cli_passes_sampler_overrides_to_the_pipeline(monkeypatch):
             cli.main([*argv, *bad])
 
 
+class RerankingPipeline(RenderPipeline):
+    """Records the candidates and seeds it is called with; each call returns one render per prompt."""
+
+    def __call__(self, prompts, *, candidates=1, batch_size=None, **kwargs):
+        self.calls.append({"n": len(prompts), "seed": kwargs["seed"], "candidates": candidates, "batch": batch_size})
+        return SimpleNamespace(images=renders(prompts, kwargs["size"], kwargs["seed"]))
+
+
+def test_candidates_rerank_with_the_seeds_of_one_call(monkeypatch):
+    pipe = RerankingPipeline()
+    monkeypatch.setattr(cli, "load_pipeline", lambda path, device: pipe)
+    argv = ["shapes", "--pipeline", "p", "--n", "4", "--batch-size", "3", "--device", "cpu"]
+    results = cli.main([*argv, "--candidates", "5"])
+    assert results["settings"]["candidates"] == 5
+    # prompt i of set k has the candidates (4k + i)·5 + j, j < 5: the seeds of one call, disjoint across sets
+    assert [(c["seed"], c["n"], c["candidates"], c["batch"]) for c in pipe.calls] == [
+        (0, 3, 5, 15), (15, 1, 5, 15), (20, 3, 5, 15), (35, 1, 5, 15), (40, 3, 5, 15), (55, 1, 5, 15)
+    ]  # fmt: skip
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--candidates", "0"])
+
+
 def test_cli_checker(capsys):
     results = cli.main(["checker", "--n", "8", "--sizes", "64"])
     assert set(results) == {"64", "64_degraded"}

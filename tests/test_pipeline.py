@@ -187,8 +187,11 @@ def test_pipeline_decodes_given_image_embeddings(tiny_pipeline):
     assert torch.equal(other.image_embeds, sampled.image_embeds) and not torch.equal(other.images, raw.images)
     with pytest.raises(ValueError, match="must have shape"):
         pipe(prompts, image_embeds=sampled.image_embeds[:1])
-    with pytest.raises(ValueError, match="candidates"):
-        pipe(prompts, image_embeds=sampled.image_embeds, candidates=2)
+    # reranking given embeddings: each is decoded `candidates` times and the decoder's samples are ranked
+    best = pipe(prompts, seed=4, decoder=steps, image_embeds=sampled.image_embeds, candidates=3)
+    assert torch.equal(best.image_embeds, sampled.image_embeds) and best.seeds[1] in (7, 8, 9)
+    alone = pipe(prompts[1:], seed=best.seeds[1], decoder=steps, image_embeds=sampled.image_embeds[1:])
+    torch.testing.assert_close(alone.images[0], best.images[1], rtol=0, atol=1e-4)
 
 
 def test_text_guidance_from_the_command_line(tiny_pipeline, tmp_path, capsys):

@@ -281,14 +281,12 @@ class UnCLIPPipeline:
                 are scored at the decoder's resolution, so only the kept images go through the upsamplers.
             image_embeds: (B, D) CLIP image embeddings to decode instead of the prior's (e.g. those of real
                 images of the prompts: the decoder's accuracy under a perfect prior); the prompts still give
-                the decoder its caption tokens.
+                the decoder its caption tokens. With candidates, each is decoded that many times.
         """
         prompts = check_prompts(prompts)
         if candidates < 1:
             raise ValueError(f"candidates must be >= 1, got {candidates}")
         if image_embeds is not None:
-            if candidates > 1:
-                raise ValueError("candidates > 1 reranks samples of the prior; it cannot be used with image_embeds")
             if image_embeds.shape != (len(prompts), self.clip.embed_dim):
                 raise ValueError(
                     f"image_embeds must have shape ({len(prompts)}, {self.clip.embed_dim}) for {len(prompts)} "
@@ -300,8 +298,13 @@ class UnCLIPPipeline:
         stages = {"use_prior": use_prior, "prior": prior, "decoder": decoder}
         if candidates > 1:
             many = [p for p in prompts for _ in range(candidates)]
+            given = None if image_embeds is None else image_embeds.repeat_interleave(candidates, dim=0)
             images, decoded_embeds, text_embeds, generators = self._decode_all(
-                many, list(range(seed, seed + len(many))), batch_size=batch_size or len(many), **stages
+                many,
+                list(range(seed, seed + len(many))),
+                batch_size=batch_size or len(many),
+                image_embeds=given,
+                **stages,
             )
             # scored at the decoder's resolution, so that only the kept images are upsampled
             scores = self.clip_scores(images, text_embeds).view(len(prompts), candidates)

@@ -86,6 +86,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             type=float,
             help="the decoder's extra guidance along what the caption adds (default: the pipeline's)",
         )
+        p.add_argument(
+            "--candidates",
+            type=int,
+            default=1,
+            help="make this many images per prompt and keep the one the pipeline's CLIP scores highest (DALL·E's "
+            "reranking; costs that many decoder passes; default 1 = none)",
+        )
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--out", help="write the results here as JSON")
         if name == "openmoji":
@@ -130,6 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         guidance = getattr(args, f"{stage}_guidance", None)
         if guidance is not None and not guidance >= 0:
             parser.error(f"--{stage}-guidance must be >= 0 (1 is no guidance), got {guidance}")
+    if getattr(args, "candidates", 1) < 1:
+        parser.error(f"--candidates must be >= 1, got {args.candidates}")
     text_guidance = getattr(args, "decoder_text_guidance", None)
     if text_guidance is not None and not text_guidance >= 0:
         parser.error(f"--decoder-text-guidance must be >= 0 (0 is none), got {text_guidance}")
@@ -167,6 +176,7 @@ def main(argv=None) -> dict:
             pipe = load_pipeline(args.pipeline, args.device)
             evaluator = load_evaluator(args.evaluator_clip, args.device) if args.evaluator_clip else None
             options = dict(size=args.size, use_prior=not args.no_prior, batch_size=args.batch_size, progress=True)
+            options["candidates"] = args.candidates
             options.update(stage_overrides(args))
             if args.command == "openmoji":
                 options["val_size"] = args.val_size

@@ -199,17 +199,29 @@ def generate(
     progress: bool = False,
     desc: str = "generating",
     image_embeds: Tensor | None = None,
+    candidates: int = 1,
 ) -> Iterator[Tensor]:
     """Images for `prompts` from a pipeline, yielded `batch_size` at a time as (b, 3, size, size) in [-1, 1];
     image i uses seed seed + i, as one pipeline call would give it. `prior` and `decoder` override the
     pipeline's sampler settings ({"sampler", "steps", "guidance_scale"}), as in its call; `image_embeds`
-    (one per prompt) are decoded instead of the prior's."""
+    (one per prompt) are decoded instead of the prior's; `candidates` > 1 keeps the best of that many images
+    by the pipeline's CLIP (its reranking)."""
     stages = {k: v for k, v in (("prior", prior), ("decoder", decoder)) if v}  # a plain call where none is given
+    if candidates > 1:
+        stages["candidates"] = candidates
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
         chunk = prompts[start : start + batch_size]
         if image_embeds is not None:
             stages["image_embeds"] = image_embeds[start : start + batch_size]
-        out = pipe(chunk, size=size, seed=seed + start, use_prior=use_prior, batch_size=batch_size, **stages)
+        # seeds as one call gives them: prompt i's candidates have seeds seed + i·candidates + j
+        out = pipe(
+            chunk,
+            size=size,
+            seed=seed + start * candidates,
+            use_prior=use_prior,
+            batch_size=batch_size * candidates,
+            **stages,
+        )
         yield out.images.float()
 
 
@@ -281,13 +293,15 @@ def evaluate_shapes(
     prior: dict | None = None,
     decoder: dict | None = None,
     oracle: bool = False,
+    candidates: int = 1,
     progress: bool = False,
 ) -> dict:
     """The `shapes` suite: compositional accuracy, CLIP score and retrieval, Fréchet distance in CLIP space.
 
     Prompts come from `prompt_sets(n, seed)`: single objects, two objects with a relation, and held-out
-    (colour, shape) pairs; set k is generated with seeds seed + k·n + i. Each set is scored by the checker
-    and the evaluator (retrieval among the set's own prompts); "all" pools the three. "real" scores 2n
+    (colour, shape) pairs; set k is generated with seeds seed + k·n + i (seed + (k·n + i)·c + j for
+    candidate j of c). Each set is scored by the checker and the evaluator (retrieval among the set's own
+    prompts); "all" pools the three. "real" scores 2n
     ground-truth val renders with their captions, a reference for both (the checker should give ~100%).
     The Fréchet distance compares the single and relational images (2n, no held-out pairs, half one and
     half two objects, like the val split) with those 2n val renders.
@@ -303,6 +317,7 @@ def evaluate_shapes(
         oracle: decode the pipeline CLIP's image embedding of an exact render of each prompt (a random scene
             that satisfies it) instead of the prior's sample: the decoder's accuracy under a perfect prior,
             which tells the two stages' errors apart.
+        candidates: keep the best of this many images per prompt by the pipeline's CLIP (its reranking).
 
     Returns:
         {"suite", "settings", "sets": {name: {"n", "accuracy", ..., "clip_score", "retrieval_*"}},
@@ -312,14 +327,22 @@ def evaluate_shapes(
         raise ValueError(f"n must be >= 1, got {n}")
     if oracle and not use_prior:
         raise ValueError("oracle decodes true image embeddings instead of the prior's; it excludes use_prior=False")
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
     options = dict(
-        size=size, use_prior=use_prior, batch_size=batch_size, prior=prior, decoder=decoder, progress=progress
+        size=size,
+        use_prior=use_prior,
+        batch_size=batch_size,
+        prior=prior,
+        decoder=decoder,
+        progress=progress,
+        candidates=candidates,
     )
     scored = {}
     for k, (name, prompts) in enumerate(prompt_sets(n, seed)._asdict().items()):
         if oracle:
             options["image_embeds"] = oracle_image_embeds(pipe.clip, prompts, seed=seed + k * n)
-        batches = generate(pipe, prompts, seed=seed + k * n, desc=name, **options)
+        batches = generate(pipe, prompts, seed=seed + k * n * candidates, desc=name, **options)
         scored[name] = _score(evaluator, batches, prompts, shapes=True, batch_size=batch_size)
     scored["all"] = _pool(scored.values())
     real = ShapesDataset(size, split="val", val_size=2 * n)
@@ -340,6 +363,7 @@ def evaluate_shapes(
             use_prior=use_prior and not oracle,
             prior=prior,
             decoder=decoder,
+            candidates=candidates,
             **({"image_embeds": "oracle: the pipeline CLIP's embeddings of exact renders"} if oracle else {}),
         ),
         "sets": {name: {**summarize_checks(s["checks"]), **_clip_metrics(s)} for name, s in scored.items()},
@@ -377,6 +401,7 @@ def evaluate_openmoji(
     dataset=None,
     prior: dict | None = None,
     decoder: dict | None = None,
+    candidates: int = 1,
     progress: bool = False,
 ) -> dict:
     """The `openmoji` suite: CLIP score and retrieval of images made from the captions of held-out emoji,
@@ -389,7 +414,7 @@ def evaluate_openmoji(
             take in emoji the models were trained on; 64 is DataConfig's default.
         dataset: items {"image": (3, S, S) in [-1, 1], "caption"}; default `OpenMojiDataset(size,
             split="val", val_size=val_size)`.
-        prior, decoder: sampler overrides, as in `evaluate_shapes`.
+        prior, decoder, candidates: sampler overrides and reranking, as in `evaluate_shapes`.
 
     Returns:
         {"suite", "settings", "sets": {"generated", "real"}, "clip_frechet_distance", ...}; JSON-serialisable.
@@ -402,7 +427,11 @@ def evaluate_openmoji(
     if len(items) < 2:
         raise ValueError(f"need at least 2 held-out emoji, got {len(items)}")
     prompts = [item["caption"] for item in items]
-    options = dict(size=size, use_prior=use_prior, batch_size=batch_size, prior=prior, decoder=decoder)
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
+    options = dict(
+        size=size, use_prior=use_prior, batch_size=batch_size, prior=prior, decoder=decoder, candidates=candidates
+    )
     batches = generate(pipe, prompts, seed=seed, progress=progress, **options)
     real = torch.stack([item["image"] for item in items])
     scored = {
