@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from unclip.data.shapes import Scene, ShapeObject, parse_caption, render_scene
+from unclip.data.shapes import COLORS, SHAPES, Scene, ShapeObject, parse_caption, render_scene
 from unclip.eval import __main__ as cli
 from unclip.eval import metrics
 from unclip.eval.shapes_checker import (
@@ -395,6 +395,40 @@ def test_candidates_rerank_with_the_seeds_of_one_call(monkeypatch):
     ]  # fmt: skip
     with pytest.raises(SystemExit):
         cli.main([*argv, "--candidates", "0"])
+
+
+class BagOfWordsClip:
+    """A fake CLIP that sees which colours and shapes there are and how many objects, and nothing else: a
+    caption's colour and shape words, an image's detected objects."""
+
+    image_size = 64
+    words = [*COLORS, *SHAPES]
+
+    def _bag(self, words: list[str], objects: int) -> list[float]:
+        return [float(w in words) for w in self.words] + [float(objects == 1), float(objects == 2)]
+
+    def embed_text(self, prompts, *, normalize=False):
+        bags = [self._bag(p.split(), sum(w in SHAPES for w in p.split())) for p in prompts]
+        return SimpleNamespace(embed=F.normalize(torch.tensor(bags), dim=-1))
+
+    def embed_image(self, images, *, normalize=False):
+        found = [detect(image) for image in images]
+        bags = [self._bag([w for o in objects for w in (o.color, o.shape)], len(objects)) for objects in found]
+        return F.normalize(torch.tensor(bags), dim=-1)
+
+
+def test_probe_clip_finds_what_a_clip_can_see(monkeypatch, capsys):
+    results = metrics.probe_clip(BagOfWordsClip(), n=40, seed=3)
+    by_kind = results["preferred_by_kind"]
+    assert by_kind["color"] == by_kind["shape"] == by_kind["count"] == 1.0
+    # the same bag of words: a tie, so the true caption is not preferred
+    assert by_kind["size"] == by_kind["relation"] == by_kind["swap"] == by_kind["binding"] == 0.0
+    assert results["n_mismatched"] > 40 and 0 < results["preferred"] < 1
+    monkeypatch.setattr(cli, "load_evaluator", lambda path, device: BagOfWordsClip())
+    assert cli.main(["clip", "--clip", "c", "--n", "40", "--seed", "3", "--device", "cpu"]) == results
+    assert "relation" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="n must be >= 2"):
+        metrics.probe_clip(BagOfWordsClip(), n=1)
 
 
 def test_cli_checker(capsys):

@@ -6,6 +6,7 @@
         --decoder-sampler ddpm --decoder-steps 1000   # the same models sampled as DALLE2-pytorch does
     python -m unclip.eval openmoji --pipeline models/openmoji --evaluator-clip ... --out openmoji.json
     python -m unclip.eval checker --n 500
+    python -m unclip.eval clip --clip models/shapes/clip   # which caption differences a CLIP can see
 
 The evaluator CLIP must be trained separately from the pipeline's own CLIP. A table is printed and, with
 --out, the results are written as JSON.
@@ -21,7 +22,14 @@ import torch
 
 from unclip.config import DataConfig, from_dict, load_config
 from unclip.diffusion import SAMPLERS
-from unclip.eval.metrics import evaluate_openmoji, evaluate_shapes, format_table, format_validation
+from unclip.eval.metrics import (
+    evaluate_openmoji,
+    evaluate_shapes,
+    format_probe,
+    format_table,
+    format_validation,
+    probe_clip,
+)
 from unclip.eval.shapes_checker import validate_checker
 
 SUITES = {"shapes": evaluate_shapes, "openmoji": evaluate_openmoji}
@@ -104,6 +112,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 256])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the rates here as JSON")
+    p = commands.add_parser(
+        "clip", help="shapes: how often a CLIP prefers a scene's caption to one wrong in one thing, by kind"
+    )
+    p.add_argument("--clip", required=True, help="CLIP checkpoint folder (a pipeline's clip/ or an evaluator)")
+    p.add_argument("--n", type=int, default=300, help="val scenes (default 300)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="write the rates here as JSON")
     p = commands.add_parser("prior", help="prior vs raw text embedding: retrieval of held-out images (DALL·E 2 §5.1)")
     p.add_argument("--prior", required=True, help="the prior's export folder")
     p.add_argument("--clip", required=True, help="the CLIP the prior was trained with")
@@ -165,6 +181,12 @@ def main(argv=None) -> dict:
     if args.command == "checker":
         results = validate_checker(args.n, args.sizes, seed=args.seed, progress=True)
         print(format_validation(results))
+    elif args.command == "clip":
+        try:
+            results = probe_clip(load_evaluator(args.clip, args.device), args.n, args.seed)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        print(format_probe(results))
     elif args.command == "prior":
         try:
             results = run_prior(args)

@@ -27,8 +27,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from unclip.data.openmoji import OpenMojiDataset
-from unclip.data.shapes import ShapesDataset, prompt_sets
-from unclip.eval.shapes_checker import CheckResult, check, render_prompt
+from unclip.data.shapes import ShapesDataset, prompt_sets, render_scene
+from unclip.eval.shapes_checker import CheckResult, check, mismatched_captions, render_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -449,6 +449,38 @@ def evaluate_openmoji(
     }
 
 
+def probe_clip(clip, n: int = 300, seed: int = 0, *, batch_size: int = 64) -> dict:
+    """Which differences between captions a CLIP can see: for exact renders of `n` val scenes, how often the
+    scene's caption scores higher than a caption wrong in one thing (`CORRUPTIONS`: a colour, a shape, a
+    size, the count, the relation, the two objects swapped, their colours swapped, another scene's caption).
+
+    A CLIP that cannot tell "A above B" from "A below B" on exact renders gives its image embeddings no reason
+    to hold the relation, and a prior trained on them no way to produce it: such a difference must reach the
+    decoder through the caption itself. 50% is chance.
+
+    Returns:
+        {"n", "n_mismatched", "preferred": float, "preferred_by_kind": {kind: float}}; JSON-serialisable.
+    """
+    if n < 2:
+        raise ValueError(f"n must be >= 2, got {n}")
+    scenes, mismatches = mismatched_captions(n, seed)
+    size = clip.image_size if isinstance(clip.image_size, int) else clip.image_size[0]
+    with torch.no_grad():
+        images = embed_images(clip, [render_scene(scene, size) for scene, _ in scenes], batch_size=batch_size)
+        right = (images * embed_prompts(clip, [caption for _, caption in scenes])).sum(-1)
+        wrong = (images[[i for i, _, _ in mismatches]] * embed_prompts(clip, [w for _, _, w in mismatches])).sum(-1)
+    preferred = (right[[i for i, _, _ in mismatches]] > wrong).tolist()
+    by_kind: dict[str, list[bool]] = {}
+    for (_, kind, _), ok in zip(mismatches, preferred, strict=True):
+        by_kind.setdefault(kind, []).append(ok)
+    return {
+        "n": n,
+        "n_mismatched": len(mismatches),
+        "preferred": sum(preferred) / len(preferred),
+        "preferred_by_kind": {kind: sum(v) / len(v) for kind, v in by_kind.items()},
+    }
+
+
 # ---- reporting ----
 
 COLUMNS = {  # result key -> (header, format); fractions are shown as percentages
@@ -492,6 +524,20 @@ def format_table(results: dict) -> str:
         distance = results["clip_frechet_distance"]
         lines.append(f"clip_frechet_distance {distance:.4f}  ({results['clip_frechet_distance_note']})")
     return "\n".join(lines)
+
+
+def format_probe(results: dict) -> str:
+    """A plain-text table of `probe_clip`'s rates, in percent."""
+    kinds = list(results["preferred_by_kind"])
+    rows = [
+        ["all", *kinds],
+        [_cell(results["preferred"], "pct"), *(_cell(results["preferred_by_kind"][k], "pct") for k in kinds)],
+    ]
+    title = (
+        f"true caption preferred over a wrong one, {results['n']} val scenes, {results['n_mismatched']} wrong "
+        "captions (50% is chance)"
+    )
+    return "\n".join([title, *_align(rows)])
 
 
 def format_validation(results: dict) -> str:

@@ -388,6 +388,25 @@ def degrade(image: Image.Image, sigma: float, noise: float, generator: torch.Gen
     return x[0].clamp(-1, 1)
 
 
+def mismatched_captions(n: int, seed: int = 0) -> tuple[list[tuple[Scene, str]], list[tuple[int, str, str]]]:
+    """`n` val scenes with their captions, and for each scene one wrong caption of each kind in CORRUPTIONS
+    (where the kind applies): (scene index, kind, caption). A caption the scene happens to satisfy (e.g. another
+    scene's "a red circle") is left out."""
+    dataset = ShapesDataset(split="val", val_size=n, seed=seed)
+    scenes = [dataset.scene(i) for i in range(n)]
+    rng = random.Random(seed)
+    mismatches = []
+    for i, (scene, caption) in enumerate(scenes):
+        for kind in CORRUPTIONS:
+            if kind == "other":
+                wrong = scenes[(i + 1 + rng.randrange(n - 1)) % n][1] if n > 1 else None
+            else:
+                wrong = corrupt_caption(scene, caption, kind, rng)
+            if wrong is not None and not _all_ok(match(scene.objects, parse_caption(wrong)).values()):
+                mismatches.append((i, kind, wrong))
+    return scenes, mismatches
+
+
 def validate_checker(
     n: int = 300,
     sizes: Sequence[int] = (32, 64, 256),
@@ -407,18 +426,7 @@ def validate_checker(
         {"64": {"accepted": float, "rejected": float, "rejected_by_kind": {kind: float}, "n": int,
         "n_mismatched": int}, ..., ["64_degraded": ...]}
     """
-    dataset = ShapesDataset(split="val", val_size=n, seed=seed)
-    scenes = [dataset.scene(i) for i in range(n)]
-    rng = random.Random(seed)
-    mismatches = []  # (scene index, kind, caption)
-    for i, (scene, caption) in enumerate(scenes):
-        for kind in CORRUPTIONS:
-            if kind == "other":
-                wrong = scenes[(i + 1 + rng.randrange(n - 1)) % n][1] if n > 1 else None
-            else:
-                wrong = corrupt_caption(scene, caption, kind, rng)
-            if wrong is not None and not _all_ok(match(scene.objects, parse_caption(wrong)).values()):
-                mismatches.append((i, kind, wrong))
+    scenes, mismatches = mismatched_captions(n, seed)
     settings = [(str(s), s, None) for s in sizes]
     if degraded is not None:
         settings.append(("64_degraded", 64, degraded))
