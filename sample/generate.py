@@ -40,8 +40,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--candidates",
         type=int,
-        default=1,
-        help="make N images per requested image and keep the one CLIP scores highest (DALL·E's reranking)",
+        help="make N images per requested image and keep the one the pipeline's CLIP scores highest (DALL·E's "
+        "reranking, at the decoder's size: N decoder passes, one upsampling); default: the pipeline's "
+        "decoder.candidates, 1 = none",
     )
     p.add_argument("--no-prior", action="store_true", help="decode the raw text embedding (the paper's ablation)")
     args = p.parse_args(argv)
@@ -55,6 +56,8 @@ def parse_args(argv=None):
             p.error(f"--prompts-file {args.prompts_file} holds no prompts")
     if args.text_guidance is not None and not args.text_guidance >= 0:
         p.error(f"--text-guidance must be >= 0 (0 is none), got {args.text_guidance}")
+    if args.candidates is not None and args.candidates < 1:
+        p.error(f"--candidates must be >= 1 (1 is no reranking), got {args.candidates}")
     if not args.prompt:
         p.error('give a prompt: --prompt "a red circle" (or --prompts-file FILE)')
     return args

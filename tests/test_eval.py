@@ -395,6 +395,14 @@ def test_candidates_rerank_with_the_seeds_of_one_call(monkeypatch):
     ]  # fmt: skip
     with pytest.raises(SystemExit):
         cli.main([*argv, "--candidates", "0"])
+    # a pipeline that reranks by default: evaluated that way unless told otherwise, and the seeds follow
+    pipe.calls.clear()
+    pipe.decoder = SimpleNamespace(settings=lambda overrides: {"candidates": 3, **(overrides or {})})
+    assert cli.main(argv)["settings"]["candidates"] == 3
+    assert [(c["seed"], c["candidates"]) for c in pipe.calls][:2] == [(0, 1), (9, 1)]  # left to the pipeline
+    pipe.calls.clear()
+    assert cli.main([*argv, "--candidates", "1"])["settings"]["candidates"] == 1
+    assert [(c["seed"], c["candidates"]) for c in pipe.calls][:3] == [(0, 1), (3, 1), (4, 1)]  # told: none
 
 
 class BagOfWordsClip:

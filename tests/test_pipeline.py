@@ -34,7 +34,7 @@ def test_pipeline_generates_at_each_size_and_seeds_reproduce(tiny_pipeline):
 def test_reranking_keeps_the_best_candidate(tiny_pipeline):
     pipe = UnCLIPPipeline.from_pretrained(tiny_pipeline)
     out = pipe(["a red circle", "a green diamond"], seed=0, candidates=3)
-    assert out.images.shape == (2, 3, 16, 16) and out.settings["candidates"] == 3
+    assert out.images.shape == (2, 3, 16, 16) and out.settings["decoder"]["candidates"] == 3
     all_ = pipe(["a red circle"] * 3 + ["a green diamond"] * 3, seed=0)
     scores = (pipe.clip.embed_image(all_.images, normalize=True) * all_.text_embeds).sum(-1).view(2, 3)
     assert out.seeds == [int(scores[0].argmax()), 3 + int(scores[1].argmax())]
@@ -163,6 +163,7 @@ def test_generate_script_errors(tiny_pipeline, tmp_path, capsys):
         ([], "give a prompt"),
         (["--prompts-file", str(tmp_path / "empty.txt")], "holds no prompts"),
         (["--prompts-file", str(tmp_path / "missing.txt")], "cannot read --prompts-file"),
+        (["--prompt", "a red circle", "--candidates", "0"], "--candidates must be >= 1"),
     ]:
         with pytest.raises(SystemExit):  # usage errors, before any model is loaded
             main([*argv, "--pipeline", str(tiny_pipeline)])
@@ -295,25 +296,28 @@ def test_assemble_script_stores_sampling_defaults(tiny_pipeline, tmp_path):
 
     parts = tiny_pipeline.parent / "parts"
     base = ["--clip", str(parts / "clip"), "--prior", str(parts / "prior"), "--decoder", str(parts / "decoder")]
-    out = main(
-        ["--out", str(tmp_path / "p"), *base, "--default", "decoder.guidance_scale=1", "--default", "prior.steps=3"]
-    )
+    defaults = ["decoder.guidance_scale=1", "prior.steps=3", "decoder.candidates=3"]
+    out = main(["--out", str(tmp_path / "p"), *base, *(a for d in defaults for a in ("--default", d))])
     assert json.loads((out / "pipeline.json").read_text())["defaults"] == {
-        "decoder": {"guidance_scale": 1.0},
+        "decoder": {"guidance_scale": 1.0, "candidates": 3},
         "prior": {"steps": 3},
     }
     made = UnCLIPPipeline.from_pretrained(out)(["a red circle"], seed=0, decoder={"steps": 2})
     assert made.settings["decoder"]["guidance_scale"] == 1.0 and made.settings["prior"]["steps"] == 3
+    assert made.settings["decoder"]["candidates"] == 3 and made.clip_scores is not None
     # the same images as the stored settings given by hand to a pipeline without defaults
     plain = main(["--out", str(tmp_path / "plain"), *base])
     by_hand = UnCLIPPipeline.from_pretrained(plain)(
-        ["a red circle"], seed=0, prior={"steps": 3}, decoder={"steps": 2, "guidance_scale": 1.0}
+        ["a red circle"], seed=0, prior={"steps": 3}, decoder={"steps": 2, "guidance_scale": 1.0}, candidates=3
     )
-    assert torch.equal(made.images, by_hand.images)
+    assert torch.equal(made.images, by_hand.images) and made.seeds == by_hand.seeds
+    one = UnCLIPPipeline.from_pretrained(out)(["a red circle"], seed=0, decoder={"steps": 2}, candidates=1)
+    assert one.clip_scores is None and one.settings["decoder"]["candidates"] == 1  # the caller overrides it
     for bad, message in [
         ("decoder.guidance_scale", "STAGE.SETTING=VALUE"),
         ("coder.steps=3", "unknown stage"),
-        ("decoder.candidates=2", "no setting 'candidates'"),
+        ("decoder.eta=2", "no setting 'eta'"),
+        ("decoder.candidates=0", "candidates must be >= 1"),
         ("decoder.steps=many", "takes a whole number"),
         ("decoder.sampler=euler", "the sampler is one of"),
         ("prior.guidance_scale=-1", "must be >= 0"),

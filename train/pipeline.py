@@ -3,12 +3,13 @@
     python train/pipeline.py --out models/mine --clip models/shapes/clip \\
         --prior runs/prior-shapes/export --decoder runs/decoder-shapes/export \\
         --upsampler runs/upsampler-shapes-256/export --upsampler runs/upsampler-shapes-1024/export \\
-        --default decoder.guidance_scale=2
+        --default decoder.guidance_scale=2 --default decoder.candidates=4
 
 A --default sets a sampling setting the pipeline uses unless the caller overrides it (stages: prior, decoder,
 upsampler_256, upsampler_1024; settings: sampler and steps, guidance_scale for the prior and decoder,
-text_guidance_scale for the decoder, candidates for the prior, noise_level for upsamplers). The settings are
-stored in pipeline.json under "defaults".
+text_guidance_scale for the decoder, noise_level for upsamplers; candidates for the prior, the best of that many
+embeddings, and for the decoder, the best of that many images, both by CLIP similarity to the prompt). The
+settings are stored in pipeline.json under "defaults".
 """
 
 import argparse
@@ -42,6 +43,8 @@ def parse_default(text: str) -> tuple[str, str, float | int | str]:
         ) from None
     if kind is not str and not parsed >= 0:
         raise ValueError(f"--default {text!r}: {name} must be >= 0")
+    if name == "candidates" and parsed < 1:
+        raise ValueError(f"--default {text!r}: candidates must be >= 1 (1 = no reranking)")
     return stage, name, parsed
 
 

@@ -51,7 +51,13 @@ from unclip.sampling import (
 PIPELINE_FORMAT_VERSION = 1
 DEFAULT_PIPELINE = str(Path(__file__).resolve().parent.parent / "models" / "shapes")  # the bundled model
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEFAULTS = {"prior": {**PRIOR_DEFAULTS, "candidates": 2}, "decoder": DECODER_DEFAULTS, "upsampler": UPSAMPLER_DEFAULTS}
+# candidates: the prior keeps the best of that many embeddings, the decoder the best of that many images (both
+# by CLIP similarity to the prompt); the decoder's is applied by the text-to-image call
+DEFAULTS = {
+    "prior": {**PRIOR_DEFAULTS, "candidates": 2},
+    "decoder": {**DECODER_DEFAULTS, "candidates": 1},
+    "upsampler": UPSAMPLER_DEFAULTS,
+}
 
 
 @dataclasses.dataclass
@@ -218,6 +224,7 @@ class UnCLIPPipeline:
         """2. decoder: CLIP image embedding (+ caption tokens) -> 64 px images."""
         stage = self.inpaint_stage if (inpaint is not None and self.inpaint_stage is not None) else self.decoder
         s = stage.settings(settings)
+        s.pop("candidates")  # the text-to-image call's reranking, not the sampler's
         size = stage.model.config.image_size
         if x_T is None:
             x_T = self.noise((stage.model.config.out_channels, size, size), generators)
@@ -263,7 +270,7 @@ class UnCLIPPipeline:
         decoder: dict[str, Any] | None = None,
         upsamplers: dict[str, dict[str, Any]] | None = None,
         batch_size: int | None = None,
-        candidates: int = 1,
+        candidates: int | None = None,
         image_embeds: Tensor | None = None,
     ) -> PipelineOutput:
         """Generate one image per prompt.
@@ -273,19 +280,23 @@ class UnCLIPPipeline:
             size: 64, 256 or 1024 (what the pipeline has); default its decoder's size.
             seed: image i uses seed + i.
             use_prior: False decodes the raw text embedding (DALL·E 2's ablation, §5.1).
-            prior, decoder: per-stage overrides of {"sampler", "steps", "guidance_scale"} (+ "candidates" for
-                the prior, "text_guidance_scale" for the decoder); upsamplers: {folder name: overrides}.
+            prior, decoder: per-stage overrides of {"sampler", "steps", "guidance_scale", "candidates"} (+
+                "text_guidance_scale" for the decoder); upsamplers: {folder name: overrides}.
             batch_size: prompts per decoder batch (all at once by default).
             candidates: make this many images per prompt and keep the one whose CLIP image embedding is most
-                similar to the prompt's text embedding (DALL·E's reranking; Ramesh et al. 2021, §2.5). Candidates
-                are scored at the decoder's resolution, so only the kept images go through the upsamplers.
+                similar to the prompt's text embedding (DALL·E's reranking; Ramesh et al. 2021, §2.5); default
+                the decoder's "candidates" setting (1 unless pipeline.json sets it). Candidates are scored at the
+                decoder's resolution, so only the kept images go through the upsamplers.
             image_embeds: (B, D) CLIP image embeddings to decode instead of the prior's (e.g. those of real
                 images of the prompts: the decoder's accuracy under a perfect prior); the prompts still give
                 the decoder its caption tokens. With candidates, each is decoded that many times.
         """
         prompts = check_prompts(prompts)
-        if candidates < 1:
-            raise ValueError(f"candidates must be >= 1, got {candidates}")
+        if candidates is None:
+            candidates = self.decoder.settings(decoder)["candidates"]
+        if not (isinstance(candidates, int) and candidates >= 1):
+            raise ValueError(f"candidates must be a whole number >= 1, got {candidates}")
+        decoder = {**(decoder or {}), "candidates": candidates}
         if image_embeds is not None:
             if image_embeds.shape != (len(prompts), self.clip.embed_dim):
                 raise ValueError(
@@ -321,8 +332,6 @@ class UnCLIPPipeline:
         settings = self.describe(
             size=size, seed=seed, use_prior=use_prior, prior=prior, decoder=decoder, upsamplers=upsamplers
         )
-        if candidates > 1:
-            settings["candidates"] = candidates
         if image_embeds is not None:
             settings.pop("prior", None)
             settings["use_prior"], settings["image_embeds"] = False, "given"

@@ -97,9 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument(
             "--candidates",
             type=int,
-            default=1,
             help="make this many images per prompt and keep the one the pipeline's CLIP scores highest (DALL·E's "
-            "reranking; costs that many decoder passes; default 1 = none)",
+            "reranking; costs that many decoder passes; default: the pipeline's decoder.candidates)",
         )
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument("--out", help="write the results here as JSON")
@@ -153,7 +152,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         guidance = getattr(args, f"{stage}_guidance", None)
         if guidance is not None and not guidance >= 0:
             parser.error(f"--{stage}-guidance must be >= 0 (1 is no guidance), got {guidance}")
-    if getattr(args, "candidates", 1) < 1:
+    if getattr(args, "candidates", None) is not None and args.candidates < 1:
         parser.error(f"--candidates must be >= 1, got {args.candidates}")
     text_guidance = getattr(args, "decoder_text_guidance", None)
     if text_guidance is not None and not text_guidance >= 0:

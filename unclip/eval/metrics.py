@@ -186,6 +186,13 @@ def _check_pairs(images: Images, prompts: Sequence[str]) -> None:
 # ---- suites ----
 
 
+def default_candidates(pipe, decoder: dict | None = None) -> int:
+    """The reranking a pipeline's call makes by default: its decoder's "candidates" setting (1 for pipelines
+    without one)."""
+    stage = getattr(pipe, "decoder", None)
+    return stage.settings(decoder).get("candidates", 1) if hasattr(stage, "settings") else 1
+
+
 def generate(
     pipe,
     prompts: list[str],
@@ -199,15 +206,17 @@ def generate(
     progress: bool = False,
     desc: str = "generating",
     image_embeds: Tensor | None = None,
-    candidates: int = 1,
+    candidates: int | None = None,
 ) -> Iterator[Tensor]:
     """Images for `prompts` from a pipeline, yielded `batch_size` at a time as (b, 3, size, size) in [-1, 1];
     image i uses seed seed + i, as one pipeline call would give it. `prior` and `decoder` override the
     pipeline's sampler settings ({"sampler", "steps", "guidance_scale"}), as in its call; `image_embeds`
     (one per prompt) are decoded instead of the prior's; `candidates` > 1 keeps the best of that many images
-    by the pipeline's CLIP (its reranking)."""
+    by the pipeline's CLIP (its reranking; default the pipeline's decoder.candidates)."""
     stages = {k: v for k, v in (("prior", prior), ("decoder", decoder)) if v}  # a plain call where none is given
-    if candidates > 1:
+    default = default_candidates(pipe, decoder)
+    candidates = default if candidates is None else candidates
+    if candidates != default:
         stages["candidates"] = candidates
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
         chunk = prompts[start : start + batch_size]
@@ -293,7 +302,7 @@ def evaluate_shapes(
     prior: dict | None = None,
     decoder: dict | None = None,
     oracle: bool = False,
-    candidates: int = 1,
+    candidates: int | None = None,
     progress: bool = False,
 ) -> dict:
     """The `shapes` suite: compositional accuracy, CLIP score and retrieval, Fréchet distance in CLIP space.
@@ -317,7 +326,8 @@ def evaluate_shapes(
         oracle: decode the pipeline CLIP's image embedding of an exact render of each prompt (a random scene
             that satisfies it) instead of the prior's sample: the decoder's accuracy under a perfect prior,
             which tells the two stages' errors apart.
-        candidates: keep the best of this many images per prompt by the pipeline's CLIP (its reranking).
+        candidates: keep the best of this many images per prompt by the pipeline's CLIP (its reranking);
+            default the pipeline's decoder.candidates.
 
     Returns:
         {"suite", "settings", "sets": {name: {"n", "accuracy", ..., "clip_score", "retrieval_*"}},
@@ -327,6 +337,7 @@ def evaluate_shapes(
         raise ValueError(f"n must be >= 1, got {n}")
     if oracle and not use_prior:
         raise ValueError("oracle decodes true image embeddings instead of the prior's; it excludes use_prior=False")
+    candidates = default_candidates(pipe, decoder) if candidates is None else candidates
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
     options = dict(
@@ -401,7 +412,7 @@ def evaluate_openmoji(
     dataset=None,
     prior: dict | None = None,
     decoder: dict | None = None,
-    candidates: int = 1,
+    candidates: int | None = None,
     progress: bool = False,
 ) -> dict:
     """The `openmoji` suite: CLIP score and retrieval of images made from the captions of held-out emoji,
@@ -427,6 +438,7 @@ def evaluate_openmoji(
     if len(items) < 2:
         raise ValueError(f"need at least 2 held-out emoji, got {len(items)}")
     prompts = [item["caption"] for item in items]
+    candidates = default_candidates(pipe, decoder) if candidates is None else candidates
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
     options = dict(
