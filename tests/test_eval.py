@@ -433,7 +433,7 @@ def test_probe_clip_finds_what_a_clip_can_see(monkeypatch, capsys):
     assert by_kind["size"] == by_kind["relation"] == by_kind["swap"] == by_kind["binding"] == 0.0
     assert results["n_mismatched"] > 40 and 0 < results["preferred"] < 1
     monkeypatch.setattr(cli, "load_evaluator", lambda path, device: BagOfWordsClip())
-    assert cli.main(["clip", "--clip", "c", "--n", "40", "--seed", "3", "--device", "cpu"]) == results
+    assert cli.main(["clip", "--clip", "c", "--n", "40", "--seed", "3", "--device", "cpu"]) == {"clip": "c", **results}
     assert "relation" in capsys.readouterr().out
     with pytest.raises(ValueError, match="n must be >= 2"):
         metrics.probe_clip(BagOfWordsClip(), n=1)

@@ -182,7 +182,7 @@ def main(argv=None) -> dict:
         print(format_validation(results))
     elif args.command == "clip":
         try:
-            results = probe_clip(load_evaluator(args.clip, args.device), args.n, args.seed)
+            results = {"clip": str(args.clip), **probe_clip(load_evaluator(args.clip, args.device), args.n, args.seed)}
         except ValueError as e:
             sys.exit(f"error: {e}")
         print(format_probe(results))
