@@ -252,6 +252,16 @@ def test_shapes_accuracy():
     assert bad["accuracy"] == 0.0 and bad["colors"] == 0.0 and bad["count"] == 0.0
 
 
+def test_relation_given_objects_counts_only_images_whose_objects_are_right():
+    prompts = ["a red circle above a blue square", "a red circle below a blue square"] * 2
+    images = renders(prompts[:2] + prompts[:2][::-1])  # image 2 shows the other relation; image 3 is blank
+    images[3] = 1.0
+    got = metrics.shapes_accuracy(images, prompts)
+    # objects right in 3 images, relation right in 2 of them (image 2 has them the wrong way round)
+    assert got["relation_given_objects"] == pytest.approx(2 / 3) and got["relation"] == pytest.approx(2 / 4)
+    assert metrics.shapes_accuracy(renders(["a red circle"]), ["a red circle"])["relation_given_objects"] is None
+
+
 # ---- suites and CLI ----
 
 
