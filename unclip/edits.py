@@ -321,7 +321,7 @@ def decode_embeds(pipe, embeds, x_T, generators, decoder, *, invert, eta, steps,
     if invert:
         settings = inverted_settings(decoder, steps=steps, eta=eta, refine=refine)
     else:
-        settings = {**stage.settings(decoder), "text": "null"}
+        settings = {**sampler_settings(stage, decoder), "text": "null"}
     text = null_text(1, stage.model, pipe.device)
     outs = []
     for i, g in enumerate(generators):
@@ -333,6 +333,12 @@ def decode_embeds(pipe, embeds, x_T, generators, decoder, *, invert, eta, steps,
         with pipe._autocast():
             outs.append(ddim_decode(stage.model, stage.diffusion, z, text, x, generator=g, **ddim).float())
     return settings, torch.cat(outs)
+
+
+def sampler_settings(stage, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """A decoder stage's settings for one sample, as the image metadata records them: without "candidates",
+    which only the text-to-image call applies (edits make one image from each input)."""
+    return {k: v for k, v in stage.settings(overrides).items() if k != "candidates"}
 
 
 def use_inpaint_model(method: str, has_model: bool) -> bool:
@@ -352,7 +358,7 @@ def inpaint_embeds(pipe, image_embed, text, known, mask, generators, decoder, us
         (the decoder settings used, (B, 3, s, s) images in [-1, 1]).
     """
     stage = pipe.inpaint_stage if use_model else pipe.decoder
-    settings = stage.settings(decoder)
+    settings = sampler_settings(stage, decoder)
     outs = []
     for i, g in enumerate(generators):
         z, text_i = image_embed[i : i + 1], TextEmbedding(*(field[i : i + 1] for field in text))
