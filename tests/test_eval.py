@@ -405,6 +405,9 @@ def test_candidates_rerank_with_the_seeds_of_one_call(monkeypatch):
     ]  # fmt: skip
     with pytest.raises(SystemExit):
         cli.main([*argv, "--candidates", "0"])
+    for evaluate in (metrics.evaluate_shapes, metrics.evaluate_openmoji):
+        with pytest.raises(ValueError, match="candidates must be >= 1"):
+            evaluate(pipe, None, n=2, candidates=0)
     # a pipeline that reranks by default: evaluated that way unless told otherwise, and the seeds follow
     pipe.calls.clear()
     pipe.decoder = SimpleNamespace(settings=lambda overrides: {"candidates": 3, **(overrides or {})})

@@ -198,6 +198,14 @@ def default_candidates(pipe, decoder: dict | None = None) -> int:
     return stage.settings(decoder).get("candidates", 1) if hasattr(stage, "settings") else 1
 
 
+def resolve_candidates(pipe, decoder: dict | None, candidates: int | None) -> int:
+    """`candidates`, or the pipeline's default when None; a ValueError when it is below 1."""
+    candidates = default_candidates(pipe, decoder) if candidates is None else candidates
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
+    return candidates
+
+
 def generate(
     pipe,
     prompts: list[str],
@@ -342,9 +350,7 @@ def evaluate_shapes(
         raise ValueError(f"n must be >= 1, got {n}")
     if oracle and not use_prior:
         raise ValueError("oracle decodes true image embeddings instead of the prior's; it excludes use_prior=False")
-    candidates = default_candidates(pipe, decoder) if candidates is None else candidates
-    if candidates < 1:
-        raise ValueError(f"candidates must be >= 1, got {candidates}")
+    candidates = resolve_candidates(pipe, decoder, candidates)
     options = dict(
         size=size,
         use_prior=use_prior,
@@ -435,6 +441,7 @@ def evaluate_openmoji(
     Returns:
         {"suite", "settings", "sets": {"generated", "real"}, "clip_frechet_distance", ...}; JSON-serialisable.
     """
+    candidates = resolve_candidates(pipe, decoder, candidates)  # before any work
     if dataset is None:
         dataset = OpenMojiDataset(size, split="val", val_size=val_size)  # renders SVGs into a cache on first use
     else:
@@ -443,9 +450,6 @@ def evaluate_openmoji(
     if len(items) < 2:
         raise ValueError(f"need at least 2 held-out emoji, got {len(items)}")
     prompts = [item["caption"] for item in items]
-    candidates = default_candidates(pipe, decoder) if candidates is None else candidates
-    if candidates < 1:
-        raise ValueError(f"candidates must be >= 1, got {candidates}")
     options = dict(
         size=size, use_prior=use_prior, batch_size=batch_size, prior=prior, decoder=decoder, candidates=candidates
     )
