@@ -22,7 +22,8 @@ def _perturb(model, seed):
     return model
 
 
-def make_tiny_pipeline(root: Path, *, inpaint: bool = False, upsampler: bool = True) -> Path:
+def make_tiny_pipeline(root: Path, *, inpaint: bool = False, upsampler: bool = True, decoder_changes=()) -> Path:
+    """decoder_changes: model config overrides for the decoder, e.g. ["model.text_words=true"]."""
     root = Path(root)
     parts = root / "parts"
     clip = ClipAdapter.from_model_config(TINY_CLIP_CONFIG)
@@ -33,7 +34,7 @@ def make_tiny_pipeline(root: Path, *, inpaint: bool = False, upsampler: bool = T
     )
     prior.set_normalization(torch.zeros(32), torch.ones(32))
     save_model(prior, parts / "prior", kind="prior", diffusion=DiffusionConfig(prediction="x0"))
-    decoder_config = load_config("configs/decoder/tiny.yaml")
+    decoder_config = load_config("configs/decoder/tiny.yaml", list(decoder_changes))
     decoder = _perturb(UNet(decoder_config.model), 2)
     save_model(decoder, parts / "decoder", kind="decoder", diffusion=decoder_config.diffusion)
     upsamplers = []

@@ -53,6 +53,15 @@ def test_embed_text_shapes_and_mask(clip):
     assert (text.tokens[text.mask].abs().sum(-1) > 0).all()
 
 
+def test_embed_text_words_are_the_text_transformers_input(clip):
+    """`words` are the token embeddings the text transformer starts from, one per real token, padding zeroed."""
+    text = clip.embed_text(PROMPTS)
+    assert text.words.shape == text.tokens.shape and text.words.dtype == torch.float32
+    expected = clip.model.token_embedding(clip.tokenize(PROMPTS))
+    torch.testing.assert_close(text.words[text.mask], expected[text.mask])
+    assert (text.words[~text.mask] == 0).all()
+
+
 def test_embed_text_matches_open_clip_encode_text(clip):
     text = clip.embed_text(PROMPTS)
     expected = clip.model.encode_text(clip.tokenize(PROMPTS))

@@ -77,6 +77,33 @@ def test_inpainting_finetunes_from_a_decoder_and_keeps_the_known_region(tmp_path
     assert not torch.equal(out[~keep], image[~keep])
 
 
+def test_text_words_fine_tune_trains_the_word_projection(tmp_path):
+    """Fine-tuning a plain decoder with model.text_words: the caption's word embeddings reach the network in
+    training (their zero-initialised projection moves), and a caller without them gets a clear error."""
+    from train.decoder import main
+
+    plain = main([TINY, f"train.output_dir={tmp_path / 'plain'}", "train.max_steps=1", "train.eval_every=100"])
+    export = main(
+        [
+            TINY,
+            f"train.output_dir={tmp_path / 'words'}",
+            "train.max_steps=3",
+            "train.eval_every=3",
+            "model.text_words=true",
+            f"train.init_from={plain}",
+        ]
+    )
+    model = load_model(export).model
+    assert model.config.text_words and model.words_proj.weight.abs().amax() > 0
+    with pytest.raises(ValueError, match=r"model.text_words\), but none were given"):
+        sample_decoder(
+            model,
+            GaussianDiffusion.from_config(load_model(export).diffusion),
+            torch.randn(1, 32),
+            torch.randn(1, 5, 48),
+        )
+
+
 def test_inpaint_without_a_decoder_to_start_from_builds_a_fresh_model():
     config = load_config("configs/decoder/inpaint_tiny.yaml")
     assert isinstance(build_task(config).model, InpaintUNet)

@@ -31,6 +31,22 @@ def test_pipeline_generates_at_each_size_and_seeds_reproduce(tiny_pipeline):
     torch.testing.assert_close(no_prior.image_embeds, no_prior.text_embeds)
 
 
+def test_a_decoder_reading_word_embeddings_gets_them_from_the_pipeline(tmp_path):
+    """With model.text_words the decoder needs the caption's CLIP word embeddings; the pipeline passes them,
+    to text-to-image and to the edits that decode with the caption (inpainting with RePaint)."""
+    pipe = UnCLIPPipeline.from_pretrained(make_tiny_pipeline(tmp_path, decoder_changes=["model.text_words=true"]))
+    assert pipe.decoder.model.config.text_words
+    out = pipe(["a red circle above a blue square"], seed=0)
+    assert out.images.shape == (1, 3, 16, 16)
+    path = out.save(tmp_path / "out")[0]
+    mask = Image.new("L", (16, 16))
+    mask.paste(255, (4, 4, 12, 12))
+    edit = pipe.inpaint(path, mask, "a red circle", n=1, seed=0, decoder={"steps": 2})
+    assert edit.images.shape == (1, 3, 16, 16)
+    variation = pipe.variations(path, n=1, inversion_steps=2, size=16)
+    assert variation.images.shape == (1, 3, 16, 16)
+
+
 def test_reranking_keeps_the_best_candidate(tiny_pipeline):
     pipe = UnCLIPPipeline.from_pretrained(tiny_pipeline)
     out = pipe(["a red circle", "a green diamond"], seed=0, candidates=3)

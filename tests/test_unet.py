@@ -38,6 +38,8 @@ def inputs(config: UNetConfig, seed: int = 1, size: int | None = None) -> tuple[
     if config.text_width:
         cond["text_tokens"] = torch.randn(B, L, config.text_width, generator=g)
         cond["text_mask"] = torch.tensor([[True] * L, [True] * 3 + [False] * (L - 3)])
+    if config.text_words:
+        cond["text_words"] = torch.randn(B, L, config.text_width, generator=g)
     return x_t, t, cond
 
 
@@ -58,6 +60,7 @@ VARIANTS = {
     "per_level_blocks_bare_resample": {"num_res_blocks": (1, 2), "resblock_updown": False, "conv_resample": False},
     "text_layers": {"text_layers": 2},
     "attention_pos": {"attention_pos": True},
+    "text_words": {"text_words": True, "text_layers": 1},
 }
 
 
@@ -217,6 +220,35 @@ def test_attention_pos_fine_tune_starts_from_the_decoder_without_it(tmp_path, ti
     torch.testing.assert_close(model(x_t, t, **cond), plain(x_t, t, **cond))
     x_t, t, cond = inputs(tiny, size=2 * tiny.image_size)  # another size: the tables are resampled
     assert model(x_t, t, **cond).shape == x_t.shape
+
+
+def test_text_words_reach_the_output_and_start_at_zero(tmp_path, tiny):
+    """The word embeddings are read: changing one real word changes the prediction. A decoder fine-tuned with
+    them from one trained without starts as the same function, whatever the words."""
+    from unclip.training import init_weights
+
+    config = dataclasses.replace(tiny, text_words=True)
+    model = make_model(config)
+    x_t, t, cond = inputs(config)
+    out = model(x_t, t, **cond)
+    other = cond["text_words"].clone()
+    other[0, 1] = torch.randn(config.text_width)  # another word at a real token of row 0
+    changed = model(x_t, t, **{**cond, "text_words": other})
+    assert (changed[0] - out[0]).abs().amax() > 1e-3
+    torch.testing.assert_close(changed[1], out[1])
+    with pytest.raises(ValueError, match=r"word embeddings \(text_words=True\): pass text_words of shape \(2, 6, "):
+        model(x_t, t, **{k: v for k, v in cond.items() if k != "text_words"})
+    assert model(x_t, t, cond_drop=torch.ones(B, dtype=torch.bool)).shape == x_t.shape  # no text at all
+
+    plain = make_model(tiny)
+    save_model(plain, tmp_path / "plain", kind="decoder", diffusion=DiffusionConfig())
+    model = UNet(config).eval()
+    assert init_weights(model, str(tmp_path / "plain"), "decoder") == ["words_norm", "words_proj"]
+    torch.testing.assert_close(
+        model(x_t, t, **cond), plain(x_t, t, **{k: v for k, v in cond.items() if k != "text_words"})
+    )
+    with pytest.raises(ValueError, match="model.text_words needs model.text_width"):
+        dataclasses.replace(tiny, text_words=True, text_width=None)
 
 
 def test_input_errors(tiny):

@@ -86,7 +86,7 @@ def null_text(B: int, decoder: nn.Module, device) -> TextEmbedding:
     """No caption, for B rows: one masked-out token, so the decoder reads only its learned null text token
     (the text it was trained with when the caption was dropped); `embed` is None (there is no text)."""
     tokens = torch.zeros(B, 1, decoder.config.text_width or 1, device=device)
-    return TextEmbedding(None, tokens, torch.zeros(B, 1, dtype=torch.bool, device=device))
+    return TextEmbedding(None, tokens, torch.zeros(B, 1, dtype=torch.bool, device=device), tokens)
 
 
 def invert_decoder(
@@ -113,7 +113,7 @@ def invert_decoder(
     Returns:
         x_T, (B, 3, s, s).
     """
-    cond = decoder_cond(image_embed, text.tokens, text.mask, decoder.config)
+    cond = decoder_cond(image_embed, text.tokens, text.mask, decoder.config, text_words=text.words)
     return ddim_invert(
         decoder, diffusion, images.float(), steps=steps, cond=cond, refine=refine, spacing=INVERSION_SPACING
     )
@@ -142,7 +142,7 @@ def ddim_decode(
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    cond = decoder_cond(image_embed, text.tokens, text.mask, decoder.config)
+    cond = decoder_cond(image_embed, text.tokens, text.mask, decoder.config, text_words=text.words)
     model = classifier_free_guidance(decoder, guidance_scale)
     x = ddim_sample(
         model, diffusion, x_T.shape, steps=steps, eta=eta, cond=cond, generator=generator, x_T=x_T, spacing=spacing
@@ -246,7 +246,7 @@ def repaint_decode(
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """`repaint_sample` with a plain (not inpainting) decoder under classifier-free guidance."""
-    cond = decoder_cond(image_embed, text.tokens, text.mask, decoder.config)
+    cond = decoder_cond(image_embed, text.tokens, text.mask, decoder.config, text_words=text.words)
     model = classifier_free_guidance(decoder, guidance_scale, text_guidance_scale)
     return repaint_sample(
         model, diffusion, known, mask, steps=steps, resample=resample, cond=cond, generator=generator

@@ -235,6 +235,7 @@ class UnCLIPPipeline:
                 stage.diffusion,
                 image_embed,
                 *tokens,
+                text_words=None if text is None else text.words,
                 x_T=x_T,
                 inpaint=inpaint,
                 generator=generators[0],

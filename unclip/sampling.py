@@ -85,13 +85,21 @@ DECODER_DEFAULTS = {"sampler": "dpm++", "steps": 25, "guidance_scale": 5.0, "tex
 UPSAMPLER_DEFAULTS = {"sampler": "ddim", "steps": 8, "noise_level": 50}
 
 
-def decoder_cond(image_embed, text_tokens=None, text_mask=None, config=None) -> dict[str, Any]:
+def decoder_cond(image_embed, text_tokens=None, text_mask=None, config=None, *, text_words=None) -> dict[str, Any]:
     """The decoder's keyword arguments, leaving out what its config does not use."""
     cond: dict[str, Any] = {}
     if config is None or config.clip_dim:
         cond["image_embed"] = image_embed
     if text_tokens is not None and (config is None or config.text_width):
         cond.update(text_tokens=text_tokens, text_mask=text_mask)
+        if getattr(config, "text_words", False):
+            if text_words is None:
+                raise ValueError(
+                    "this decoder also reads the caption's CLIP word embeddings (model.text_words), but none "
+                    "were given: encode captions with ClipAdapter.embed_text (precomputed embedding shards do "
+                    "not store them; train such a decoder on image-caption data)"
+                )
+            cond["text_words"] = text_words
     return cond
 
 
@@ -103,6 +111,7 @@ def sample_decoder(
     text_tokens: Tensor | None = None,
     text_mask: Tensor | None = None,
     *,
+    text_words: Tensor | None = None,
     size: int | None = None,
     sampler: str = DECODER_DEFAULTS["sampler"],
     steps: int = DECODER_DEFAULTS["steps"],
@@ -119,6 +128,7 @@ def sample_decoder(
     Args:
         decoder: a UNet (or InpaintUNet, then `inpaint` = {"image": (B,3,H,W), "mask": (B,1,H,W), 1 = repaint}).
         image_embed: (B, D) L2-normalised CLIP image embeddings.
+        text_words: (B, L, W) the caption's CLIP word embeddings, for a decoder with model.text_words.
         size: output side, default the decoder's training size.
         text_guidance_scale: extra guidance along what the caption adds to the image embedding
             (unclip.diffusion.guidance); needs caption tokens.
@@ -130,7 +140,7 @@ def sample_decoder(
     config = decoder.config
     size = size or config.image_size
     B = image_embed.shape[0]
-    cond = decoder_cond(image_embed, text_tokens, text_mask, config)
+    cond = decoder_cond(image_embed, text_tokens, text_mask, config, text_words=text_words)
     replace = None
     if inpaint is not None:
         if getattr(config, "extra_in_channels", 0):  # a trained inpainting model sees the known region

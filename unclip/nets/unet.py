@@ -15,6 +15,11 @@ DALL·E 2 decoder, which extends GLIDE (Nichol et al. 2021):
   the attention layers do, trained with the diffusion model as GLIDE's text encoder is: it can learn from the
   diffusion loss what the frozen CLIP's per-token outputs do not make easy to read (which colour goes with
   which shape, which object is on the left);
+- optionally (`text_words`), the caption's CLIP word embeddings (the input of CLIP's text transformer) are
+  projected and added to the projected per-token encodings. CLIP's contrastive objective never needs "above"
+  told from "below", and a CLIP text transformer maps such words to nearly the same final states; their input
+  embeddings stay distinct. The projection is zero-initialised, so a decoder trained without it can be
+  fine-tuned with it from where it was;
 - optionally (`attention_pos`), a learned position embedding per attention layer, added to the normalised
   pixels before their query/key/value projection. Convolutions see where a pixel is only through the zero
   padding at the borders, and attention over the pixels not at all; a caption's "above" or "to the left of"
@@ -69,6 +74,7 @@ class UNetConfig:
     cond_drop_text: float = 0.5  # training-time chance (independent) of dropping the text
     text_layers: int = 0  # bidirectional Transformer blocks over the projected text tokens (GLIDE's text encoder)
     attention_pos: bool = False  # a learned 2-D position embedding in each attention layer (zero-initialised)
+    text_words: bool = False  # also read the caption's CLIP word embeddings, (B, L, text_width) (zero-initialised)
     gradient_checkpointing: bool = False
     channels_last: bool = False
     use_scale_shift_norm: bool = True
@@ -118,6 +124,8 @@ class UNetConfig:
             raise ValueError("model.text_width is set but attention_resolutions is empty: text needs attention")
         if self.text_layers < 0 or (self.text_layers and not self.text_width):
             raise ValueError(f"model.text_layers must be >= 0 and needs model.text_width, got {self.text_layers}")
+        if self.text_words and not self.text_width:
+            raise ValueError("model.text_words needs model.text_width (the word embeddings are that wide)")
 
     @property
     def blocks_per_level(self) -> tuple[int, ...]:
@@ -319,6 +327,10 @@ class UNet(nn.Module):
             self.text_blocks = nn.ModuleList(self._text_block() for _ in range(c.text_layers))
             # positions made explicit for the text blocks (the null token is position 0); zero, like the blocks
             self.text_pos = nn.Parameter(torch.zeros(1, 1 + c.text_ctx, emb_dim)) if c.text_layers else None
+            self.words_norm = self.words_proj = None
+            if c.text_words:
+                self.words_norm = nn.LayerNorm(c.text_width)
+                self.words_proj = _zero(nn.Linear(c.text_width, emb_dim))
             self.context_dim = emb_dim
 
     def _res_block(self, channels: int, out_channels: int | None = None, resample: str | None = None) -> ResBlock:
@@ -397,6 +409,7 @@ class UNet(nn.Module):
         text_tokens: Tensor | None = None,
         text_mask: Tensor | None = None,
         cond_drop: Tensor | None = None,
+        text_words: Tensor | None = None,
     ) -> Tensor:
         """Predict from the noised image (eps, x_0 or v: the diffusion config decides which).
 
@@ -412,6 +425,7 @@ class UNet(nn.Module):
                 (B, 2) bool to drop the image embedding and the text separately (text guidance). None draws
                 independent image and text drops in training mode, and drops nothing in eval mode.
                 Conditioning may be omitted when every row is dropped.
+            text_words: (B, L, text_width) the caption's CLIP word embeddings; required with text_words.
 
         Returns:
             (B, out_channels, H, W), or (B, 2 * out_channels, H, W) with learned_variance: the prediction, then
@@ -419,7 +433,7 @@ class UNet(nn.Module):
         """
         self._check_input(x_t, self.config.in_channels + self.config.extra_in_channels)
         emb = self._embed_timestep(t, x_t.shape[0])
-        return self._forward(x_t, emb, image_embed, text_tokens, text_mask, cond_drop)
+        return self._forward(x_t, emb, image_embed, text_tokens, text_mask, cond_drop, text_words)
 
     def _forward(self, x: Tensor, emb: Tensor, *cond: Tensor | None) -> Tensor:
         """Run on a checked input (extra channels included) and timestep embedding; cond as in forward."""
@@ -474,6 +488,7 @@ class UNet(nn.Module):
         text_tokens: Tensor | None,
         text_mask: Tensor | None,
         cond_drop: Tensor | None,
+        text_words: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Add the conditioning to emb and build the attention context: (emb, (B, S, E) tokens, (B, S) mask)."""
         c, B = self.config, emb.shape[0]
@@ -491,7 +506,10 @@ class UNet(nn.Module):
         if c.text_width:
             text, text_valid, pooled = self._embed_text(text_tokens, text_mask, drop_text, B, emb.dtype)
             emb = emb + self.text_pool_proj(pooled)
-            tokens.append(self._encode_text(self.text_proj(text), text_valid))
+            text = self.text_proj(text)
+            if self.words_proj is not None:
+                text = text + self._embed_words(text_words, text_tokens, text.dtype)
+            tokens.append(self._encode_text(text, text_valid))
             masks.append(text_valid)
         elif text_tokens is not None:
             raise ValueError("this UNet has text_width=None (no text conditioning) but was given text_tokens")
@@ -499,6 +517,20 @@ class UNet(nn.Module):
             return emb, None, None
         context = tokens[0] if len(tokens) == 1 else torch.cat(tokens, dim=1)  # (B, S, E)
         return emb, context, torch.cat(masks, dim=1) if c.text_width else None
+
+    def _embed_words(self, words: Tensor | None, text_tokens: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """(B, 1 + L, E): the projected word embeddings, zero at the null token (and for text-less rows)."""
+        if text_tokens is None:  # every row dropped: the context is the null token alone
+            return torch.zeros((), dtype=dtype, device=self.words_proj.weight.device)
+        B, L, W = text_tokens.shape
+        if words is None or words.shape != (B, L, W):
+            got = None if words is None else tuple(words.shape)
+            raise ValueError(
+                f"this UNet reads the caption's CLIP word embeddings (text_words=True): pass text_words of "
+                f"shape ({B}, {L}, {W}) like text_tokens (ClipAdapter.embed_text(...).words), got {got}"
+            )
+        words = self.words_proj(self.words_norm(words.to(dtype)))
+        return torch.cat([words.new_zeros(B, 1, words.shape[-1]), words], dim=1)
 
     def _encode_text(self, text: Tensor, valid: Tensor) -> Tensor:
         """Run the text blocks over (B, S, E) projected tokens; every token reads every valid one."""

@@ -27,9 +27,11 @@ def load_clip(config: ClipConfig, device: torch.device | str = "cpu") -> ClipAda
 
 
 def encode_batch(clip: ClipAdapter | None, batch: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
-    """{"text_embed" (B, D), "text_tokens" (B, L, W) | None, "text_mask" (B, L) | None, "image_embed" (B, D)}.
+    """{"text_embed" (B, D), "text_tokens" (B, L, W) | None, "text_mask" (B, L) | None, "text_words" (B, L, W)
+    | None, "image_embed" (B, D)}.
 
-    Batches from the "embeddings" dataset carry their embeddings; image-caption batches are encoded here.
+    Batches from the "embeddings" dataset carry their embeddings (and no word embeddings); image-caption
+    batches are encoded here.
     """
     if "image_embed" in batch:
         tokens, mask = batch.get("text_tokens"), batch.get("text_mask")
@@ -38,6 +40,7 @@ def encode_batch(clip: ClipAdapter | None, batch: dict[str, Any], device: torch.
             "image_embed": F.normalize(batch["image_embed"].float().to(device), dim=-1),
             "text_tokens": None if tokens is None else tokens.float().to(device),
             "text_mask": None if mask is None else mask.bool().to(device),
+            "text_words": None,
         }
     if clip is None:
         raise ValueError("image-caption data needs a CLIP to encode it; set the run's clip section")
@@ -46,6 +49,7 @@ def encode_batch(clip: ClipAdapter | None, batch: dict[str, Any], device: torch.
         "text_embed": text.embed.to(device),
         "text_tokens": text.tokens.to(device),
         "text_mask": text.mask.to(device),
+        "text_words": text.words.to(device),
         "image_embed": clip.embed_image(batch["image"].to(device), normalize=True).to(device),
     }
 

@@ -83,7 +83,9 @@ class DecoderTask:
     def _inputs(self, batch) -> tuple[Tensor, dict[str, Tensor]]:
         c = encode_batch(self.clip, batch, self.device)
         x_0 = batch["image"].to(self.device)
-        cond = decoder_cond(c["image_embed"], c["text_tokens"], c["text_mask"], self.model.config)
+        cond = decoder_cond(
+            c["image_embed"], c["text_tokens"], c["text_mask"], self.model.config, text_words=c["text_words"]
+        )
         if self.kind == "inpaint":
             mask = random_inpaint_mask(x_0.shape[0], x_0.shape[-1]).to(self.device)
             cond.update(inpaint_image=x_0, inpaint_mask=mask)
@@ -125,7 +127,7 @@ class DecoderTask:
         inpaint = None
         if self.kind == "inpaint":
             inpaint = {"image": cond.pop("inpaint_image"), "mask": cond.pop("inpaint_mask")}
-        text = {k: cond.get(k) for k in ("text_tokens", "text_mask")}
+        text = {k: cond.get(k) for k in ("text_tokens", "text_mask", "text_words")}
         samples = sample_decoder(
             ema_model,
             self.diffusion,
