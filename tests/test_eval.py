@@ -452,6 +452,47 @@ def test_probe_clip_finds_what_a_clip_can_see(monkeypatch, capsys):
         metrics.probe_clip(BagOfWordsClip(), n=1)
 
 
+def test_probe_decoder_caption_measures_what_the_decoder_reads(tmp_path, capsys):
+    """The probe moves with the caption only through the decoder's text pathway: cut that pathway and every
+    wrong caption leaves the prediction where it was."""
+    from pipeline_helpers import make_tiny_pipeline
+
+    from unclip.pipeline import UnCLIPPipeline
+
+    folder = make_tiny_pipeline(tmp_path, upsampler=False)
+    pipe = UnCLIPPipeline.from_pretrained(folder)
+    results = metrics.probe_decoder_caption(pipe, n=6, seed=1, timesteps=(999, 500))
+    assert results["n"] == 6 and results["timesteps"] == [999, 500] and results["n_mismatched"] > 6
+    change = results["prediction_change"]
+    assert set(change) == {"999", "500"} and set(change["999"]) <= set(CORRUPTIONS)
+    assert all(v > 0 for v in change["999"].values())
+    decoder, fixed = pipe.decoder.model, pipe.encode_text(["a red circle"])
+
+    def deaf(x_t, t, *, image_embed, text_tokens, text_mask, text_words=None):  # the same caption, always
+        B = x_t.shape[0]
+        return decoder(
+            x_t,
+            t,
+            image_embed=image_embed,
+            text_tokens=fixed.tokens.expand(B, -1, -1),
+            text_mask=fixed.mask.expand(B, -1),
+        )
+
+    deaf.config = decoder.config
+    pipe.decoder.model = deaf
+    cut = metrics.probe_decoder_caption(pipe, n=6, seed=1, timesteps=(999,))["prediction_change"]["999"]
+    assert set(cut) == set(change["999"]) and max(cut.values()) == 0
+    pipe.decoder.model = decoder
+    args = ["caption", "--pipeline", str(folder), "--n", "6", "--seed", "1", "--timesteps", "999", "500"]
+    again = cli.main(args)["prediction_change"]
+    assert all(again[t] == pytest.approx(change[t]) for t in change)
+    assert "relation" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"timesteps must be in \[0, 999\], got \[1000\]"):
+        metrics.probe_decoder_caption(pipe, n=6, timesteps=(1000,))
+    with pytest.raises(SystemExit, match="n must be >= 2"):
+        cli.main(["caption", "--pipeline", str(folder), "--n", "1"])
+
+
 def test_cli_checker(capsys):
     results = cli.main(["checker", "--n", "8", "--sizes", "64"])
     assert set(results) == {"64", "64_degraded"}

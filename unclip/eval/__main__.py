@@ -7,6 +7,7 @@
     python -m unclip.eval openmoji --pipeline models/openmoji --evaluator-clip ... --out openmoji.json
     python -m unclip.eval checker --n 500
     python -m unclip.eval clip --clip models/shapes/clip   # which caption differences a CLIP can see
+    python -m unclip.eval caption --pipeline models/shapes  # which caption differences the decoder reads
 
 The evaluator CLIP must be trained separately from the pipeline's own CLIP. A table is printed and, with
 --out, the results are written as JSON.
@@ -25,10 +26,12 @@ from unclip.diffusion import SAMPLERS
 from unclip.eval.metrics import (
     evaluate_openmoji,
     evaluate_shapes,
+    format_caption_probe,
     format_probe,
     format_table,
     format_validation,
     probe_clip,
+    probe_decoder_caption,
 )
 from unclip.eval.shapes_checker import validate_checker
 
@@ -119,6 +122,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write the rates here as JSON")
+    p = commands.add_parser(
+        "caption",
+        help="shapes: how far the decoder's prediction moves when its caption is wrong in one thing, by kind",
+    )
+    p.add_argument("--pipeline", required=True, help="a pipeline folder (e.g. models/shapes)")
+    p.add_argument("--n", type=int, default=100, help="val scenes (default 100)")
+    p.add_argument(
+        "--timesteps",
+        type=int,
+        nargs="+",
+        default=[999, 800, 600],
+        help="noise levels to probe at (default 999 800 600; 999 is nearly pure noise)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="write the distances here as JSON")
     p = commands.add_parser("prior", help="prior vs raw text embedding: retrieval of held-out images (DALL·E 2 §5.1)")
     p.add_argument("--prior", required=True, help="the prior's export folder")
     p.add_argument("--clip", required=True, help="the CLIP the prior was trained with")
@@ -186,6 +205,13 @@ def main(argv=None) -> dict:
         except ValueError as e:
             sys.exit(f"error: {e}")
         print(format_probe(results))
+    elif args.command == "caption":
+        try:
+            probe = probe_decoder_caption(load_pipeline(args.pipeline, args.device), args.n, args.seed, args.timesteps)
+            results = {"pipeline": str(args.pipeline), **probe}
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        print(format_caption_probe(results))
     elif args.command == "prior":
         try:
             results = run_prior(args)
