@@ -9,13 +9,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin
 from torch import Tensor
 
 from unclip.checkpoint import atomic_write_bytes
 from unclip.data.images import to_rgb
+from unclip.data.images import to_tensor as from_pil  # an RGB PIL image -> (3, H, W) in [-1, 1]
 
 
 def to_pil(images: Tensor) -> list[Image.Image]:
@@ -24,12 +24,6 @@ def to_pil(images: Tensor) -> list[Image.Image]:
         raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
     arrays = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in arrays]
-
-
-def from_pil(image: Image.Image) -> Tensor:
-    """An RGB PIL image -> (3, H, W) float tensor in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1
 
 
 def make_grid(images: Tensor, nrow: int | None = None, pad: int = 2) -> Image.Image:
