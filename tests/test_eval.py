@@ -468,20 +468,28 @@ def test_probe_decoder_caption_measures_what_the_decoder_reads(tmp_path, capsys)
     assert all(v > 0 for v in change["999"].values())
     decoder, fixed = pipe.decoder.model, pipe.encode_text(["a red circle"])
 
-    def deaf(x_t, t, *, image_embed, text_tokens, text_mask, text_words=None):  # the same caption, always
+    def deaf(x_t, t, *, image_embed, text_tokens, text_mask, text_words=None, cond_drop=None):  # one caption, always
         B = x_t.shape[0]
-        return decoder(
-            x_t,
-            t,
-            image_embed=image_embed,
-            text_tokens=fixed.tokens.expand(B, -1, -1),
-            text_mask=fixed.mask.expand(B, -1),
-        )
+        tokens, mask = fixed.tokens.expand(B, -1, -1), fixed.mask.expand(B, -1)
+        return decoder(x_t, t, image_embed=image_embed, text_tokens=tokens, text_mask=mask, cond_drop=cond_drop)
 
     deaf.config = decoder.config
     pipe.decoder.model = deaf
     cut = metrics.probe_decoder_caption(pipe, n=6, seed=1, timesteps=(999,))["prediction_change"]["999"]
     assert set(cut) == set(change["999"]) and max(cut.values()) == 0
+    pipe.decoder.model = decoder
+
+    seen = []
+
+    def recording(x_t, t, cond_drop, **cond):
+        seen.append(cond_drop)
+        return decoder(x_t, t, cond_drop=cond_drop, **cond)
+
+    recording.config = decoder.config
+    pipe.decoder.model = recording
+    text_only = metrics.probe_decoder_caption(pipe, n=6, seed=1, timesteps=(999,), text_only=True)
+    assert text_only["text_only"] and text_only["prediction_change"]["999"] != change["999"]
+    assert all(bool((drop == torch.tensor([True, False])).all()) for drop in seen)  # (image, text) dropped
     pipe.decoder.model = decoder
     args = ["caption", "--pipeline", str(folder), "--n", "6", "--seed", "1", "--timesteps", "999", "500"]
     again = cli.main(args)["prediction_change"]

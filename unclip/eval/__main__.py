@@ -137,6 +137,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--text-only",
+        action="store_true",
+        help="replace the image embedding by the decoder's null one, so that the caption alone conditions it",
+    )
     p.add_argument("--out", help="write the distances here as JSON")
     p = commands.add_parser("prior", help="prior vs raw text embedding: retrieval of held-out images (DALL·E 2 §5.1)")
     p.add_argument("--prior", required=True, help="the prior's export folder")
@@ -207,7 +212,8 @@ def main(argv=None) -> dict:
         print(format_probe(results))
     elif args.command == "caption":
         try:
-            probe = probe_decoder_caption(load_pipeline(args.pipeline, args.device), args.n, args.seed, args.timesteps)
+            pipe = load_pipeline(args.pipeline, args.device)
+            probe = probe_decoder_caption(pipe, args.n, args.seed, args.timesteps, text_only=args.text_only)
             results = {"pipeline": str(args.pipeline), **probe}
         except ValueError as e:
             sys.exit(f"error: {e}")

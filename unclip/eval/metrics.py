@@ -505,19 +505,23 @@ def probe_clip(clip, n: int = 300, seed: int = 0, *, batch_size: int = 64) -> di
 
 
 @torch.no_grad()
-def probe_decoder_caption(pipe, n: int = 100, seed: int = 0, timesteps: Sequence[int] = (999, 800, 600)) -> dict:
+def probe_decoder_caption(
+    pipe, n: int = 100, seed: int = 0, timesteps: Sequence[int] = (999, 800, 600), *, text_only: bool = False
+) -> dict:
     """What a pipeline's decoder reads from its caption: for `n` val scenes and each caption wrong in one thing
     (`CORRUPTIONS`), how far the decoder's prediction of the clean image moves when the wrong caption replaces
     the right one.
 
     The decoder gets the CLIP image embedding of an exact render of the scene either way, and that render
     noised to timestep t with noise fixed per scene (at t = T-1 nearly pure noise: the layout is still open);
-    it runs unguided. A decoder that places objects as its caption says moves its prediction when the relation
-    is flipped as it does when a colour is changed. The change is the root-mean-square difference per pixel
-    value (images in [-1, 1]).
+    it runs unguided. With `text_only` the image embedding is replaced by the decoder's null embedding (what
+    it learned with the embedding dropped), so only the caption conditions it. A decoder that places objects
+    as its caption says moves its prediction when the relation is flipped as it does when a colour is
+    changed. The change is the root-mean-square difference per pixel value (images in [-1, 1]).
 
     Returns:
-        {"n", "n_mismatched", "timesteps", "prediction_change": {str(t): {kind: float}}}; JSON-serialisable.
+        {"n", "n_mismatched", "timesteps", "text_only", "prediction_change": {str(t): {kind: float}}};
+        JSON-serialisable.
     """
     if n < 2:
         raise ValueError(f"n must be >= 2, got {n}")
@@ -537,6 +541,7 @@ def probe_decoder_caption(pipe, n: int = 100, seed: int = 0, timesteps: Sequence
     right = pipe.encode_text([scenes[i][1] for i in index])
     wrong = pipe.encode_text([w for _, _, w in mismatches])
     kinds = [kind for _, kind, _ in mismatches]
+    drop = torch.tensor([[text_only, False]], device=pipe.device).expand(len(index), 2)  # (image, text)
     change = {}
     for t in timesteps:
         tt = torch.full((len(index),), int(t), device=pipe.device)
@@ -545,13 +550,14 @@ def probe_decoder_caption(pipe, n: int = 100, seed: int = 0, timesteps: Sequence
         for text in (right, wrong):
             cond = decoder_cond(embeds[index], text.tokens, text.mask, config, text_words=text.words)
             with pipe._autocast():
-                out = model(x_t, tt, **cond).float()
+                out = model(x_t, tt, **cond, cond_drop=drop).float()
             x_0.append(diffusion.predict_x0(x_t, tt, diffusion.split_output(out, x_t)[0]))
         change[str(t)] = _mean_by_kind((x_0[0] - x_0[1]).pow(2).flatten(1).mean(1).sqrt(), kinds)
     return {
         "n": n,
         "n_mismatched": len(mismatches),
         "timesteps": [int(t) for t in timesteps],
+        "text_only": text_only,
         "prediction_change": change,
     }
 
@@ -631,7 +637,7 @@ def format_caption_probe(results: dict) -> str:
     table += [[kind, *(f"{change[t][kind]:.4f}" for t in steps)] for kind in change[steps[0]]]
     title = (
         f"RMS change of the decoder's x0 prediction when its caption is wrong in one thing ({results['n']} val "
-        f"scenes, {results['n_mismatched']} wrong captions)"
+        f"scenes, {results['n_mismatched']} wrong captions{', no image embedding' if results['text_only'] else ''})"
     )
     return "\n".join([title, *_align(table)])
 
