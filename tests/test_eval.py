@@ -466,6 +466,8 @@ def test_probe_decoder_caption_measures_what_the_decoder_reads(tmp_path, capsys)
     change = results["prediction_change"]
     assert set(change) == {"999", "500"} and set(change["999"]) <= set(CORRUPTIONS)
     assert all(v > 0 for v in change["999"].values())
+    batched = metrics.probe_decoder_caption(pipe, n=6, seed=1, timesteps=(999, 500), batch_size=5)
+    assert all(batched["prediction_change"][t] == pytest.approx(change[t], rel=1e-4) for t in change)
     decoder, fixed = pipe.decoder.model, pipe.encode_text(["a red circle"])
 
     def deaf(x_t, t, *, image_embed, text_tokens, text_mask, text_words=None, cond_drop=None):  # one caption, always

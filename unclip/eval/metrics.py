@@ -506,7 +506,13 @@ def probe_clip(clip, n: int = 300, seed: int = 0, *, batch_size: int = 64) -> di
 
 @torch.no_grad()
 def probe_decoder_caption(
-    pipe, n: int = 100, seed: int = 0, timesteps: Sequence[int] = (999, 800, 600), *, text_only: bool = False
+    pipe,
+    n: int = 100,
+    seed: int = 0,
+    timesteps: Sequence[int] = (999, 800, 600),
+    *,
+    text_only: bool = False,
+    batch_size: int = 128,
 ) -> dict:
     """What a pipeline's decoder reads from its caption: for `n` val scenes and each caption wrong in one thing
     (`CORRUPTIONS`), how far the decoder's prediction of the clean image moves when the wrong caption replaces
@@ -541,18 +547,25 @@ def probe_decoder_caption(
     right = pipe.encode_text([scenes[i][1] for i in index])
     wrong = pipe.encode_text([w for _, _, w in mismatches])
     kinds = [kind for _, kind, _ in mismatches]
-    drop = torch.tensor([[text_only, False]], device=pipe.device).expand(len(index), 2)  # (image, text)
+
+    def predict_x0(rows: slice, text, t: int) -> Tensor:
+        i = index[rows]
+        tt = torch.full((len(i),), t, device=pipe.device)
+        x_t = diffusion.q_sample(renders[i].to(pipe.device), tt, noise[i].to(pipe.device))
+        cond = decoder_cond(embeds[i], text.tokens[rows], text.mask[rows], config, text_words=text.words[rows])
+        drop = torch.tensor([[text_only, False]], device=pipe.device).expand(len(i), 2)  # (image, text)
+        with pipe._autocast():
+            out = model(x_t, tt, **cond, cond_drop=drop).float()
+        return diffusion.predict_x0(x_t, tt, diffusion.split_output(out, x_t)[0])
+
     change = {}
     for t in timesteps:
-        tt = torch.full((len(index),), int(t), device=pipe.device)
-        x_t = diffusion.q_sample(renders[index].to(pipe.device), tt, noise[index].to(pipe.device))
-        x_0 = []
-        for text in (right, wrong):
-            cond = decoder_cond(embeds[index], text.tokens, text.mask, config, text_words=text.words)
-            with pipe._autocast():
-                out = model(x_t, tt, **cond, cond_drop=drop).float()
-            x_0.append(diffusion.predict_x0(x_t, tt, diffusion.split_output(out, x_t)[0]))
-        change[str(t)] = _mean_by_kind((x_0[0] - x_0[1]).pow(2).flatten(1).mean(1).sqrt(), kinds)
+        rms = []
+        for start in range(0, len(index), batch_size):
+            rows = slice(start, start + batch_size)
+            delta = predict_x0(rows, right, int(t)) - predict_x0(rows, wrong, int(t))
+            rms.append(delta.pow(2).flatten(1).mean(1).sqrt().cpu())
+        change[str(t)] = _mean_by_kind(torch.cat(rms), kinds)
     return {
         "n": n,
         "n_mismatched": len(mismatches),
