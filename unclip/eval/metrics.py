@@ -404,7 +404,7 @@ def evaluate_shapes(
 def oracle_image_embeds(clip, prompts: Sequence[str], *, seed: int, batch_size: int = 64) -> Tensor:
     """(B, D) normalised CLIP image embeddings of exact renders of shapes prompts (scene i drawn by
     random.Random(f"oracle/{seed}/{i}")), at the CLIP's input size: what a perfect prior would sample."""
-    size = clip.image_size if isinstance(clip.image_size, int) else clip.image_size[0]
+    size = _input_size(clip)
     renders = [render_prompt(p, size, random.Random(f"oracle/{seed}/{i}")) for i, p in enumerate(prompts)]
     with torch.no_grad():
         return torch.cat(
@@ -487,20 +487,17 @@ def probe_clip(clip, n: int = 300, seed: int = 0, *, batch_size: int = 64) -> di
     if n < 2:
         raise ValueError(f"n must be >= 2, got {n}")
     scenes, mismatches = mismatched_captions(n, seed)
-    size = clip.image_size if isinstance(clip.image_size, int) else clip.image_size[0]
+    size = _input_size(clip)
     with torch.no_grad():
         images = embed_images(clip, [render_scene(scene, size) for scene, _ in scenes], batch_size=batch_size)
         right = (images * embed_prompts(clip, [caption for _, caption in scenes])).sum(-1)
         wrong = (images[[i for i, _, _ in mismatches]] * embed_prompts(clip, [w for _, _, w in mismatches])).sum(-1)
-    preferred = (right[[i for i, _, _ in mismatches]] > wrong).tolist()
-    by_kind: dict[str, list[bool]] = {}
-    for (_, kind, _), ok in zip(mismatches, preferred, strict=True):
-        by_kind.setdefault(kind, []).append(ok)
+    preferred = (right[[i for i, _, _ in mismatches]] > wrong).float()
     return {
         "n": n,
         "n_mismatched": len(mismatches),
-        "preferred": sum(preferred) / len(preferred),
-        "preferred_by_kind": {kind: sum(v) / len(v) for kind, v in by_kind.items()},
+        "preferred": preferred.mean().item(),
+        "preferred_by_kind": _mean_by_kind(preferred, [kind for _, kind, _ in mismatches]),
     }
 
 
@@ -540,8 +537,9 @@ def probe_decoder_caption(
         raise ValueError(f"timesteps must be in [0, {diffusion.num_timesteps - 1}], got {bad}")
     scenes, mismatches = mismatched_captions(n, seed)
     index = [i for i, _, _ in mismatches]
-    clip_size = pipe.clip.image_size if isinstance(pipe.clip.image_size, int) else pipe.clip.image_size[0]
-    embeds = pipe.clip.embed_image([render_scene(scene, clip_size) for scene, _ in scenes], normalize=True)
+    size = _input_size(pipe.clip)
+    embeds = embed_images(pipe.clip, [render_scene(scene, size) for scene, _ in scenes], batch_size=batch_size)
+    embeds = embeds.to(pipe.device)
     renders = torch.stack([from_pil(render_scene(scene, config.image_size)) for scene, _ in scenes])
     noise = torch.randn(renders.shape, generator=torch.Generator().manual_seed(seed))
     right = pipe.encode_text([scenes[i][1] for i in index])
@@ -573,6 +571,11 @@ def probe_decoder_caption(
         "text_only": text_only,
         "prediction_change": change,
     }
+
+
+def _input_size(clip) -> int:
+    """The side of the square images a CLIP takes."""
+    return clip.image_size if isinstance(clip.image_size, int) else clip.image_size[0]
 
 
 def _mean_by_kind(values: Tensor, kinds: Sequence[str]) -> dict[str, float]:
