@@ -284,6 +284,24 @@ def test_evaluate_shapes_end_to_end():
     assert white["clip_frechet_distance"] > results["clip_frechet_distance"]
 
 
+def test_evaluate_shapes_on_some_sets_gives_them_the_full_runs_prompts_and_seeds(monkeypatch, capsys):
+    full_pipe, pipe = RenderPipeline(), RenderPipeline()
+    full = metrics.evaluate_shapes(full_pipe, PixelEvaluator(), n=4, seed=2, batch_size=3)
+    part = metrics.evaluate_shapes(pipe, PixelEvaluator(), n=4, seed=2, batch_size=3, sets=["relational"])
+    assert set(part["sets"]) == {"relational", "all", "real"} and part["settings"]["sets"] == ["relational"]
+    assert part["sets"]["relational"] == full["sets"]["relational"]
+    assert [c["seed"] for c in pipe.calls] == [c["seed"] for c in full_pipe.calls[2:4]] == [6, 9]  # set 1 of 3
+    assert len(pipe.calls) == 2 and "clip_frechet_distance" not in part  # it needs single and relational
+    with pytest.raises(ValueError, match="sets must name some of single, relational, held_out"):
+        metrics.evaluate_shapes(pipe, None, n=2, sets=["double"])
+    monkeypatch.setattr(cli, "load_pipeline", lambda path, device: pipe)
+    results = cli.main(["shapes", "--pipeline", "p", "--n", "2", "--sets", "single", "held_out"])
+    assert set(results["sets"]) == {"single", "held_out", "all", "real"}
+    with pytest.raises(SystemExit):
+        cli.main(["shapes", "--pipeline", "p", "--sets", "double"])
+    assert "invalid choice: 'double'" in capsys.readouterr().err
+
+
 class RegistryClip:
     """A fake CLIP whose image embedding is the image's index in a registry of every image it embedded."""
 

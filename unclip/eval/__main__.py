@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from unclip.config import DataConfig, from_dict, load_config
+from unclip.data.shapes import PromptSets
 from unclip.diffusion import SAMPLERS
 from unclip.eval.metrics import (
     evaluate_openmoji,
@@ -81,6 +82,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                 action="store_true",
                 help="decode the pipeline CLIP's image embeddings of exact renders of the prompts instead of the "
                 "prior's: the decoder's accuracy under a perfect prior",
+            )
+            p.add_argument(
+                "--sets",
+                nargs="+",
+                choices=PromptSets._fields,
+                help="evaluate only these prompt sets, with the prompts and seeds a full run gives them (default: "
+                "all three; the Fréchet distance needs single and relational)",
             )
         for stage in ("prior", "decoder"):
             p.add_argument(
@@ -233,8 +241,8 @@ def main(argv=None) -> dict:
             options.update(stage_overrides(args))
             if args.command == "openmoji":
                 options["val_size"] = args.val_size
-            elif args.oracle:
-                options["oracle"] = True
+            else:
+                options.update(oracle=args.oracle, sets=args.sets)
             results = SUITES[args.command](pipe, evaluator, args.n, args.seed, **options)
         except ValueError as e:
             sys.exit(f"error: {e}")

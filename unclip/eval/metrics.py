@@ -27,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from unclip.data.openmoji import OpenMojiDataset
-from unclip.data.shapes import ShapesDataset, prompt_sets, render_scene
+from unclip.data.shapes import PromptSets, ShapesDataset, prompt_sets, render_scene
 from unclip.eval.shapes_checker import CheckResult, check, mismatched_captions, render_prompt
 from unclip.imageio import from_pil
 from unclip.sampling import decoder_cond
@@ -318,6 +318,7 @@ def evaluate_shapes(
     decoder: dict | None = None,
     oracle: bool = False,
     candidates: int | None = None,
+    sets: Sequence[str] | None = None,
     progress: bool = False,
 ) -> dict:
     """The `shapes` suite: compositional accuracy, CLIP score and retrieval, Fréchet distance in CLIP space.
@@ -343,6 +344,9 @@ def evaluate_shapes(
             which tells the two stages' errors apart.
         candidates: keep the best of this many images per prompt by the pipeline's CLIP (its reranking);
             default the pipeline's decoder.candidates.
+        sets: evaluate only these of "single", "relational", "held_out" (default all), with the prompts and
+            seeds a full run gives them, so a set's numbers equal the full run's. The Fréchet distance needs
+            both single and relational.
 
     Returns:
         {"suite", "settings", "sets": {name: {"n", "accuracy", ..., "clip_score", "retrieval_*"}},
@@ -352,6 +356,9 @@ def evaluate_shapes(
         raise ValueError(f"n must be >= 1, got {n}")
     if oracle and not use_prior:
         raise ValueError("oracle decodes true image embeddings instead of the prior's; it excludes use_prior=False")
+    names = list(PromptSets._fields)
+    if sets is not None and (not sets or set(sets) - set(names)):
+        raise ValueError(f"sets must name some of {', '.join(names)}; got {list(sets)}")
     candidates = resolve_candidates(pipe, decoder, candidates)
     options = dict(
         size=size,
@@ -364,6 +371,8 @@ def evaluate_shapes(
     )
     scored = {}
     for k, (name, prompts) in enumerate(prompt_sets(n, seed)._asdict().items()):
+        if sets is not None and name not in sets:
+            continue
         if oracle:
             options["image_embeds"] = oracle_image_embeds(pipe.clip, prompts, seed=seed + k * n)
         batches = generate(pipe, prompts, seed=seed + k * n * candidates, desc=name, **options)
@@ -388,11 +397,12 @@ def evaluate_shapes(
             prior=prior,
             decoder=decoder,
             candidates=candidates,
+            **({"sets": [name for name in names if name in sets]} if sets is not None else {}),
             **({"image_embeds": "oracle: the pipeline CLIP's embeddings of exact renders"} if oracle else {}),
         ),
         "sets": {name: {**summarize_checks(s["checks"]), **_clip_metrics(s)} for name, s in scored.items()},
     }
-    if evaluator is not None:
+    if evaluator is not None and {"single", "relational"} <= set(scored):
         fake = torch.cat([scored["single"]["image_embeds"], scored["relational"]["image_embeds"]])
         results["clip_frechet_distance"] = embedding_frechet_distance(scored["real"]["image_embeds"], fake)
         results["clip_frechet_distance_note"] = (
