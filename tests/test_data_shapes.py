@@ -17,11 +17,13 @@ from unclip.data.shapes import (
     ShapeObject,
     ShapesDataset,
     caption_scene,
+    hard_negatives,
     parse_caption,
     prompt_sets,
     relation_holds,
     render_scene,
     sample_scene,
+    satisfies,
 )
 
 
@@ -161,6 +163,64 @@ def test_bad_options():
         ShapesDataset(two_object_prob=1.5)
     with pytest.raises(ValueError, match="valid names: shapes"):
         build_dataset(DataConfig(dataset="nope"))
+    with pytest.raises(ValueError, match="hard_negatives must be a list of kinds.*relation, swap"):
+        ShapesDataset(hard_negatives=["relation", "texture"])
+    with pytest.raises(ValueError, match="hard_negatives must be a list"):
+        ShapesDataset(hard_negatives="relation")
+
+
+def test_satisfies():
+    a, b = ShapeObject("red", "circle", "small", 0.2, 0.5), ShapeObject("blue", "square", "large", 0.7, 0.5)
+    scene = Scene((a, b), "to the left of")
+    assert satisfies(scene, parse_caption("a red circle to the left of a large blue square"))
+    assert satisfies(scene, parse_caption("a blue square to the right of a small red circle"))  # the other order
+    assert not satisfies(scene, parse_caption("a red circle to the right of a blue square"))
+    assert not satisfies(scene, parse_caption("a blue square to the left of a red circle"))
+    assert not satisfies(scene, parse_caption("a large red circle to the left of a blue square"))
+    assert not satisfies(scene, parse_caption("a red circle"))
+    assert satisfies(Scene((a,)), parse_caption("a small red circle"))
+
+
+def test_hard_negatives_are_wrong_only_where_asked(scenes):
+    kinds = ["relation", "swap", "binding"]
+    rng = random.Random(0)
+    seen = {kind: 0 for kind in kinds}
+    for scene in scenes[:200]:
+        caption = caption_scene(scene, rng)
+        negatives = hard_negatives(scene, caption, kinds, rng)
+        assert len(negatives) == len(kinds)
+        if len(scene.objects) == 1:
+            assert negatives == [None, None, None]
+            continue
+        spec = parse_caption(caption)
+        for kind, wrong in zip(kinds, negatives, strict=True):
+            if wrong is None:
+                continue
+            seen[kind] += 1
+            assert not satisfies(scene, parse_caption(wrong)), (caption, kind, wrong)
+            other = parse_caption(wrong)
+            if kind == "relation":
+                assert other.objects == spec.objects and other.relation != spec.relation
+            elif kind == "swap":
+                assert other.objects == spec.objects[::-1] and other.relation == spec.relation
+            else:
+                assert [o.shape for o in other.objects] == [o.shape for o in spec.objects]
+                assert [o.color for o in other.objects] == [o.color for o in spec.objects][::-1]
+        same_color = scene.objects[0].color == scene.objects[1].color
+        assert (negatives[2] is None) == same_color  # trading equal colours changes nothing
+    assert min(seen.values()) > 50, seen
+
+
+def test_dataset_items_hold_their_hard_negatives():
+    dataset = ShapesDataset(image_size=16, two_object_prob=1.0, hard_negatives=["relation", "swap"])
+    item = dataset[3]
+    scene, caption = dataset.scene(3)
+    assert item["caption"] == caption and len(item["negatives"]) == 2
+    assert item["negatives"] == dataset[3]["negatives"]  # item i is always the same
+    assert all(n is None or not satisfies(scene, parse_caption(n)) for n in item["negatives"])
+    batch = collate([dataset[i] for i in range(4)])
+    assert len(batch["negatives"]) == 4 and all(len(n) == 2 for n in batch["negatives"])
+    assert "negatives" not in ShapesDataset(image_size=16)[0]
 
 
 def test_build_dataset():

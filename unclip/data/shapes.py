@@ -20,7 +20,7 @@ import io
 import itertools
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -275,6 +275,78 @@ def parse_caption(text: str) -> SceneSpec:
     return SceneSpec(tuple(objects), relation)
 
 
+def format_spec(spec: SceneSpec) -> str:
+    """The caption of a SceneSpec, as `caption_scene` writes it."""
+    words = [" ".join(w for w in ("a", o.size, o.color, o.shape) if w) for o in spec.objects]
+    return words[0] if len(words) == 1 else f"{words[0]} {spec.relation} {words[1]}"
+
+
+# ways to make a caption wrong (see `corrupt_caption`); "other" is another scene's caption
+CORRUPTIONS = ("color", "shape", "size", "count", "relation", "swap", "binding", "other")
+
+
+def _other(options, current, rng: random.Random):
+    return rng.choice([o for o in options if o != current])
+
+
+def corrupt_caption(scene: Scene, caption: str, kind: str, rng: random.Random) -> str | None:
+    """Change one thing in a scene's caption: "color", "shape", "size" (flip or add a size word), "count"
+    (add or drop the second object), and for two objects only (None otherwise) "relation" (another one),
+    "swap" (the two objects trade places in the caption) or "binding" (they trade colours)."""
+    spec = parse_caption(caption)
+    objects = list(spec.objects)
+    i = rng.randrange(len(objects))
+    if kind in ("swap", "binding") and len(objects) == 1:
+        return None
+    if kind == "swap":
+        return format_spec(SceneSpec(tuple(objects[::-1]), spec.relation))
+    if kind == "binding":
+        a, b = objects
+        return format_spec(SceneSpec((replace(a, color=b.color), replace(b, color=a.color)), spec.relation))
+    if kind == "color":
+        objects[i] = replace(objects[i], color=_other(COLORS, objects[i].color, rng))
+    elif kind == "shape":
+        objects[i] = replace(objects[i], shape=_other(SHAPES, objects[i].shape, rng))
+    elif kind == "size":
+        objects[i] = replace(objects[i], size=_other(SIZES, scene.objects[i].size, rng))
+    elif kind == "relation":
+        if spec.relation is None:
+            return None
+        return format_spec(SceneSpec(spec.objects, _other(RELATIONS, spec.relation, rng)))
+    elif kind == "count":
+        if len(objects) == 2:
+            return format_spec(SceneSpec(objects[:1]))
+        extra = ObjectSpec(rng.choice(list(COLORS)), rng.choice(SHAPES))
+        return format_spec(SceneSpec((objects[0], extra), rng.choice(RELATIONS)))
+    else:
+        raise ValueError(f"unknown corruption {kind!r}; valid: {', '.join(CORRUPTIONS[:-1])}")
+    return format_spec(SceneSpec(tuple(objects), spec.relation))
+
+
+def satisfies(scene: Scene, spec: SceneSpec) -> bool:
+    """Whether `scene` is one that `spec` describes: as many objects, in an order whose colours, shapes and
+    named sizes are the ones asked for and that holds the relation."""
+    if len(scene.objects) != len(spec.objects):
+        return False
+    for objects in itertools.permutations(scene.objects):
+        pairs = zip(objects, spec.objects, strict=True)
+        if all(o.color == s.color and o.shape == s.shape and s.size in (None, o.size) for o, s in pairs):
+            if spec.relation is None or relation_holds(*objects, spec.relation):
+                return True
+    return False
+
+
+def hard_negatives(scene: Scene, caption: str, kinds, rng: random.Random) -> list[str | None]:
+    """For each kind in `kinds` (CORRUPTIONS but "other"), the caption made wrong in that one thing, or None
+    where the kind does not apply (a relation for one object) or the changed caption still describes the
+    scene (a relation that also holds, a swap of two identical objects)."""
+    negatives = []
+    for kind in kinds:
+        wrong = corrupt_caption(scene, caption, kind, rng)
+        negatives.append(None if wrong is None or satisfies(scene, parse_caption(wrong)) else wrong)
+    return negatives
+
+
 class PromptSets(NamedTuple):
     single: list[str]  # one object, allowed pairs
     relational: list[str]  # two objects and a relation, allowed pairs
@@ -327,7 +399,8 @@ class ShapesDataset(Dataset):
     """Map-style dataset of procedural scenes, generated on demand: item i is always the same scene.
 
     Items: {"image": (3, S, S) in [-1, 1], "caption": str, "scene": Scene.to_dict(), ["low_res": (3, s, s)
-    rendered exactly at the low resolution]}. Use `unclip.data.collate` to keep "scene" as a list.
+    rendered exactly at the low resolution], ["negatives": list of str | None]}. Use `unclip.data.collate` to
+    keep "scene" and "negatives" as lists.
 
     Args:
         image_size: side of the rendered images, in pixels.
@@ -338,6 +411,9 @@ class ShapesDataset(Dataset):
         two_object_prob: chance of a two-object scene.
         size_word_prob: chance of naming each object's size in the caption.
         split: "train", or "val": `val_size` scenes from a separate seed stream.
+        hard_negatives: kinds of wrong caption (CORRUPTIONS but "other", e.g. ["relation", "swap"]); items then
+            hold "negatives", one caption per kind, None where it does not apply (`hard_negatives`). A CLIP
+            trained against them must tell the scene from one that differs only there (`train/clip.py`).
     """
 
     def __init__(
@@ -352,8 +428,16 @@ class ShapesDataset(Dataset):
         size_word_prob: float = 0.5,
         split: str = "train",
         val_size: int = 64,
+        hard_negatives=(),
     ):
         check_split(split)
+        unknown = [k for k in hard_negatives if k not in CORRUPTIONS[:-1]]
+        if isinstance(hard_negatives, str) or unknown:
+            raise ValueError(
+                f"hard_negatives must be a list of kinds of wrong caption from {', '.join(CORRUPTIONS[:-1])}; "
+                f"got {hard_negatives!r}"
+            )
+        self.hard_negatives = list(hard_negatives)
         for name, p in (("two_object_prob", two_object_prob), ("size_word_prob", size_word_prob)):
             if not 0 <= p <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
@@ -383,4 +467,7 @@ class ShapesDataset(Dataset):
         item["scene"] = scene.to_dict()
         if self.low_res_size is not None:
             item["low_res"] = to_tensor(render_scene(scene, self.low_res_size))
+        if self.hard_negatives:
+            rng = random.Random(f"shapes/{self.split}/{self.seed}/{index}/negatives")
+            item["negatives"] = hard_negatives(scene, caption, self.hard_negatives, rng)
         return item

@@ -40,7 +40,7 @@ import itertools
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -52,16 +52,15 @@ from tqdm.auto import tqdm
 from unclip.data.degrade import gaussian_blur
 from unclip.data.shapes import (
     COLORS,
+    CORRUPTIONS,
     MAX_TRIES,
-    RELATIONS,
-    SHAPES,
     SIZES,
-    ObjectSpec,
     Scene,
     SceneSpec,
     ShapesDataset,
     _disjoint,  # the dataset's own placement rules, so that render_prompt draws scenes as training does
     _place,
+    corrupt_caption,
     parse_caption,
     relation_holds,
     render_scene,
@@ -316,12 +315,6 @@ def check(image: Image.Image | Tensor, prompt: str) -> CheckResult:
 # ---- prompts <-> scenes, for tests and validation ----
 
 
-def format_spec(spec: SceneSpec) -> str:
-    """The caption of a SceneSpec, as `caption_scene` writes it."""
-    words = [" ".join(w for w in ("a", o.size, o.color, o.shape) if w) for o in spec.objects]
-    return words[0] if len(words) == 1 else f"{words[0]} {spec.relation} {words[1]}"
-
-
 def scene_for_prompt(prompt: str, rng) -> Scene:
     """A random scene that satisfies a shapes caption, placed as `sample_scene` places objects; sizes the
     caption leaves out are drawn uniformly. `rng` is a random.Random or a numpy Generator."""
@@ -337,48 +330,6 @@ def scene_for_prompt(prompt: str, rng) -> Scene:
 def render_prompt(prompt: str, size: int, rng) -> Image.Image:
     """An exact render of a random scene that satisfies `prompt` (a perfect generator, for tests)."""
     return render_scene(scene_for_prompt(prompt, rng), size)
-
-
-# ways to make a caption wrong (see `corrupt_caption`); "other" is another scene's caption
-CORRUPTIONS = ("color", "shape", "size", "count", "relation", "swap", "binding", "other")
-
-
-def _other(options, current, rng: random.Random):
-    return rng.choice([o for o in options if o != current])
-
-
-def corrupt_caption(scene: Scene, caption: str, kind: str, rng: random.Random) -> str | None:
-    """Change one thing in a scene's caption: "color", "shape", "size" (flip or add a size word), "count"
-    (add or drop the second object), and for two objects only (None otherwise) "relation" (another one),
-    "swap" (the two objects trade places in the caption) or "binding" (they trade colours)."""
-    spec = parse_caption(caption)
-    objects = list(spec.objects)
-    i = rng.randrange(len(objects))
-    if kind in ("swap", "binding") and len(objects) == 1:
-        return None
-    if kind == "swap":
-        return format_spec(SceneSpec(tuple(objects[::-1]), spec.relation))
-    if kind == "binding":
-        a, b = objects
-        return format_spec(SceneSpec((replace(a, color=b.color), replace(b, color=a.color)), spec.relation))
-    if kind == "color":
-        objects[i] = replace(objects[i], color=_other(COLORS, objects[i].color, rng))
-    elif kind == "shape":
-        objects[i] = replace(objects[i], shape=_other(SHAPES, objects[i].shape, rng))
-    elif kind == "size":
-        objects[i] = replace(objects[i], size=_other(SIZES, scene.objects[i].size, rng))
-    elif kind == "relation":
-        if spec.relation is None:
-            return None
-        return format_spec(SceneSpec(spec.objects, _other(RELATIONS, spec.relation, rng)))
-    elif kind == "count":
-        if len(objects) == 2:
-            return format_spec(SceneSpec(objects[:1]))
-        extra = ObjectSpec(rng.choice(list(COLORS)), rng.choice(SHAPES))
-        return format_spec(SceneSpec((objects[0], extra), rng.choice(RELATIONS)))
-    else:
-        raise ValueError(f"unknown corruption {kind!r}; valid: {', '.join(CORRUPTIONS[:-1])}")
-    return format_spec(SceneSpec(tuple(objects), spec.relation))
 
 
 def degrade(image: Image.Image, sigma: float, noise: float, generator: torch.Generator) -> Tensor:

@@ -8,6 +8,15 @@ preprocessing that the exported CLIP records and `ClipAdapter.embed_image` appli
 mean/std), captions through the model's own tokenizer. No augmentation: random crops would move the shapes
 and break the captions' positions and relations.
 
+Hard negatives. In a batch of random captions, a CLIP can match every image to its caption by colours and
+shapes alone, so nothing makes it see a relation or which object comes first: the shapes CLIP trained so
+scores "A above B" over "A below B" at chance (`python -m unclip.eval clip`). When the dataset's items hold
+"negatives" (`data.options.hard_negatives`, e.g. [relation, swap]: the caption made wrong in that one thing),
+each image is also scored against its own caption and its negatives, a softmax over those alone, and that
+cross-entropy is added to the contrastive loss (NegCLIP, Yuksekgonul et al. 2023, adds such captions to
+the contrastive softmax instead; the separate term keeps open_clip's gathered loss as it is). Validation then
+reports how often the caption beats each of its negatives, per kind.
+
 Validation reports zero-shot retrieval among the pairs of the validation split (`data.val_size`, never
 trained on), text -> image and image -> text top-1 and top-5, for the online and the EMA model, and the
 contrastive loss over the whole validation set at once (so it depends on val_size, not on the batch size). The
@@ -61,7 +70,8 @@ class ClipTask:
         self.collate_fn = collate
         self.device = torch.device("cpu")
         self.contrastive_loss = contrastive_loss()
-        self._val: tuple[Tensor, list[str]] | None = None
+        self._val: dict | None = None
+        self.negative_kinds = list(getattr(self.train_dataset, "hard_negatives", []))
 
     def setup(self, device: torch.device) -> None:
         self.device = device
@@ -75,17 +85,32 @@ class ClipTask:
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[Tensor, dict[str, float]]:
         pixels, ids = self.inputs(batch["image"], batch["caption"])
-        image_features, text_features, logit_scale = model(image=pixels, text=ids)[:3]  # (B, D), (B, D), ()
+        rows, slots, negatives = _flatten_negatives(batch.get("negatives"))
+        if negatives:  # one forward for captions and negatives, so that a DDP-wrapped model sees one call
+            ids = torch.cat([ids, self.tokenizer(negatives).to(self.device)])
+        image_features, text_features, logit_scale = model(image=pixels, text=ids)[:3]  # (B, D), (B + N, D), ()
         logit_scale = logit_scale.clamp(max=MAX_LOGIT_SCALE)
-        loss = self.contrastive_loss(image_features, text_features, logit_scale)
-        return loss, {"logit_scale": logit_scale.item()}
+        b = len(pixels)
+        loss = self.contrastive_loss(image_features, text_features[:b], logit_scale)
+        logs = {"logit_scale": logit_scale.item()}
+        if negatives:
+            hard, beaten = hard_negative_loss(
+                image_features, text_features[:b], text_features[b:], rows, slots, logit_scale
+            )
+            loss = loss + hard
+            logs.update(hard_negative_loss=hard.item(), hard_negative_acc=beaten.float().mean().item())
+        return loss, logs
 
     # ---- evaluation ----
 
-    def _val_pairs(self) -> tuple[Tensor, list[str]]:
+    def _val_pairs(self) -> dict:
         if self._val is None:
             batches = list(DataLoader(self.val_dataset, batch_size=EVAL_BATCH, collate_fn=collate))
-            self._val = torch.cat([b["image"] for b in batches]), [c for b in batches for c in b["caption"]]
+            self._val = {
+                "images": torch.cat([b["image"] for b in batches]),
+                "captions": [c for b in batches for c in b["caption"]],
+                "negatives": [n for b in batches for n in b.get("negatives", [])],
+            }
         return self._val
 
     @torch.no_grad()
@@ -101,17 +126,82 @@ class ClipTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, ema_model: nn.Module) -> dict[str, float]:
-        images, captions = self._val_pairs()
+        val = self._val_pairs()
+        images, captions = val["images"], val["captions"]
+        rows, slots, negatives = _flatten_negatives(val["negatives"] or None)
         metrics = {}
         for prefix, m in (("val", model), ("val_ema", ema_model)):
             image_features, text_features, logit_scale = self.encode(m, images, captions)
             metrics[f"{prefix}/loss"] = contrastive_loss()(image_features, text_features, logit_scale).item()
             retrieval = retrieval_metrics(image_features, text_features, captions)
             metrics.update({f"{prefix}/{k}": v for k, v in retrieval.items()})
+            if negatives:
+                negative_features = torch.cat(
+                    [
+                        m.encode_text(self.tokenizer(negatives[i : i + EVAL_BATCH]).to(self.device), normalize=True)
+                        for i in range(0, len(negatives), EVAL_BATCH)
+                    ]
+                ).float()
+                _, beaten = hard_negative_loss(
+                    image_features, text_features, negative_features, rows, slots, logit_scale
+                )
+                for slot, kind in enumerate(self.negative_kinds):
+                    if (slots == slot).any():
+                        metrics[f"{prefix}/beats_{kind}"] = beaten[slots == slot].float().mean().item()
         return metrics
 
     def export(self, model: nn.Module, directory: Path) -> None:
         save_clip(model, self.model_config, directory, preprocess_cfg=self.preprocess_cfg)
+
+
+def _flatten_negatives(negatives: list[list[str | None]] | None) -> tuple[Tensor, Tensor, list[str]]:
+    """A batch's per-item hard negatives (None where a kind does not apply) as flat lists: for each negative
+    caption, the row of its image and the slot (its kind's index)."""
+    rows, slots, texts = [], [], []
+    for row, item in enumerate(negatives or []):
+        for slot, text in enumerate(item):
+            if text is not None:
+                rows.append(row)
+                slots.append(slot)
+                texts.append(text)
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(slots, dtype=torch.long), texts
+
+
+def hard_negative_loss(
+    image_features: Tensor,
+    text_features: Tensor,
+    negative_features: Tensor,
+    rows: Tensor,
+    slots: Tensor,
+    logit_scale: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Each image against its own caption and the hard negatives made from that caption.
+
+    Args:
+        image_features, text_features: (B, D) L2-normalised features of the pairs.
+        negative_features: (N, D) L2-normalised features of the negative captions.
+        rows, slots: (N,) the image each negative belongs to, and its kind's index (one negative per kind).
+        logit_scale: the exponentiated temperature.
+
+    Returns:
+        (the mean over images with at least one negative of the cross-entropy of a softmax over the caption
+        and that image's negatives, (N,) bool: whether the caption scored higher than each negative).
+    """
+    rows, slots = rows.to(image_features.device), slots.to(image_features.device)
+    positive = (image_features * text_features).sum(-1)  # (B,)
+    negative = (image_features[rows] * negative_features).sum(-1)  # (N,)
+    shape = (len(positive), 1 + int(slots.max()) + 1)  # column 0: the caption; 1 + slot: a negative
+    logits = positive.new_zeros(shape)
+    logits[:, 0] = positive
+    logits[rows, 1 + slots] = negative
+    valid = torch.zeros(shape, dtype=torch.bool, device=positive.device)
+    valid[:, 0] = True
+    valid[rows, 1 + slots] = True
+    logits = (logit_scale * logits).masked_fill(~valid, float("-inf"))  # after scaling: -inf * 0 would be NaN
+    has = valid[:, 1:].any(dim=1)
+    target = torch.zeros(int(has.sum()), dtype=torch.long, device=positive.device)
+    loss = F.cross_entropy(logits[has], target)
+    return loss, positive[rows] > negative
 
 
 def retrieval_metrics(
