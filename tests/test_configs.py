@@ -20,5 +20,7 @@ def test_config_loads(path):
     assert config.kind in path  # configs/<kind>/...; inpaint configs live with the decoder's
     assert config.train.output_dir.startswith("runs/")
     if config.kind in ("prior", "decoder", "inpaint") and config.clip.checkpoint:
-        # the conditioning CLIP a stage names must be the one its model is sized for
-        assert re.fullmatch(r"models/\w+/clip", config.clip.checkpoint), config.clip.checkpoint
+        # the conditioning CLIP a stage names must be a bundled one, or the export of a committed CLIP config
+        clip_runs = {f"{c.train.output_dir}/export" for c in map(load_config, CONFIGS) if c.kind == "clip"}
+        checkpoint = config.clip.checkpoint
+        assert re.fullmatch(r"models/\w+/clip", checkpoint) or checkpoint in clip_runs, checkpoint
