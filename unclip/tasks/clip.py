@@ -14,8 +14,9 @@ scores "A above B" over "A below B" at chance (`python -m unclip.eval clip`). Wh
 "negatives" (`data.options.hard_negatives`, e.g. [relation, swap]: the caption made wrong in that one thing),
 each image is also scored against its own caption and its negatives, a softmax over those alone, and that
 cross-entropy is added to the contrastive loss (NegCLIP, Yuksekgonul et al. 2023, adds such captions to
-the contrastive softmax instead; the separate term keeps open_clip's gathered loss as it is). Validation then
-reports how often the caption beats each of its negatives, per kind.
+the contrastive softmax instead; the separate term keeps open_clip's gathered loss as it is). With several
+processes each computes the term over its own images. Validation then reports how often the caption beats
+each of its negatives, per kind.
 
 Validation reports zero-shot retrieval among the pairs of the validation split (`data.val_size`, never
 trained on), text -> image and image -> text top-1 and top-5, for the online and the EMA model, and the
@@ -197,7 +198,8 @@ def hard_negative_loss(
     valid = torch.zeros(shape, dtype=torch.bool, device=positive.device)
     valid[:, 0] = True
     valid[rows, 1 + slots] = True
-    logits = (logit_scale * logits).masked_fill(~valid, float("-inf"))  # after scaling: -inf * 0 would be NaN
+    # mask after scaling: a -inf scaled by logit_scale would give the scale a NaN gradient
+    logits = (logit_scale * logits).masked_fill(~valid, float("-inf"))
     has = valid[:, 1:].any(dim=1)
     target = torch.zeros(int(has.sum()), dtype=torch.long, device=positive.device)
     loss = F.cross_entropy(logits[has], target)
