@@ -11,7 +11,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from unclip.data.shapes import COLORS, SHAPES, Scene, ShapeObject, parse_caption, render_scene
+from unclip.data.shapes import (
+    COLORS,
+    SHAPES,
+    Scene,
+    ShapeObject,
+    ShapesDataset,
+    parse_caption,
+    render_scene,
+    satisfies,
+)
 from unclip.eval import __main__ as cli
 from unclip.eval import metrics
 from unclip.eval.shapes_checker import (
@@ -187,6 +196,18 @@ def test_corrupt_caption_changes_the_caption():
 
 
 # ---- metrics ----
+
+
+def test_the_checker_and_satisfies_agree_on_exact_scenes():
+    """The training negatives and the probes' wrong captions use `satisfies`; the checker its own `match`."""
+    dataset, rng = ShapesDataset(split="val", val_size=100), random.Random(1)
+    for i in range(100):
+        scene, caption = dataset.scene(i)
+        for kind in CORRUPTIONS[:-1]:
+            wrong = corrupt_caption(scene, caption, kind, rng)
+            if wrong is not None:
+                spec = parse_caption(wrong)
+                assert satisfies(scene, spec) == all(v is not False for v in match(scene.objects, spec).values())
 
 
 def test_frechet_distance_is_zero_for_identical_sets_and_grows_with_a_mean_shift():

@@ -64,6 +64,7 @@ from unclip.data.shapes import (
     parse_caption,
     relation_holds,
     render_scene,
+    satisfies,
 )
 
 WORK_SIZE = 128  # larger images are area-downsampled to this side first: faster, and as accurate
@@ -353,7 +354,7 @@ def mismatched_captions(n: int, seed: int = 0) -> tuple[list[tuple[Scene, str]],
                 wrong = scenes[(i + 1 + rng.randrange(n - 1)) % n][1] if n > 1 else None
             else:
                 wrong = corrupt_caption(scene, caption, kind, rng)
-            if wrong is not None and not _all_ok(match(scene.objects, parse_caption(wrong)).values()):
+            if wrong is not None and not satisfies(scene, parse_caption(wrong)):
                 mismatches.append((i, kind, wrong))
     return scenes, mismatches
 

@@ -79,10 +79,13 @@ class ClipTask:
         if dist.is_available() and dist.is_initialized():
             self.contrastive_loss = contrastive_loss(rank=dist.get_rank(), world_size=dist.get_world_size())
 
+    def pixels(self, images: Tensor) -> Tensor:
+        """Preprocessed pixels (B, 3, S, S) from images in [-1, 1]."""
+        return self.preprocess((images.float().to(self.device) + 1) / 2)
+
     def inputs(self, images: Tensor, captions: list[str]) -> tuple[Tensor, Tensor]:
         """Model inputs: preprocessed pixels (B, 3, S, S) from images in [-1, 1], and (B, L) token ids."""
-        pixels = self.preprocess((images.float().to(self.device) + 1) / 2)
-        return pixels, self.tokenizer(list(captions)).to(self.device)
+        return self.pixels(images), self.tokenizer(list(captions)).to(self.device)
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[Tensor, dict[str, float]]:
         pixels, ids = self.inputs(batch["image"], batch["caption"])
@@ -117,13 +120,19 @@ class ClipTask:
     @torch.no_grad()
     def encode(self, model: nn.Module, images: Tensor, captions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         """L2-normalised image and text features (N, D) and the clamped logit scale, in chunks."""
-        image_features, text_features = [], []
+        image_features = []
         for start in range(0, len(captions), EVAL_BATCH):
-            pixels, ids = self.inputs(images[start : start + EVAL_BATCH], captions[start : start + EVAL_BATCH])
+            pixels = self.pixels(images[start : start + EVAL_BATCH])
             image_features.append(model.encode_image(pixels, normalize=True).float())
-            text_features.append(model.encode_text(ids, normalize=True).float())
         logit_scale = model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-        return torch.cat(image_features), torch.cat(text_features), logit_scale
+        return torch.cat(image_features), self.encode_texts(model, captions), logit_scale
+
+    @torch.no_grad()
+    def encode_texts(self, model: nn.Module, texts: list[str]) -> Tensor:
+        """L2-normalised text features (N, D), in chunks."""
+        chunks = [texts[start : start + EVAL_BATCH] for start in range(0, len(texts), EVAL_BATCH)]
+        features = [model.encode_text(self.tokenizer(c).to(self.device), normalize=True) for c in chunks]
+        return torch.cat(features).float()
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, ema_model: nn.Module) -> dict[str, float]:
@@ -137,12 +146,7 @@ class ClipTask:
             retrieval = retrieval_metrics(image_features, text_features, captions)
             metrics.update({f"{prefix}/{k}": v for k, v in retrieval.items()})
             if negatives:
-                negative_features = torch.cat(
-                    [
-                        m.encode_text(self.tokenizer(negatives[i : i + EVAL_BATCH]).to(self.device), normalize=True)
-                        for i in range(0, len(negatives), EVAL_BATCH)
-                    ]
-                ).float()
+                negative_features = self.encode_texts(m, negatives)
                 _, beaten = hard_negative_loss(
                     image_features, text_features, negative_features, rows, slots, logit_scale
                 )
