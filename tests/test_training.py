@@ -1,6 +1,9 @@
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +12,7 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 from training_helpers import ToyTask, read_losses, toy_config
 
-from unclip.training import NonFiniteLossError, Trainer, lr_at
+from unclip.training import NonFiniteLossError, Trainer, lr_at, stop_signals
 
 HERE = Path(__file__).parent
 
@@ -103,6 +106,71 @@ Trainer(ToyTask(), toy_config({str(tmp_path)!r}, max_steps=12)).fit()
     assert trainer.step == 12
 
 
+class SignalledTask(ToyTask):
+    """Sends its own process `signum` during the loss of step `at`, as `kill` or Ctrl-C would mid-step."""
+
+    def __init__(self, at: int, signum=signal.SIGTERM, **kwargs):
+        super().__init__(**kwargs)
+        self.at, self.signum = at, signum
+
+    def loss(self, model, batch):
+        if self.calls + 1 == self.at:
+            os.kill(os.getpid(), self.signum)
+        return super().loss(model, batch)
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tmp_path):
+    Trainer(ToyTask(), toy_config(tmp_path / "full")).fit()
+    before = signal.getsignal(signal.SIGTERM)
+    trainer = Trainer(SignalledTask(at=6), toy_config(tmp_path / "part"))  # checkpoints every 4 steps
+    trainer.fit()
+    assert trainer.stopped_by == signal.SIGTERM and trainer.step == 6
+    assert trainer.complete_checkpoints()[-1].name == "step_0000006"
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is the caller's again
+    resumed = Trainer(ToyTask(), toy_config(tmp_path / "part"))
+    resumed.fit(resume="latest")
+    assert resumed.stopped_by is None and resumed.step == 12
+    assert read_losses(tmp_path / "part") == read_losses(tmp_path / "full")
+
+
+def test_a_second_signal_acts_at_once():
+    with stop_signals() as caught:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert caught == [signal.SIGINT]  # recorded, no KeyboardInterrupt yet
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs between bytecodes; never reached
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_on_a_train_script_saves_and_exits_130(tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it, DataLoader worker included."""
+    cmd = [sys.executable, str(HERE.parent / "train" / "upsampler.py"), "configs/upsampler/tiny.yaml"]
+    cmd += [f"train.output_dir={tmp_path}", "train.max_steps=100000", "train.log_every=1", "data.num_workers=1"]
+    cmd += ["train.eval_every=100000", "train.checkpoint_every=100000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        cmd,
+        cwd=HERE.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    metrics, deadline = tmp_path / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    step = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert (tmp_path / "checkpoints" / f"step_{step:07d}" / "trainer_state.json").is_file()
+    assert f"SIGINT: stopped at step {step}" in out + err and "--resume latest" in out + err
+    assert "Traceback" not in err
+
+
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path):
     trainer = Trainer(ToyTask(fail_after=5), toy_config(tmp_path, max_steps=50, max_nonfinite=3))
     with pytest.raises(NonFiniteLossError, match="non-finite for 4 steps"):
@@ -147,6 +215,7 @@ def test_two_gloo_ranks_equal_one_process_with_accumulation(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "ddp" / "world_size.txt").read_text() == "2"
+    assert (tmp_path / "ddp" / "stopped_1.txt").read_text() == "12 None"
 
     trainer = Trainer(ToyTask(noisy=False), toy_config(tmp_path / "single", grad_accum=2, checkpoint_every=1000))
     trainer.fit()
@@ -158,6 +227,18 @@ def test_two_gloo_ranks_equal_one_process_with_accumulation(tmp_path):
     half = Trainer(ToyTask(noisy=False), toy_config(tmp_path / "half", checkpoint_every=1000))
     half.fit()
     assert not torch.allclose(half.accelerator.unwrap_model(half.model).state_dict()["0.weight"], single["0.weight"])
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """torchrun forwards a SIGTERM to each worker at slightly different times; here only rank 1 gets one."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518"]
+    cmd += [str(HERE / "training_helpers.py"), str(tmp_path), "1", "signal"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert (tmp_path / f"stopped_{rank}.txt").read_text() == "5 SIGTERM"
+    assert (tmp_path / "checkpoints" / "step_0000005" / "trainer_state.json").is_file()
 
 
 def test_mixed_precision_no_on_the_command_line():

@@ -93,12 +93,25 @@ if __name__ == "__main__":
     from unclip.training import Trainer
 
     out, accum = Path(sys.argv[1]), int(sys.argv[2])
-    trainer = Trainer(ToyTask(noisy=False), toy_config(out, grad_accum=accum, checkpoint_every=1000))
+    task = ToyTask(noisy=False)
+    if len(sys.argv) > 3:  # "signal": only rank 1 is sent SIGTERM, during its 5th step
+        import os
+        import signal
+
+        rank = int(os.environ["RANK"])
+        task.loss = lambda model, batch, f=task.loss: (
+            rank == 1 and task.calls == 4 and os.kill(os.getpid(), signal.SIGTERM),
+            f(model, batch),
+        )[1]
+    trainer = Trainer(task, toy_config(out, grad_accum=accum, checkpoint_every=1000))
     acc = trainer.accelerator
     world_size = torch.distributed.get_world_size()
     assert acc.num_processes == 2 and world_size == 2, "expected 2 gloo ranks"
     assert torch.distributed.get_backend() == "gloo"
     trainer.fit()
+    (out / f"stopped_{acc.process_index}.txt").write_text(
+        f"{trainer.step} {getattr(trainer.stopped_by, 'name', None)}"
+    )
     if acc.is_main_process:
         _save(acc.unwrap_model(trainer.model).state_dict(), str(out / "final.safetensors"))
         (out / "world_size.txt").write_text(str(world_size))

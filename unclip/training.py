@@ -19,6 +19,8 @@ A `Task` (unclip/tasks.py) says what is trained and how: its model, datasets, `l
   optimizer, EMA, RNG states, data position) under `checkpoints/step_XXXXXXX`, written to a temporary
   folder and renamed, plus the inference export (EMA weights) under `export/`; `fit(resume="latest")`
   continues from the newest complete checkpoint and gives the same losses as an uninterrupted run;
+- SIGTERM or SIGINT (`kill`, Ctrl-C, a scheduler's preemption, torchrun passing either on) ends the run at
+  the next step boundary with a checkpoint, all processes at the same step; a second signal acts at once;
 - logging to `metrics.jsonl` in the run folder and to Accelerate's trackers (tensorboard when installed),
   with a tqdm bar on the main process.
 """
@@ -32,7 +34,11 @@ import logging
 import math
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -69,6 +75,42 @@ class Task(Protocol):
     def export(self, model: nn.Module, directory: Path) -> None: ...
 
     # optional: `save_samples(ema_model, path)` writes a sample grid at every evaluation
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def stop_signals():
+    """Catch SIGINT and SIGTERM while training: yields a list that receives each caught signal's number.
+
+    The first signal of a kind is only recorded, so that the loop can finish its step and save; the handler
+    then gives way to the one it replaced, so a second Ctrl-C interrupts at once. Outside the main thread
+    (where Python cannot set handlers) nothing is caught.
+    """
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def record(signum, frame):
+        caught.append(signum)
+        signal.signal(signum, previous[signum])
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, record)
+    try:
+        yield caught
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the training process, which still needs their batches to finish
+    its step (a worker killed by the terminal's SIGINT would fail that step instead)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -153,6 +195,7 @@ class Trainer:
         self.batch_in_epoch = 0  # micro-batches consumed in the current epoch
         self.nonfinite_total = 0
         self.nonfinite_run = 0
+        self.stopped_by: signal.Signals | None = None  # the signal that ended the last fit early
 
     # -- setup ---------------------------------------------------------------------------------------
 
@@ -190,6 +233,7 @@ class Trainer:
             num_workers=self.config.data.num_workers,
             collate_fn=getattr(self.task, "collate_fn", None),
             generator=torch.Generator().manual_seed(train.seed),
+            worker_init_fn=_ignore_sigint,
         )
         self.model, self.optimizer, self.loader = acc.prepare(model, optimizer, loader)
         acc.register_for_checkpointing(self.ema)
@@ -318,27 +362,48 @@ class Trainer:
         self.model.train()
         data = self.batches()
         end = train.max_steps if stop_at is None else min(stop_at, train.max_steps)
+        self.stopped_by = None
         try:
-            while self.step < end:
-                loss_value, logs = self._train_step(data)
-                if loss_value is not None:
-                    window.append(loss_value)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}" if loss_value is not None else "skipped")
-                if self.step % train.log_every == 0 or self.step == train.max_steps:
-                    last = {"loss": sum(window) / max(1, len(window)), "lr": lr_at(self.step - 1, train), **logs}
-                    last["nonfinite_total"] = self.nonfinite_total
-                    last["seconds"] = time.perf_counter() - started
-                    window.clear()
-                    self._log(last)
-                if self.step % train.eval_every == 0 or self.step == train.max_steps:
-                    self._log(self.evaluate())
-                if self.step % train.checkpoint_every == 0 or self.step in (train.max_steps, end):
-                    self.save_checkpoint()
+            with stop_signals() as caught:
+                while self.step < end:
+                    loss_value, logs = self._train_step(data)
+                    if loss_value is not None:
+                        window.append(loss_value)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_value:.4f}" if loss_value is not None else "skipped")
+                    if self.step % train.log_every == 0 or self.step == train.max_steps:
+                        last = {"loss": sum(window) / max(1, len(window)), "lr": lr_at(self.step - 1, train), **logs}
+                        last["nonfinite_total"] = self.nonfinite_total
+                        last["seconds"] = time.perf_counter() - started
+                        window.clear()
+                        self._log(last)
+                    if self.step % train.eval_every == 0 or self.step == train.max_steps:
+                        self._log(self.evaluate())
+                    saved = self.step % train.checkpoint_every == 0 or self.step in (train.max_steps, end)
+                    if saved:
+                        self.save_checkpoint()
+                    signum = self._agreed_signal(caught)
+                    if signum:
+                        path = self.checkpoint_dir / f"step_{self.step:07d}" if saved else self.save_checkpoint()
+                        self.stopped_by = signal.Signals(signum)
+                        acc.print(
+                            f"\n{self.stopped_by.name}: stopped at step {self.step} with a checkpoint in {path}; "
+                            "continue with --resume latest"
+                        )
+                        break
         finally:  # also on errors: without end_training, about 1 in 4 multi-process runs abort at exit
             bar.close()
             acc.end_training()
         return last
+
+    def _agreed_signal(self, caught: list[int]) -> int:
+        """The signal any process caught (0 if none): every process sees the same answer after the same step,
+        so all of them stop together, which a collective save_state needs."""
+        signum = caught[0] if caught else 0
+        if self.accelerator.num_processes == 1:
+            return signum
+        flags = self.accelerator.gather(torch.tensor([signum], device=self.accelerator.device))
+        return int(flags.max())
 
     def _train_step(self, data) -> tuple[float | None, dict[str, float]]:
         """One optimizer step over `grad_accum` micro-batches; returns (mean loss or None if skipped, logs)."""
@@ -448,10 +513,13 @@ def train_main(kinds: tuple[str, ...], argv: list[str] | None, doc: str) -> Path
         task = build_task(config)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
+    trainer = Trainer(task, config)
     try:
-        Trainer(task, config).fit(resume=args.resume, stop_at=args.stop_at)
+        trainer.fit(resume=args.resume, stop_at=args.stop_at)
     except NonFiniteLossError as e:
         parser.exit(1, f"error: {e}\n")
+    if trainer.stopped_by is not None:  # the shell's convention for a process ended by a signal
+        sys.exit(128 + trainer.stopped_by)
     export = Path(config.train.output_dir) / "export"
     print(f"exported to {export}")
     return export
@@ -461,5 +529,6 @@ TRAIN_EPILOG = """\
 Runs on one process with `python`, or on several with `accelerate launch` (multi-GPU and multi-node
 through accelerate's config; on a CPU-only machine, `accelerate launch --multi_gpu --num_processes 2`
 starts two gloo processes). Checkpoints go to <train.output_dir>/checkpoints, the EMA weights for
-inference to <train.output_dir>/export, metrics to <train.output_dir>/metrics.jsonl.
+inference to <train.output_dir>/export, metrics to <train.output_dir>/metrics.jsonl. Ctrl-C or SIGTERM
+stops at the end of the current step with a checkpoint (exit status 130 or 143); --resume latest goes on.
 """
