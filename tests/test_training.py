@@ -10,7 +10,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
-from training_helpers import ToyTask, read_losses, toy_config
+from training_helpers import SignalledTask, ToyTask, read_losses, toy_config
 
 from unclip.training import NonFiniteLossError, Trainer, lr_at, stop_signals
 
@@ -104,19 +104,6 @@ Trainer(ToyTask(), toy_config({str(tmp_path)!r}, max_steps=12)).fit()
     assert trainer.complete_checkpoints()[-1].name == "step_0000004"
     trainer.fit(resume="latest")
     assert trainer.step == 12
-
-
-class SignalledTask(ToyTask):
-    """Sends its own process `signum` during the loss of step `at`, as `kill` or Ctrl-C would mid-step."""
-
-    def __init__(self, at: int, signum=signal.SIGTERM, **kwargs):
-        super().__init__(**kwargs)
-        self.at, self.signum = at, signum
-
-    def loss(self, model, batch):
-        if self.calls + 1 == self.at:
-            os.kill(os.getpid(), self.signum)
-        return super().loss(model, batch)
 
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tmp_path):

@@ -1,5 +1,7 @@
 """A small regression task for testing the trainer's mechanics, independent of any diffusion model."""
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -58,6 +60,20 @@ class ToyTask:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
 
 
+class SignalledTask(ToyTask):
+    """Sends its own process `signum` during the loss of step `at` (never if None), as `kill` or Ctrl-C would
+    mid-step."""
+
+    def __init__(self, at: int | None, signum=signal.SIGTERM, **kwargs):
+        super().__init__(**kwargs)
+        self.at, self.signum = at, signum
+
+    def loss(self, model, batch):
+        if self.calls + 1 == self.at:
+            os.kill(os.getpid(), self.signum)
+        return super().loss(model, batch)
+
+
 def toy_config(output_dir, **train) -> RunConfig:
     defaults = dict(
         output_dir=str(output_dir),
@@ -93,16 +109,8 @@ if __name__ == "__main__":
     from unclip.training import Trainer
 
     out, accum = Path(sys.argv[1]), int(sys.argv[2])
-    task = ToyTask(noisy=False)
-    if len(sys.argv) > 3:  # "signal": only rank 1 is sent SIGTERM, during its 5th step
-        import os
-        import signal
-
-        rank = int(os.environ["RANK"])
-        task.loss = lambda model, batch, f=task.loss: (
-            rank == 1 and task.calls == 4 and os.kill(os.getpid(), signal.SIGTERM),
-            f(model, batch),
-        )[1]
+    signalled = len(sys.argv) > 3 and os.environ["RANK"] == "1"  # "signal": only rank 1 gets SIGTERM, in step 5
+    task = SignalledTask(at=5 if signalled else None, noisy=False)
     trainer = Trainer(task, toy_config(out, grad_accum=accum, checkpoint_every=1000))
     acc = trainer.accelerator
     world_size = torch.distributed.get_world_size()

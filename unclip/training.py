@@ -379,12 +379,12 @@ class Trainer:
                         self._log(last)
                     if self.step % train.eval_every == 0 or self.step == train.max_steps:
                         self._log(self.evaluate())
-                    saved = self.step % train.checkpoint_every == 0 or self.step in (train.max_steps, end)
-                    if saved:
-                        self.save_checkpoint()
+                    saved = None
+                    if self.step % train.checkpoint_every == 0 or self.step in (train.max_steps, end):
+                        saved = self.save_checkpoint()
                     signum = self._agreed_signal(caught)
                     if signum:
-                        path = self.checkpoint_dir / f"step_{self.step:07d}" if saved else self.save_checkpoint()
+                        path = saved or self.save_checkpoint()
                         self.stopped_by = signal.Signals(signum)
                         acc.print(
                             f"\n{self.stopped_by.name}: stopped at step {self.step} with a checkpoint in {path}; "
