@@ -196,6 +196,23 @@ def test_same_seed_same_samples(name):
     assert not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm++"])
+def test_one_generator_per_sample_makes_samples_independent_of_their_batch(name):
+    """With a generator per sample (a block of rows each), every noise draw of a sample comes from its own
+    generator, so a sample made in a batch equals the same sample made alone, for every sampler."""
+    diffusion, denoiser = make_problem()
+    kwargs = {"steps": 10, "eta": 1.0} if name == "ddim" else {"steps": 10}
+    seeds = [5, 6, 7]
+    batch = sample(
+        name, denoiser, diffusion, (6, 8), generator=[torch.Generator().manual_seed(s) for s in seeds], **kwargs
+    )
+    for i, s in enumerate(seeds):  # two rows per generator
+        alone = sample(name, denoiser, diffusion, (2, 8), generator=torch.Generator().manual_seed(s), **kwargs)
+        torch.testing.assert_close(batch[2 * i : 2 * i + 2], alone, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="3 generators cannot split a batch of 4 rows"):
+        sample(name, denoiser, diffusion, (4, 8), generator=[torch.Generator() for _ in seeds], **kwargs)
+
+
 def test_progress_callback_and_thresholds():
     diffusion, denoiser = make_problem()
     seen = []

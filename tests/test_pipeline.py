@@ -31,6 +31,17 @@ def test_pipeline_generates_at_each_size_and_seeds_reproduce(tiny_pipeline):
     torch.testing.assert_close(no_prior.image_embeds, no_prior.text_embeds)
 
 
+def test_ancestral_samplers_also_give_an_image_independent_of_its_batch(tiny_pipeline):
+    """DDPM draws noise at every step; each image draws all of it from its own generator, in the prior and
+    the decoder, so the second prompt's image is the one it gets alone with its seed."""
+    pipe = UnCLIPPipeline.from_pretrained(tiny_pipeline)
+    ddpm = {"prior": {"sampler": "ddpm", "steps": 4}, "decoder": {"sampler": "ddpm", "steps": 4}}
+    a = pipe(["a red circle", "a blue square"], seed=3, **ddpm)
+    b = pipe(["a blue square"], seed=4, **ddpm)
+    torch.testing.assert_close(b.image_embeds[0], a.image_embeds[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(b.images[0], a.images[1], rtol=0, atol=1e-4)
+
+
 def test_a_decoder_reading_word_embeddings_gets_them_from_the_pipeline(tmp_path):
     """With model.text_words the decoder needs the caption's CLIP word embeddings; the pipeline passes them,
     to text-to-image and to the edits that decode with the caption (inpainting with RePaint)."""

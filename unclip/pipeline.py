@@ -205,20 +205,8 @@ class UnCLIPPipeline:
             raise ValueError("this pipeline has no prior; generate with use_prior=False or add a prior/ folder")
         s = self.prior.settings(settings)
         tokens = (text.tokens, text.mask) if self.prior.model.config.text_width else (None, None)
-        embeds = []
-        for i, g in enumerate(generators):  # one generator per prompt: results do not depend on the batch
-            with self._autocast():
-                embeds.append(
-                    sample_prior(
-                        self.prior.model,
-                        self.prior.diffusion,
-                        text.embed[i : i + 1],
-                        *(None if t is None else t[i : i + 1] for t in tokens),
-                        generator=g,
-                        **s,
-                    )
-                )
-        return torch.cat(embeds)
+        with self._autocast():  # one generator per prompt: an embedding does not depend on its batch
+            return sample_prior(self.prior.model, self.prior.diffusion, text.embed, *tokens, generator=generators, **s)
 
     def decode(self, image_embed: Tensor, text, generators, settings=None, *, x_T=None, inpaint=None) -> Tensor:
         """2. decoder: CLIP image embedding (+ caption tokens) -> 64 px images."""
@@ -238,7 +226,7 @@ class UnCLIPPipeline:
                 text_words=None if text is None else text.words,
                 x_T=x_T,
                 inpaint=inpaint,
-                generator=generators[0],
+                generator=generators,
                 **s,
             ).float()
 

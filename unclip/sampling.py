@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unclip.diffusion import GaussianDiffusion, classifier_free_guidance, sample
+from unclip.diffusion.samplers import Generators
 
 PRIOR_DEFAULTS = {"sampler": "dpm++", "steps": 25, "guidance_scale": 2.0}
 
@@ -43,7 +44,7 @@ def sample_prior(
     steps: int = PRIOR_DEFAULTS["steps"],
     guidance_scale: float = PRIOR_DEFAULTS["guidance_scale"],
     candidates: int = 1,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     callback=None,
 ) -> Tensor:
     """CLIP text embeddings -> CLIP image embeddings (DALL·E 2 §2.1).
@@ -53,6 +54,8 @@ def sample_prior(
         text_embed: (B, D) L2-normalised pooled text embeddings.
         candidates: draw this many embeddings per prompt and keep the one with the highest cosine
             similarity to the text embedding (the paper draws 2).
+        generator: one for the batch, or one per prompt (that prompt's candidates draw from it, so its
+            embedding does not depend on the batch).
 
     Returns:
         (B, D) L2-normalised image embeddings.
@@ -118,7 +121,7 @@ def sample_decoder(
     guidance_scale: float = DECODER_DEFAULTS["guidance_scale"],
     text_guidance_scale: float = DECODER_DEFAULTS["text_guidance_scale"],
     threshold: str | None = "dynamic",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     x_T: Tensor | None = None,
     inpaint: dict[str, Tensor] | None = None,
     callback=None,
@@ -133,6 +136,7 @@ def sample_decoder(
         text_guidance_scale: extra guidance along what the caption adds to the image embedding
             (unclip.diffusion.guidance); needs caption tokens.
         threshold: x_0 clipping: "dynamic" (Imagen), "static" ([-1, 1]) or None.
+        generator: one for the batch, or one per image (so that an image does not depend on its batch).
 
     Returns:
         (B, 3, size, size) images in [-1, 1].

@@ -5,10 +5,10 @@
     dpm_solver_sample    DPM-Solver++(2M), multistep, data prediction (Lu et al. 2022, algorithm 2)
     ddim_invert          deterministic x_0 -> x_T, the reverse of ddim_sample with eta = 0
 
-They share one signature: a step count, a timestep spacing (see respace.py), a `torch.Generator`, a progress
-`callback(info)` called after every step with {"i", "steps", "t", "x", "x0"}, and the same treatment of the
-predicted x_0: `threshold=None | "static" | "dynamic"` (static clipping to [-1, 1], or Imagen's dynamic
-thresholding at `percentile`). Every sampler ends on the clean sample (ᾱ = 1 after its last timestep).
+They share one signature: a step count, a timestep spacing (see respace.py), a `torch.Generator` or one per
+sample, a progress `callback(info)` called after every step with {"i", "steps", "t", "x", "x0"}, and the same
+treatment of the predicted x_0: `threshold=None | "static" | "dynamic"` (static clipping to [-1, 1], or
+Imagen's dynamic thresholding at `percentile`). Every sampler ends on the clean sample (ᾱ = 1 after its last timestep).
 A new sampler is one more function of this shape.
 
 `inpaint=(known, mask)` replaces the known region (mask 0; mask 1 = repaint) after every step by the known
@@ -18,7 +18,7 @@ image diffused to the current noise level, so the known region of the result equ
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -36,14 +36,24 @@ DEFAULT_STEPS = {"ddpm": 250, "ddim": 100, "dpm++": 20}
 
 Model = Callable[..., Tensor]
 Callback = Callable[[dict[str, Any]], None]
+Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per sample
 
 
 # -- shared pieces ------------------------------------------------------------------------------------
 
 
-def randn(shape, *, generator: torch.Generator | None, device, dtype=torch.float32) -> Tensor:
+def randn(shape, *, generator: Generators, device, dtype=torch.float32) -> Tensor:
     """Standard normal noise drawn on the generator's device, then moved: the same seed gives the same
-    noise on every device when the generator is a CPU one."""
+    noise on every device when the generator is a CPU one.
+
+    A sequence of k generators draws the batch in k equal blocks of rows, block i from generator i: a sample
+    made with its own generator then gets the same noise whatever batch it is made in.
+    """
+    if isinstance(generator, Sequence):
+        rows, k = shape[0], len(generator)
+        if k == 0 or rows % k:
+            raise ValueError(f"{k} generators cannot split a batch of {rows} rows into equal blocks")
+        return torch.cat([randn((rows // k, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
     gen_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
 
@@ -138,7 +148,7 @@ def ddim_sample(
     steps: int = DEFAULT_STEPS["ddim"],
     eta: float = 0.0,
     cond: dict[str, Any] | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     x_T: Tensor | None = None,
     spacing: str = "trailing",
     threshold: str | None = None,
@@ -185,7 +195,7 @@ def ddpm_sample(
     *,
     steps: int = DEFAULT_STEPS["ddpm"],
     cond: dict[str, Any] | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     x_T: Tensor | None = None,
     spacing: str = "trailing",
     threshold: str | None = None,
@@ -242,7 +252,7 @@ def dpm_solver_sample(
     *,
     steps: int = DEFAULT_STEPS["dpm++"],
     cond: dict[str, Any] | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     x_T: Tensor | None = None,
     spacing: str = "trailing",
     threshold: str | None = None,
