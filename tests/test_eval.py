@@ -457,6 +457,54 @@ def test_candidates_rerank_with_the_seeds_of_one_call(monkeypatch):
     assert [(c["seed"], c["candidates"]) for c in pipe.calls][:3] == [(0, 1), (3, 1), (4, 1)]  # told: none
 
 
+class CandidatePipeline(RenderPipeline):
+    """Reranks five candidates per prompt: only candidate 2 is drawn right, and the CLIP scores put it first
+    only once the first four are seen."""
+
+    scores = torch.tensor([0.1, 0.5, 0.9, 0.2, 0.3])
+
+    def __call__(self, prompts, *, size=64, seed=0, candidates=1, batch_size=None, **kwargs):
+        assert candidates == 5
+        right = renders(prompts, size, seed)
+        candidate_images = torch.ones(len(prompts), 5, 3, size, size)  # blank: no object
+        candidate_images[:, 2] = right
+        scores = self.scores.repeat(len(prompts), 1)
+        return SimpleNamespace(images=right, candidate_images=candidate_images, candidate_scores=scores)
+
+
+def test_candidate_curve_reranks_among_the_first_k_candidates(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "load_pipeline", lambda path, device: CandidatePipeline())
+    results = cli.main(["shapes", "--pipeline", "p", "--n", "3", "--candidates", "5", "--device", "cpu"])
+    curve = results["candidate_curve"]
+    assert set(curve) == {"single", "relational", "held_out", "all"} and list(curve["all"]) == ["1", "2", "4", "5"]
+    assert [curve["all"][k]["accuracy"] for k in curve["all"]] == [0.0, 0.0, 1.0, 1.0]  # 0.9 is among the first 4
+    assert [curve["all"][k]["any_correct"] for k in curve["all"]] == [0.0, 0.0, 1.0, 1.0]
+    assert curve["relational"]["5"]["n"] == 3 and curve["all"]["5"]["n"] == 9
+    assert results["sets"]["all"]["accuracy"] == curve["all"]["5"]["accuracy"]  # all 5: the pipeline's choice
+    assert "reranking among the first k candidates" in capsys.readouterr().out
+    json.dumps(results, allow_nan=False)
+    curve = metrics.candidate_curve([[(0.3, _verdict(False)), (0.2, _verdict(True)), (0.1, _verdict(True))]])
+    assert {k: (v["accuracy"], v["any_correct"]) for k, v in curve.items()} == {"1": (0, 0), "2": (0, 1), "3": (0, 1)}
+
+
+def _verdict(correct: bool):
+    prompt = "a red circle"
+    return check(renders([prompt])[0] if correct else torch.ones(3, 64, 64), prompt)
+
+
+def test_a_real_pipelines_candidates_give_the_curve(tmp_path):
+    from pipeline_helpers import make_tiny_pipeline
+
+    from unclip.pipeline import UnCLIPPipeline
+
+    pipe = UnCLIPPipeline.from_pretrained(make_tiny_pipeline(tmp_path))
+    decoder = {"steps": 2}
+    results = metrics.evaluate_shapes(pipe, None, n=2, size=16, candidates=3, decoder=decoder, sets=["single"])
+    kept, curve = results["sets"]["single"], results["candidate_curve"]["single"]
+    assert list(curve) == ["1", "2", "3"] and curve["3"]["n"] == 2
+    assert {k: v for k, v in curve["3"].items() if k != "any_correct"} == kept  # the kept images, checked again
+
+
 class BagOfWordsClip:
     """A fake CLIP that sees which colours and shapes there are and how many objects, and nothing else: a
     caption's colour and shape words, an image's detected objects."""

@@ -66,6 +66,12 @@ def test_reranking_keeps_the_best_candidate(tiny_pipeline):
     scores = (pipe.clip.embed_image(all_.images, normalize=True) * all_.text_embeds).sum(-1).view(2, 3)
     assert out.seeds == [int(scores[0].argmax()), 3 + int(scores[1].argmax())]
     torch.testing.assert_close(torch.tensor(out.clip_scores), scores.max(1).values)
+    # every candidate comes back with its score, in seed order, the kept one among them
+    assert out.candidate_images.shape == (2, 3, 3, 16, 16)
+    torch.testing.assert_close(out.candidate_images.flatten(0, 1), all_.images, rtol=0, atol=1e-4)
+    torch.testing.assert_close(out.candidate_scores, scores, rtol=0, atol=1e-4)
+    assert torch.equal(out.candidate_images[1, out.seeds[1] - 3], out.images[1])
+    assert pipe(["a red circle"], seed=0).candidate_images is None
     # the kept seed alone reproduces the kept image
     again = pipe(["a green diamond"], seed=out.seeds[1])
     torch.testing.assert_close(again.images[0], out.images[1], rtol=0, atol=1e-4)

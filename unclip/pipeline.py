@@ -95,6 +95,10 @@ class PipelineOutput:
     seeds: list[int]  # image i is reproduced by seed seeds[i] (with candidates=1)
     settings: dict[str, Any]
     clip_scores: list[float] | None = None  # with reranking: the kept images' CLIP scores
+    # with reranking, every candidate at the decoder's size, (B, candidates, 3, s, s), and its CLIP score
+    # (B, candidates); candidate j of prompt i had seed seed + i·candidates + j
+    candidate_images: Tensor | None = None
+    candidate_scores: Tensor | None = None
 
     def metadata(self, i: int) -> dict[str, Any]:
         meta = {"prompt": self.prompts[i], "seed": self.seeds[i], "settings": self.settings, "software": "unclip"}
@@ -308,12 +312,14 @@ class UnCLIPPipeline:
             )
             # scored at the decoder's resolution, so that only the kept images are upsampled
             scores = self.clip_scores(images, text_embeds).view(len(prompts), candidates)
+            candidate_images, candidate_scores = images.view(len(prompts), candidates, *images.shape[1:]), scores
             best = (scores.argmax(dim=1) + torch.arange(len(prompts), device=scores.device) * candidates).tolist()
             images, decoded_embeds, text_embeds = images[best], decoded_embeds[best], text_embeds[best]
             seeds, generators = [seed + i for i in best], [generators[i] for i in best]
             clip_scores = scores.max(dim=1).values.tolist()
         else:
             seeds, clip_scores = list(range(seed, seed + len(prompts))), None
+            candidate_images = candidate_scores = None
             images, decoded_embeds, text_embeds, generators = self._decode_all(
                 prompts, seeds, batch_size=batch_size or len(prompts), image_embeds=image_embeds, **stages
             )
@@ -324,7 +330,17 @@ class UnCLIPPipeline:
         if image_embeds is not None:
             settings.pop("prior", None)
             settings["use_prior"], settings["image_embeds"] = False, "given"
-        return PipelineOutput(images, decoded_embeds, text_embeds, prompts, seeds, settings, clip_scores)
+        return PipelineOutput(
+            images,
+            decoded_embeds,
+            text_embeds,
+            prompts,
+            seeds,
+            settings,
+            clip_scores,
+            candidate_images,
+            candidate_scores,
+        )
 
     def _decode_all(
         self, prompts: list[str], seeds: list[int], *, batch_size: int, use_prior, prior, decoder, image_embeds=None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,10 @@ logger = logging.getLogger(__name__)
 
 Images = Tensor | Sequence[Image.Image]  # (N, 3, H, W) in [-1, 1], or N RGB PIL images
 FRECHET_NOTE = "Fréchet distance in CLIP image-embedding space (evaluator CLIP), not Inception FID"
+CURVE_NOTE = (
+    "checker verdicts on the candidate the pipeline's CLIP ranks first among each prompt's first k, judged at the "
+    "decoder's size; any_correct: one of the first k is right"
+)
 
 # ---- CLIP metrics ----
 
@@ -208,6 +213,14 @@ def resolve_candidates(pipe, decoder: dict | None, candidates: int | None) -> in
     return candidates
 
 
+class Generated(NamedTuple):
+    """A batch of generated images; with reranking, every candidate and its score by the pipeline's CLIP."""
+
+    images: Tensor  # (b, 3, size, size) in [-1, 1]
+    candidate_images: Tensor | None = None  # (b, candidates, 3, s, s) at the decoder's size
+    candidate_scores: Tensor | None = None  # (b, candidates)
+
+
 def generate(
     pipe,
     prompts: list[str],
@@ -222,9 +235,10 @@ def generate(
     desc: str = "generating",
     image_embeds: Tensor | None = None,
     candidates: int | None = None,
-) -> Iterator[Tensor]:
-    """Images for `prompts` from a pipeline, yielded `batch_size` at a time as (b, 3, size, size) in [-1, 1];
-    image i uses seed seed + i, as one pipeline call would give it. `prior` and `decoder` override the
+) -> Iterator[Generated]:
+    """Images for `prompts` from a pipeline, yielded `batch_size` at a time as (b, 3, size, size) in [-1, 1]
+    (with the candidates, where the pipeline returns them); image i uses seed seed + i, as one pipeline call
+    would give it. `prior` and `decoder` override the
     pipeline's sampler settings ({"sampler", "steps", "guidance_scale"}), as in its call; `image_embeds`
     (one per prompt) are decoded instead of the prior's; `candidates` > 1 keeps the best of that many images
     by the pipeline's CLIP (its reranking; default the pipeline's decoder.candidates)."""
@@ -246,7 +260,13 @@ def generate(
             batch_size=batch_size * candidates,
             **stages,
         )
-        yield out.images.float()
+        candidates_out = getattr(out, "candidate_images", None)
+        scores = getattr(out, "candidate_scores", None)
+        yield Generated(
+            out.images.float(),
+            None if candidates_out is None else candidates_out.float().cpu(),
+            None if scores is None else scores.float().cpu(),
+        )
 
 
 def _settings(pipe, evaluator, **settings) -> dict:
@@ -262,25 +282,45 @@ def _settings(pipe, evaluator, **settings) -> dict:
     return {**settings, "evaluator_is_pipeline_clip": same}
 
 
-def _score(evaluator, batches: Iterable[Tensor], prompts: list[str], *, shapes: bool, batch_size: int) -> dict:
+def _score(
+    evaluator, batches: Iterable[Tensor | Generated], prompts: list[str], *, shapes: bool, batch_size: int
+) -> dict:
     """Evaluator embeddings and, for `shapes` images, checker verdicts of images that come in batches (so
-    that only one batch is held), image i made for prompts[i]."""
-    checks, image_embeds, done = [], [], 0
-    for images in batches:
+    that only one batch is held), image i made for prompts[i]. For `shapes` batches that carry their
+    candidates, each candidate's verdict and CLIP score too ("candidates": one list of (score, verdict) per
+    prompt, in seed order)."""
+    checks, candidates, image_embeds, done = [], [], [], 0
+    for batch in batches:
+        images = batch.images if isinstance(batch, Generated) else batch
+        chunk = prompts[done : done + len(images)]
         if evaluator is not None:
             image_embeds.append(embed_images(evaluator, images, batch_size=batch_size))
         if shapes:
-            checks += [check(x, p) for x, p in zip(images, prompts[done : done + len(images)], strict=True)]
+            checks += [check(x, p) for x, p in zip(images, chunk, strict=True)]
+            if isinstance(batch, Generated) and batch.candidate_images is not None:
+                for row, scores, p in zip(batch.candidate_images, batch.candidate_scores, chunk, strict=True):
+                    candidates.append([(float(c), check(x, p)) for x, c in zip(row, scores, strict=True)])
         done += len(images)
     assert done == len(prompts), (done, len(prompts))
+    scored = {"prompts": prompts, "checks": checks, "candidates": candidates}
     if evaluator is None:  # the shapes checker alone
-        return {"prompts": prompts, "checks": checks, "image_embeds": None, "text_embeds": None}
-    return {
-        "prompts": prompts,
-        "checks": checks,
-        "image_embeds": torch.cat(image_embeds),
-        "text_embeds": embed_prompts(evaluator, prompts),
-    }
+        return {**scored, "image_embeds": None, "text_embeds": None}
+    return {**scored, "image_embeds": torch.cat(image_embeds), "text_embeds": embed_prompts(evaluator, prompts)}
+
+
+def candidate_curve(candidates: Sequence[Sequence[tuple[float, CheckResult]]]) -> dict[str, dict]:
+    """Reranking by how many candidates it sees: for k = 1, 2, 4, ... up to all of them, the checker's
+    verdicts on the candidate the pipeline's CLIP scores highest among each prompt's first k
+    (`summarize_checks`), and "any_correct", how often one of the first k is right (a perfect reranker's
+    accuracy). Keys are k as strings (JSON)."""
+    total = min(len(c) for c in candidates)
+    ks = sorted({*(2**i for i in range(total.bit_length()) if 2**i <= total), total})
+    curve = {}
+    for k in ks:
+        kept = [max(c[:k], key=lambda pair: pair[0])[1] for c in candidates]
+        any_correct = sum(any(r.correct for _, r in c[:k]) for c in candidates) / len(candidates)
+        curve[str(k)] = {**summarize_checks(kept), "any_correct": any_correct}
+    return curve
 
 
 def _pool(scored: Iterable[dict]) -> dict:
@@ -289,6 +329,7 @@ def _pool(scored: Iterable[dict]) -> dict:
     return {
         "prompts": [p for s in scored for p in s["prompts"]],
         "checks": [c for s in scored for c in s["checks"]],
+        "candidates": [c for s in scored for c in s["candidates"]],
         "image_embeds": torch.cat([s["image_embeds"] for s in scored]) if embedded else None,
         "text_embeds": torch.cat([s["text_embeds"] for s in scored]) if embedded else None,
     }
@@ -343,14 +384,17 @@ def evaluate_shapes(
             that satisfies it) instead of the prior's sample: the decoder's accuracy under a perfect prior,
             which tells the two stages' errors apart.
         candidates: keep the best of this many images per prompt by the pipeline's CLIP (its reranking);
-            default the pipeline's decoder.candidates.
+            default the pipeline's decoder.candidates. Above 1, every candidate is checked as well, and
+            "candidate_curve" gives the accuracy reranking reaches among each prompt's first 1, 2, 4, ...
+            of them (`candidate_curve`): one run measures every smaller count too.
         sets: evaluate only these of "single", "relational", "held_out" (default all), with the prompts and
             seeds a full run gives them, so a set's numbers equal the full run's. The Fréchet distance needs
             both single and relational.
 
     Returns:
         {"suite", "settings", "sets": {name: {"n", "accuracy", ..., "clip_score", "retrieval_*"}},
-        "clip_frechet_distance", "clip_frechet_distance_note"}; JSON-serialisable.
+        "clip_frechet_distance", "clip_frechet_distance_note"} (+ "candidate_curve": {name: {k: {...}}});
+        JSON-serialisable.
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
@@ -402,6 +446,10 @@ def evaluate_shapes(
         ),
         "sets": {name: {**summarize_checks(s["checks"]), **_clip_metrics(s)} for name, s in scored.items()},
     }
+    curves = {name: candidate_curve(s["candidates"]) for name, s in scored.items() if s["candidates"]}
+    if curves:
+        results["candidate_curve"] = curves
+        results["candidate_curve_note"] = CURVE_NOTE
     if evaluator is not None and {"single", "relational"} <= set(scored):
         fake = torch.cat([scored["single"]["image_embeds"], scored["relational"]["image_embeds"]])
         results["clip_frechet_distance"] = embedding_frechet_distance(scored["real"]["image_embeds"], fake)
@@ -638,6 +686,15 @@ def format_table(results: dict) -> str:
     if "clip_frechet_distance" in results:
         distance = results["clip_frechet_distance"]
         lines.append(f"clip_frechet_distance {distance:.4f}  ({results['clip_frechet_distance_note']})")
+    if "candidate_curve" in results:
+        curves = results["candidate_curve"]
+        ks = list(next(iter(curves.values())))
+        table = [["set", *(f"k={k} acc% (any%)" for k in ks)]]
+        table += [
+            [name, *(f"{_cell(c[k]['accuracy'], 'pct')} ({_cell(c[k]['any_correct'], 'pct')})" for k in ks)]
+            for name, c in curves.items()
+        ]
+        lines += ["", f"reranking among the first k candidates ({results['candidate_curve_note']})", *_align(table)]
     return "\n".join(lines)
 
 
