@@ -315,7 +315,7 @@ def test_evaluate_shapes_on_some_sets_gives_them_the_full_runs_prompts_and_seeds
     assert len(pipe.calls) == 2 and "clip_frechet_distance" not in part  # it needs single and relational
     with pytest.raises(ValueError, match="sets must name some of single, relational, held_out"):
         metrics.evaluate_shapes(pipe, None, n=2, sets=["double"])
-    monkeypatch.setattr(cli, "load_pipeline", lambda path, device: pipe)
+    monkeypatch.setattr(cli, "load_pipeline", lambda path, device, dtype: pipe)
     results = cli.main(["shapes", "--pipeline", "p", "--n", "2", "--sets", "single", "held_out"])
     assert set(results["sets"]) == {"single", "held_out", "all", "real"}
     with pytest.raises(SystemExit):
@@ -383,23 +383,25 @@ def test_evaluate_openmoji_with_a_fake_dataset():
 
 
 def test_cli_writes_json_and_a_table(tmp_path, monkeypatch, capsys):
-    pipe = RenderPipeline()
-    monkeypatch.setattr(cli, "load_pipeline", lambda path, device: pipe)
+    pipe, dtypes = RenderPipeline(), []
+    monkeypatch.setattr(cli, "load_pipeline", lambda path, device, dtype: dtypes.append(dtype) or pipe)
     monkeypatch.setattr(cli, "load_evaluator", lambda path, device: PixelEvaluator())
     out = tmp_path / "results" / "shapes.json"
     argv = ["shapes", "--pipeline", "p", "--evaluator-clip", "e", "--n", "3", "--no-prior", "--device", "cpu"]
     results = cli.main([*argv, "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    assert results["settings"]["dtype"] == "fp32" and results["settings"]["device"] == "cpu"
     assert results["settings"]["use_prior"] is False and all(c["use_prior"] is False for c in pipe.calls)
     printed = capsys.readouterr().out
     table = [line for line in printed.splitlines() if line.split()[0] in results["sets"] or line.startswith("set ")]
     assert len(table) == 6 and len({len(line) for line in table}) == 1  # aligned columns
     assert "clip_frechet_distance" in printed and "not Inception FID" in printed
+    assert cli.main([*argv, "--dtype", "fp16"])["settings"]["dtype"] == "fp16" and dtypes == ["fp32", "fp16"]
 
 
 def test_cli_passes_sampler_overrides_to_the_pipeline(monkeypatch):
     pipe = RenderPipeline()
-    monkeypatch.setattr(cli, "load_pipeline", lambda path, device: pipe)
+    monkeypatch.setattr(cli, "load_pipeline", lambda path, device, dtype: pipe)
     argv = ["shapes", "--pipeline", "p", "--n", "2", "--device", "cpu"]
     results = cli.main(
         [
@@ -434,7 +436,7 @@ class RerankingPipeline(RenderPipeline):
 
 def test_candidates_rerank_with_the_seeds_of_one_call(monkeypatch):
     pipe = RerankingPipeline()
-    monkeypatch.setattr(cli, "load_pipeline", lambda path, device: pipe)
+    monkeypatch.setattr(cli, "load_pipeline", lambda path, device, dtype: pipe)
     argv = ["shapes", "--pipeline", "p", "--n", "4", "--batch-size", "3", "--device", "cpu"]
     results = cli.main([*argv, "--candidates", "5"])
     assert results["settings"]["candidates"] == 5
@@ -473,7 +475,7 @@ class CandidatePipeline(RenderPipeline):
 
 
 def test_candidate_curve_reranks_among_the_first_k_candidates(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "load_pipeline", lambda path, device: CandidatePipeline())
+    monkeypatch.setattr(cli, "load_pipeline", lambda path, device, dtype: CandidatePipeline())
     results = cli.main(["shapes", "--pipeline", "p", "--n", "3", "--candidates", "5", "--device", "cpu"])
     curve = results["candidate_curve"]
     assert set(curve) == {"single", "relational", "held_out", "all"} and list(curve["all"]) == ["1", "2", "4", "5"]
@@ -609,7 +611,7 @@ def test_metrics_take_a_real_clip_adapter():
 
 def test_shapes_without_an_evaluator_scores_the_checker_alone(monkeypatch, capsys):
     pipe = RenderPipeline()
-    monkeypatch.setattr(cli, "load_pipeline", lambda path, device: pipe)
+    monkeypatch.setattr(cli, "load_pipeline", lambda path, device, dtype: pipe)
     results = cli.main(["shapes", "--pipeline", "p", "--n", "3", "--device", "cpu"])
     assert results["sets"]["single"]["accuracy"] == 1.0  # exact renders pass the checker
     assert "clip_score" not in results["sets"]["single"] and "clip_frechet_distance" not in results

@@ -39,10 +39,10 @@ from unclip.eval.shapes_checker import validate_checker
 SUITES = {"shapes": evaluate_shapes, "openmoji": evaluate_openmoji}
 
 
-def load_pipeline(path: str, device: str):
+def load_pipeline(path: str, device: str, dtype: str = "fp32"):
     from unclip.pipeline import UnCLIPPipeline  # the CLI's loaders are module-level so tests can swap them
 
-    return UnCLIPPipeline.from_pretrained(path, device=device)
+    return UnCLIPPipeline.from_pretrained(path, device=device, dtype=dtype)
 
 
 def load_evaluator(path: str, device: str):
@@ -112,6 +112,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             "reranking; costs that many decoder passes; default: the pipeline's decoder.candidates)",
         )
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument(
+            "--dtype",
+            choices=["fp32", "fp16", "bf16"],
+            default="fp32",
+            help="sample in this precision (fp16/bf16 autocast, for GPUs; default fp32)",
+        )
         p.add_argument("--out", help="write the results here as JSON")
         if name == "openmoji":
             p.add_argument(
@@ -234,7 +240,7 @@ def main(argv=None) -> dict:
         print("\n".join(f"{k:>27}  {v:.4f}" if isinstance(v, float) else f"{k:>27}  {v}" for k, v in results.items()))
     else:
         try:
-            pipe = load_pipeline(args.pipeline, args.device)
+            pipe = load_pipeline(args.pipeline, args.device, args.dtype)
             evaluator = load_evaluator(args.evaluator_clip, args.device) if args.evaluator_clip else None
             options = dict(size=args.size, use_prior=not args.no_prior, batch_size=args.batch_size, progress=True)
             options["candidates"] = args.candidates
@@ -246,7 +252,9 @@ def main(argv=None) -> dict:
             results = SUITES[args.command](pipe, evaluator, args.n, args.seed, **options)
         except ValueError as e:
             sys.exit(f"error: {e}")
-        results["settings"].update(pipeline=str(args.pipeline), evaluator_clip=str(args.evaluator_clip))
+        results["settings"].update(
+            pipeline=str(args.pipeline), evaluator_clip=str(args.evaluator_clip), device=args.device, dtype=args.dtype
+        )
         print(format_table(results))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
