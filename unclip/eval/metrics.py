@@ -238,10 +238,10 @@ def generate(
 ) -> Iterator[Generated]:
     """Images for `prompts` from a pipeline, yielded `batch_size` at a time as (b, 3, size, size) in [-1, 1]
     (with the candidates, where the pipeline returns them); image i uses seed seed + i, as one pipeline call
-    would give it. `prior` and `decoder` override the
-    pipeline's sampler settings ({"sampler", "steps", "guidance_scale"}), as in its call; `image_embeds`
-    (one per prompt) are decoded instead of the prior's; `candidates` > 1 keeps the best of that many images
-    by the pipeline's CLIP (its reranking; default the pipeline's decoder.candidates)."""
+    would give it. `prior` and `decoder` override the pipeline's sampler settings ({"sampler", "steps",
+    "guidance_scale"}), as in its call; `image_embeds` (one per prompt) are decoded instead of the prior's;
+    `candidates` > 1 keeps the best of that many images by the pipeline's CLIP (its reranking; default the
+    pipeline's decoder.candidates)."""
     stages = {k: v for k, v in (("prior", prior), ("decoder", decoder)) if v}  # a plain call where none is given
     default = default_candidates(pipe, decoder)
     candidates = default if candidates is None else candidates
