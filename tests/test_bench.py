@@ -1,0 +1,23 @@
+"""bench/defaults.py on a tiny pipeline (the timing scripts themselves are not tests; this checks the script runs
+and samples the peer's way: ancestral steps at every stage, one decoder sample)."""
+
+import json
+
+from pipeline_helpers import make_tiny_pipeline
+
+from bench import defaults
+
+
+def test_defaults_bench_samples_both_ways_and_writes_the_ratio(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(defaults, "THEIR_STEPS", 3)
+    pipeline = make_tiny_pipeline(tmp_path / "pipe")
+    out = tmp_path / "defaults.json"
+    argv = ["--pipeline", str(pipeline), "--device", "cpu", "--size", "32", "--repeats", "2", "--out", str(out)]
+    results = defaults.main(argv)
+    assert json.loads(out.read_text()) == results and len(results["ours"]["seconds"]) == 2
+    theirs = results["theirs"]
+    assert theirs["decoder"]["sampler"] == theirs["prior"]["sampler"] == "ddpm"
+    assert theirs["decoder"]["candidates"] == 1
+    assert all(theirs[stage]["steps"] == 3 for stage in ("prior", "decoder", "upsampler_32"))
+    assert results["ours"]["decoder"]["sampler"] == "dpm++" and results["theirs_over_ours"] > 0
+    assert "theirs / ours" in capsys.readouterr().out
