@@ -217,9 +217,6 @@ class UnCLIPPipeline:
         stage = self.inpaint_stage if (inpaint is not None and self.inpaint_stage is not None) else self.decoder
         s = stage.settings(settings)
         s.pop("candidates")  # the text-to-image call's reranking, not the sampler's
-        size = stage.model.config.image_size
-        if x_T is None:
-            x_T = self.noise((stage.model.config.out_channels, size, size), generators)
         tokens = (None, None) if text is None else (text.tokens, text.mask)
         with self._autocast():
             return sample_decoder(

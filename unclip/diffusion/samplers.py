@@ -8,8 +8,8 @@
 They share one signature: a step count, a timestep spacing (see respace.py), a `torch.Generator` or one per
 sample, a progress `callback(info)` called after every step with {"i", "steps", "t", "x", "x0"}, and the same
 treatment of the predicted x_0: `threshold=None | "static" | "dynamic"` (static clipping to [-1, 1], or
-Imagen's dynamic thresholding at `percentile`). Every sampler ends on the clean sample (ᾱ = 1 after its last timestep).
-A new sampler is one more function of this shape.
+Imagen's dynamic thresholding at `percentile`). Every sampler ends on the clean sample (ᾱ = 1 after its last
+timestep). A new sampler is one more function of this shape.
 
 `inpaint=(known, mask)` replaces the known region (mask 0; mask 1 = repaint) after every step by the known
 image diffused to the current noise level, so the known region of the result equals `known` exactly.
