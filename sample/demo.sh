@@ -17,9 +17,10 @@ prompt="$1"
 shift
 
 python="${UNCLIP_PYTHON:-.venv/bin/python}"
-if [ -z "${UNCLIP_PYTHON:-}" ] && [ ! -x .venv/bin/python ]; then
+# install when .venv is missing or an earlier install stopped halfway (its python exists, the packages not)
+if [ -z "${UNCLIP_PYTHON:-}" ] && ! .venv/bin/python -c "import torch, torchvision, unclip" 2>/dev/null; then
     echo "installing into .venv (once; see DEVELOPERS.md for why torch comes first)..." >&2
-    python3 -m venv .venv
+    [ -x .venv/bin/python ] || python3 -m venv .venv
     .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
     .venv/bin/pip install -q -e .
 fi

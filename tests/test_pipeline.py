@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -284,8 +285,6 @@ def test_assemble_script_with_fp16_weights(tiny_pipeline, tmp_path):
 
 def test_assemble_around_a_component_already_in_the_folder(tiny_pipeline, tmp_path):
     # the bundled pipelines keep their CLIP in the pipeline folder (models/shapes/clip) and add the rest later
-    import shutil
-
     from train.pipeline import main
 
     parts = tiny_pipeline.parent / "parts"
@@ -310,6 +309,34 @@ def test_demo_script_generates_and_prints_the_path(tiny_pipeline, tmp_path):
     assert image.is_file() and str(image) in done.stdout
     usage = subprocess.run(["bash", "sample/demo.sh"], env=env, capture_output=True, text=True)
     assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def test_demo_script_reinstalls_after_a_halfway_install(tmp_path):
+    """A .venv whose python exists but whose install stopped halfway (no torch) is installed into again,
+    not taken as ready; fake python/pip scripts stand in for the real ones."""
+    import subprocess
+
+    (tmp_path / "sample").mkdir()
+    shutil.copy("sample/demo.sh", tmp_path / "sample" / "demo.sh")
+    bin_ = tmp_path / ".venv" / "bin"
+    bin_.mkdir(parents=True)
+    log = tmp_path / "calls.log"
+    (bin_ / "python").write_text(
+        f'#!/bin/sh\nif [ "$1" = "-c" ]; then [ -f {tmp_path}/installed ]; exit $?; fi\necho "python $*" >> {log}\n'
+    )
+    (bin_ / "pip").write_text(f'#!/bin/sh\necho "pip $*" >> {log}\ntouch {tmp_path}/installed\n')
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "UNCLIP_PYTHON"}
+    demo = ["bash", str(tmp_path / "sample" / "demo.sh"), "a red circle"]
+    run = subprocess.run(demo, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0].startswith("pip install -q torch==") and calls[1] == "pip install -q -e ."
+    assert calls[2] == "python sample/generate.py --prompt a red circle"
+    log.unlink()
+    subprocess.run(demo, env=env, check=True)
+    assert log.read_text().splitlines() == ["python sample/generate.py --prompt a red circle"]  # no second install
 
 
 def test_image_stages_sample_channels_last_with_the_same_result(tiny_pipeline):
