@@ -507,6 +507,60 @@ def test_a_real_pipelines_candidates_give_the_curve(tmp_path):
     assert {k: v for k, v in curve["3"].items() if k != "any_correct"} == kept  # the kept images, checked again
 
 
+class DyingPipeline:
+    """Delegates to a pipeline, and raises on call number `die_at` (a run killed part-way); counts calls."""
+
+    def __init__(self, pipe, die_at=None):
+        self.pipe, self.die_at, self.calls = pipe, die_at, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.die_at:
+            raise KeyboardInterrupt
+        return self.pipe(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+
+def test_a_killed_shapes_run_resumes_from_its_log_with_the_same_results(tmp_path, monkeypatch):
+    from pipeline_helpers import make_tiny_pipeline
+
+    from unclip.pipeline import UnCLIPPipeline
+
+    pipe = UnCLIPPipeline.from_pretrained(make_tiny_pipeline(tmp_path))
+    options = dict(n=3, size=16, batch_size=2, candidates=3, decoder={"steps": 2}, sets=["single", "relational"])
+    full = metrics.evaluate_shapes(pipe, PixelEvaluator(), **options)
+    log = tmp_path / "run.partial.jsonl"
+    with pytest.raises(KeyboardInterrupt):  # killed while making the third of four batches
+        metrics.evaluate_shapes(DyingPipeline(pipe, die_at=3), PixelEvaluator(), resume=log, **options)
+    lines = log.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["settings"]["candidates"] == 3  # settings + 2 batches
+    log.write_text(log.read_text() + '{"set": "relational", "start": 2, "che')  # killed while writing a line
+    rest = DyingPipeline(pipe)
+    resumed = metrics.evaluate_shapes(rest, PixelEvaluator(), resume=log, **options)
+    assert rest.calls == 2 and resumed == full  # verdicts, candidates and embeddings round-trip exactly
+    assert len(log.read_text().splitlines()) == 5
+    with pytest.raises(ValueError, match=r"other settings \(candidates, seed\); delete it"):
+        metrics.evaluate_shapes(pipe, PixelEvaluator(), resume=log, **{**options, "candidates": 2}, seed=1)
+
+    # the CLI keeps the log beside --out until the JSON is written, and a rerun of the command resumes
+    monkeypatch.setattr(cli, "load_pipeline", lambda path, device, dtype: dying)
+    out = tmp_path / "eval" / "shapes.json"
+    argv = ["shapes", "--pipeline", "p", "--n", "3", "--size", "16", "--batch-size", "2", "--candidates", "3"]
+    argv += ["--decoder-steps", "2", "--sets", "single", "--out", str(out)]
+    dying = DyingPipeline(pipe, die_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv)
+    assert not out.exists() and (tmp_path / "eval" / "shapes.json.partial.jsonl").exists()
+    dying = DyingPipeline(pipe)
+    results = cli.main(argv)
+    checker = {k: full["sets"]["single"][k] for k in results["sets"]["single"]}  # no evaluator: no CLIP metrics
+    assert dying.calls == 1 and results["sets"]["single"] == checker
+    assert json.loads(out.read_text())["sets"]["single"] == checker
+    assert not (tmp_path / "eval" / "shapes.json.partial.jsonl").exists()
+
+
 class BagOfWordsClip:
     """A fake CLIP that sees which colours and shapes there are and how many objects, and nothing else: a
     caption's colour and shape words, an image's detected objects."""

@@ -118,7 +118,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             default="fp32",
             help="sample in this precision (fp16/bf16 autocast, for GPUs; default fp32)",
         )
-        p.add_argument("--out", help="write the results here as JSON")
+        if name == "shapes":
+            p.add_argument(
+                "--out",
+                help="write the results here as JSON; until then each scored batch is kept in OUT.partial.jsonl, "
+                "so that the same command, run again after a kill, resumes where it stopped",
+            )
+        else:
+            p.add_argument("--out", help="write the results here as JSON")
         if name == "openmoji":
             p.add_argument(
                 "--val-size", type=int, default=64, help="the data.val_size the pipeline was trained with (default 64)"
@@ -249,6 +256,11 @@ def main(argv=None) -> dict:
                 options["val_size"] = args.val_size
             else:
                 options.update(oracle=args.oracle, sets=args.sets)
+                if args.out:  # scored batches are kept until the JSON is written: a rerun resumes
+                    options["resume"] = resume_log_path(args.out)
+                    options["resume_settings"] = dict(
+                        pipeline=str(args.pipeline), evaluator_clip=str(args.evaluator_clip), dtype=args.dtype
+                    )
             results = SUITES[args.command](pipe, evaluator, args.n, args.seed, **options)
         except ValueError as e:
             sys.exit(f"error: {e}")
@@ -260,7 +272,14 @@ def main(argv=None) -> dict:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.out}")
+        if args.command == "shapes":
+            resume_log_path(args.out).unlink(missing_ok=True)
     return results
+
+
+def resume_log_path(out: str) -> Path:
+    """Where a `shapes` run with --out OUT keeps its scored batches until OUT is written."""
+    return Path(out).with_name(Path(out).name + ".partial.jsonl")
 
 
 def run_prior(args) -> dict:

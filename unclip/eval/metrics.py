@@ -16,9 +16,12 @@ is anything with `embed_text(prompts, normalize=True).embed` (N, D) and `embed_i
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -219,6 +222,7 @@ class Generated(NamedTuple):
     images: Tensor  # (b, 3, size, size) in [-1, 1]
     candidate_images: Tensor | None = None  # (b, candidates, 3, s, s) at the decoder's size
     candidate_scores: Tensor | None = None  # (b, candidates)
+    start: int = 0  # index of the batch's first prompt
 
 
 def generate(
@@ -235,19 +239,23 @@ def generate(
     desc: str = "generating",
     image_embeds: Tensor | None = None,
     candidates: int | None = None,
+    skip: Container[int] = (),
 ) -> Iterator[Generated]:
     """Images for `prompts` from a pipeline, yielded `batch_size` at a time as (b, 3, size, size) in [-1, 1]
     (with the candidates, where the pipeline returns them); image i uses seed seed + i, as one pipeline call
     would give it. `prior` and `decoder` override the pipeline's sampler settings ({"sampler", "steps",
     "guidance_scale"}), as in its call; `image_embeds` (one per prompt) are decoded instead of the prior's;
     `candidates` > 1 keeps the best of that many images by the pipeline's CLIP (its reranking; default the
-    pipeline's decoder.candidates)."""
+    pipeline's decoder.candidates). Batches whose first index is in `skip` are not made (a resumed run)."""
     stages = {k: v for k, v in (("prior", prior), ("decoder", decoder)) if v}  # a plain call where none is given
     default = default_candidates(pipe, decoder)
     candidates = default if candidates is None else candidates
     if candidates != default:
         stages["candidates"] = candidates
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
+    starts = range(0, len(prompts), batch_size)
+    todo = [start for start in starts if start not in skip]
+    bar = tqdm(todo, desc=desc, unit="batch", total=len(starts), initial=len(starts) - len(todo), disable=not progress)
+    for start in bar:
         chunk = prompts[start : start + batch_size]
         if image_embeds is not None:
             stages["image_embeds"] = image_embeds[start : start + batch_size]
@@ -266,6 +274,7 @@ def generate(
             out.images.float(),
             None if candidates_out is None else candidates_out.float().cpu(),
             None if scores is None else scores.float().cpu(),
+            start,
         )
 
 
@@ -282,30 +291,128 @@ def _settings(pipe, evaluator, **settings) -> dict:
     return {**settings, "evaluator_is_pipeline_clip": same}
 
 
+def _score_batch(evaluator, batch: Tensor | Generated, prompts: Sequence[str], *, shapes: bool, batch_size: int):
+    images = batch.images if isinstance(batch, Generated) else batch
+    scored = {"checks": [], "candidates": [], "image_embeds": None}
+    if evaluator is not None:
+        scored["image_embeds"] = embed_images(evaluator, images, batch_size=batch_size)
+    if shapes:
+        scored["checks"] = [check(x, p) for x, p in zip(images, prompts, strict=True)]
+        if isinstance(batch, Generated) and batch.candidate_images is not None:
+            for row, scores, p in zip(batch.candidate_images, batch.candidate_scores, prompts, strict=True):
+                scored["candidates"].append([(float(c), check(x, p)) for x, c in zip(row, scores, strict=True)])
+    return scored
+
+
 def _score(
-    evaluator, batches: Iterable[Tensor | Generated], prompts: list[str], *, shapes: bool, batch_size: int
+    evaluator,
+    batches: Iterable[Tensor | Generated],
+    prompts: list[str],
+    *,
+    shapes: bool,
+    batch_size: int,
+    log: ResumeLog | None = None,
+    name: str = "",
 ) -> dict:
     """Evaluator embeddings and, for `shapes` images, checker verdicts of images that come in batches (so
     that only one batch is held), image i made for prompts[i]. For `shapes` batches that carry their
     candidates, each candidate's verdict and CLIP score too ("candidates": one list of (score, verdict) per
-    prompt, in seed order)."""
-    checks, candidates, image_embeds, done = [], [], [], 0
+    prompt, in seed order). With a `log`, the batches it holds for set `name` are taken from it (the
+    generator skips them) and each new one is added to it as soon as it is scored."""
+    done, position = dict(log.batches(name)) if log is not None else {}, 0
     for batch in batches:
         images = batch.images if isinstance(batch, Generated) else batch
-        chunk = prompts[done : done + len(images)]
-        if evaluator is not None:
-            image_embeds.append(embed_images(evaluator, images, batch_size=batch_size))
-        if shapes:
-            checks += [check(x, p) for x, p in zip(images, chunk, strict=True)]
-            if isinstance(batch, Generated) and batch.candidate_images is not None:
-                for row, scores, p in zip(batch.candidate_images, batch.candidate_scores, chunk, strict=True):
-                    candidates.append([(float(c), check(x, p)) for x, c in zip(row, scores, strict=True)])
-        done += len(images)
-    assert done == len(prompts), (done, len(prompts))
-    scored = {"prompts": prompts, "checks": checks, "candidates": candidates}
+        start = batch.start if isinstance(batch, Generated) else position
+        position = start + len(images)
+        chunk = prompts[start : start + len(images)]
+        done[start] = _score_batch(evaluator, batch, chunk, shapes=shapes, batch_size=batch_size)
+        if log is not None:
+            log.add(name, start, done[start])
+    parts = [done[start] for start in sorted(done)]
+    checks = [c for part in parts for c in part["checks"]]
+    count = len(checks) if shapes else sum(len(part["image_embeds"]) for part in parts)
+    assert count == len(prompts), (count, len(prompts))
+    scored = {"prompts": prompts, "checks": checks, "candidates": [c for part in parts for c in part["candidates"]]}
     if evaluator is None:  # the shapes checker alone
         return {**scored, "image_embeds": None, "text_embeds": None}
-    return {**scored, "image_embeds": torch.cat(image_embeds), "text_embeds": embed_prompts(evaluator, prompts)}
+    image_embeds = torch.cat([part["image_embeds"] for part in parts])
+    return {**scored, "image_embeds": image_embeds, "text_embeds": embed_prompts(evaluator, prompts)}
+
+
+class ResumeLog:
+    """The scored batches of a `shapes` run, one JSON line each, so that a run killed half-way (or ended with
+    its session) resumes where it stopped: `python -m unclip.eval shapes ... --out F` keeps them in
+    `F.partial.jsonl` until F is written. The first line holds the run's settings; a log written under other
+    settings is refused rather than mixed in. Verdicts and embeddings round-trip exactly (floats as JSON
+    reprs), so a resumed run's results equal an uninterrupted one's."""
+
+    def __init__(self, path: str | Path, settings: dict):
+        self.path = Path(path)
+        self.settings = json.loads(json.dumps(settings))  # as it reads back
+        self.records: dict[str, dict[int, dict]] = {}
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._rewrite([])
+            return
+        lines = self.path.read_text().splitlines()
+        try:
+            header = json.loads(lines[0])["settings"] if lines else None
+        except (json.JSONDecodeError, KeyError, TypeError):
+            header = None
+        if header != self.settings:
+            header = header if isinstance(header, dict) else {}
+            differ = ", ".join(sorted(k for k in {*header, *self.settings} if header.get(k) != self.settings.get(k)))
+            raise ValueError(
+                f"{self.path} holds the batches of a run with other settings ({differ or 'unreadable'}); delete it to "
+                "start over, or pass another --out"
+            )
+        kept = []
+        for line in lines[1:]:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a run killed while writing it
+                continue
+            self.records.setdefault(record["set"], {})[record["start"]] = self._load(record)
+            kept.append(line)
+        if len(kept) != len(lines) - 1:
+            self._rewrite(kept)
+
+    def batches(self, name: str) -> dict[int, dict]:
+        return self.records.get(name, {})
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.records.values())
+
+    def add(self, name: str, start: int, scored: dict) -> None:
+        record = {
+            "set": name,
+            "start": start,
+            "checks": [c.to_dict() for c in scored["checks"]],
+            "candidates": [[[score, c.to_dict()] for score, c in row] for row in scored["candidates"]],
+            "image_embeds": None if scored["image_embeds"] is None else scored["image_embeds"].tolist(),
+        }
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.setdefault(name, {})[start] = scored
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def _rewrite(self, lines: list[str]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in [json.dumps({"settings": self.settings}), *lines]))
+        os.replace(tmp, self.path)
+
+    @staticmethod
+    def _load(record: dict) -> dict:
+        embeds = record["image_embeds"]
+        return {
+            "checks": [CheckResult.from_dict(c) for c in record["checks"]],
+            "candidates": [[(score, CheckResult.from_dict(c)) for score, c in row] for row in record["candidates"]],
+            "image_embeds": None if embeds is None else torch.tensor(embeds, dtype=torch.float32),
+        }
 
 
 def candidate_curve(candidates: Sequence[Sequence[tuple[float, CheckResult]]]) -> dict[str, dict]:
@@ -360,6 +467,8 @@ def evaluate_shapes(
     oracle: bool = False,
     candidates: int | None = None,
     sets: Sequence[str] | None = None,
+    resume: str | Path | None = None,
+    resume_settings: dict | None = None,
     progress: bool = False,
 ) -> dict:
     """The `shapes` suite: compositional accuracy, CLIP score and retrieval, Fréchet distance in CLIP space.
@@ -390,6 +499,8 @@ def evaluate_shapes(
         sets: evaluate only these of "single", "relational", "held_out" (default all), with the prompts and
             seeds a full run gives them, so a set's numbers equal the full run's. The Fréchet distance needs
             both single and relational.
+        resume: a `ResumeLog` file: each scored batch is added to it, and the batches it already holds (from
+            a run with the same settings, and `resume_settings`, that was killed) are not made again.
 
     Returns:
         {"suite", "settings", "sets": {name: {"n", "accuracy", ..., "clip_score", "retrieval_*"}},
@@ -404,6 +515,13 @@ def evaluate_shapes(
     if sets is not None and (not sets or set(sets) - set(names)):
         raise ValueError(f"sets must name some of {', '.join(names)}; got {list(sets)}")
     candidates = resolve_candidates(pipe, decoder, candidates)
+    log = None
+    if resume is not None:
+        run = dict(n=n, seed=seed, size=size, use_prior=use_prior, oracle=oracle, prior=prior, decoder=decoder)
+        run.update(candidates=candidates, batch_size=batch_size, evaluator=evaluator is not None)
+        log = ResumeLog(resume, {**run, **(resume_settings or {})})
+        if len(log) and progress:
+            logger.info("resuming from %s: %d batches already scored", resume, len(log))
     options = dict(
         size=size,
         use_prior=use_prior,
@@ -419,8 +537,9 @@ def evaluate_shapes(
             continue
         if oracle:
             options["image_embeds"] = oracle_image_embeds(pipe.clip, prompts, seed=seed + k * n)
-        batches = generate(pipe, prompts, seed=seed + k * n * candidates, desc=name, **options)
-        scored[name] = _score(evaluator, batches, prompts, shapes=True, batch_size=batch_size)
+        skip = log.batches(name) if log is not None else ()
+        batches = generate(pipe, prompts, seed=seed + k * n * candidates, desc=name, skip=skip, **options)
+        scored[name] = _score(evaluator, batches, prompts, shapes=True, batch_size=batch_size, log=log, name=name)
     scored["all"] = _pool(scored.values())
     real = ShapesDataset(size, split="val", val_size=2 * n)
     renders = (

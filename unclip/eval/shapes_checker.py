@@ -55,6 +55,7 @@ from unclip.data.shapes import (
     CORRUPTIONS,
     MAX_TRIES,
     SIZES,
+    ObjectSpec,
     Scene,
     SceneSpec,
     ShapesDataset,
@@ -119,6 +120,13 @@ class CheckResult:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "correct": self.correct}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CheckResult:
+        """The inverse of `to_dict` (after a JSON round trip: lists where `to_dict` gave tuples)."""
+        expected = SceneSpec(tuple(ObjectSpec(**o) for o in d["expected"]["objects"]), d["expected"]["relation"])
+        fields = {k: v for k, v in d.items() if k not in ("expected", "detected", "correct")}
+        return cls(expected=expected, detected=tuple(DetectedObject(**o) for o in d["detected"]), **fields)
 
 
 # ---- reading an image ----
