@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from unclip.checkpoint import atomic_write_bytes
 from unclip.config import DataConfig, from_dict, load_config
 from unclip.data.shapes import PromptSets
 from unclip.diffusion import SAMPLERS
@@ -269,8 +270,7 @@ def main(argv=None) -> dict:
         )
         print(format_table(results))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_bytes(Path(args.out), (json.dumps(results, indent=2) + "\n").encode())  # then the log goes
         print(f"wrote {args.out}")
         if args.command == "shapes":
             resume_log_path(args.out).unlink(missing_ok=True)

@@ -30,6 +30,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from unclip.checkpoint import atomic_write_bytes
 from unclip.data.openmoji import OpenMojiDataset
 from unclip.data.shapes import PromptSets, ShapesDataset, prompt_sets, render_scene
 from unclip.eval.shapes_checker import CheckResult, check, mismatched_captions, render_prompt
@@ -351,7 +352,6 @@ class ResumeLog:
         self.settings = json.loads(json.dumps(settings))  # as it reads back
         self.records: dict[str, dict[int, dict]] = {}
         if not self.path.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._rewrite([])
             return
         lines = self.path.read_text().splitlines()
@@ -401,9 +401,8 @@ class ResumeLog:
         self.path.unlink(missing_ok=True)
 
     def _rewrite(self, lines: list[str]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in [json.dumps({"settings": self.settings}), *lines]))
-        os.replace(tmp, self.path)
+        header = json.dumps({"settings": self.settings})
+        atomic_write_bytes(self.path, "".join(line + "\n" for line in [header, *lines]).encode())
 
     @staticmethod
     def _load(record: dict) -> dict:
