@@ -8,7 +8,7 @@
 Each image is written as a PNG whose text metadata holds the prompt, the seed and every sampling setting,
 with a grid of all of them beside (a row per prompt when there are several prompts and n > 1);
 the paths are printed. Image i of the whole run uses seed + i; with reranking (--candidates N, or a pipeline
-that reranks by default, as models/shapes keeps the best of 16) its candidates use seed + i·N ... seed + i·N + N-1,
+that reranks by default, as models/shapes keeps the best of 32) its candidates use seed + i·N ... seed + i·N + N-1,
 and the metadata's seed is the kept one's: --seed SEED --candidates 1 makes that image again.
 """
 
@@ -28,7 +28,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--guidance",
         type=float,
-        help="decoder classifier-free guidance scale (default: the pipeline's; 2 for models/shapes)",
+        help="decoder classifier-free guidance scale (default: the pipeline's; 1 for models/shapes, 1 = no guidance)",
     )
     p.add_argument(
         "--text-guidance",
