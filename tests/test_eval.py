@@ -561,6 +561,44 @@ def test_a_killed_shapes_run_resumes_from_its_log_with_the_same_results(tmp_path
     assert not (tmp_path / "eval" / "shapes.json.partial.jsonl").exists()
 
 
+def test_a_shapes_log_follows_the_models_not_their_path(tmp_path, monkeypatch):
+    """The log's header holds a fingerprint of the pipeline's weights and defaults: a copy of the folder elsewhere
+    resumes the run, and the same weights with another default guidance scale are refused (before the
+    fingerprint, the header held the path and only the settings given on the command line)."""
+    import shutil
+
+    from pipeline_helpers import make_tiny_pipeline
+
+    from unclip.pipeline import UnCLIPPipeline
+
+    folder = make_tiny_pipeline(tmp_path)
+    copy = shutil.copytree(folder, tmp_path / "copy")
+    changed = shutil.copytree(folder, tmp_path / "changed")
+    index = json.loads((changed / "pipeline.json").read_text())
+    index.setdefault("defaults", {}).setdefault("decoder", {})["guidance_scale"] = 2.5
+    (changed / "pipeline.json").write_text(json.dumps(index))
+    fingerprints = [UnCLIPPipeline.from_pretrained(f).fingerprint() for f in (folder, copy, changed)]
+    assert fingerprints[0] == fingerprints[1] != fingerprints[2]
+
+    made = []
+
+    def load(path, device, dtype, die_at=None):
+        made.append(DyingPipeline(UnCLIPPipeline.from_pretrained(path), die_at=die_at))
+        return made[-1]
+
+    out = tmp_path / "eval" / "shapes.json"
+    argv = ["shapes", "--n", "3", "--size", "16", "--batch-size", "2", "--candidates", "2", "--decoder-steps", "2"]
+    argv += ["--sets", "single", "--out", str(out)]
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a: load(*a, die_at=2))
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv + ["--pipeline", str(folder)])
+    monkeypatch.setattr(cli, "load_pipeline", load)
+    with pytest.raises(SystemExit, match=r"other settings \(pipeline_fingerprint\)"):
+        cli.main(argv + ["--pipeline", str(changed)])
+    cli.main(argv + ["--pipeline", str(copy)])
+    assert made[-1].calls == 1 and out.exists()  # the copy made only the batch the killed run had not logged
+
+
 class BagOfWordsClip:
     """A fake CLIP that sees which colours and shapes there are and how many objects, and nothing else: a
     caption's colour and shape words, an image's detected objects."""

@@ -12,6 +12,7 @@ renamed into place, so a kill during a save never leaves a half-written file und
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import json
 import os
@@ -57,6 +58,28 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fingerprint(*parts: nn.Module | torch.Tensor | Any) -> str:
+    """A hash of networks' weights and tensors (names, dtypes, shapes and values) and of JSON-able settings, in
+    order: what a model computes, not where it was loaded from (a copied folder has the same fingerprint).
+    16 hex digits."""
+    h = hashlib.sha256()
+
+    def add(name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    for part in parts:
+        if isinstance(part, nn.Module):
+            for name, tensor in part.state_dict().items():
+                add(name, tensor)
+        elif isinstance(part, torch.Tensor):
+            add("", part)
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:

@@ -55,7 +55,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from torch import Tensor, nn
 
-from unclip.checkpoint import atomic_save_safetensors, atomic_write_bytes
+from unclip.checkpoint import atomic_save_safetensors, atomic_write_bytes, fingerprint
 from unclip.config import ClipConfig
 
 logger = logging.getLogger(__name__)
@@ -118,6 +118,10 @@ class ClipAdapter:
         self.precision = precision
         self.preprocess_cfg = model_preprocess_cfg(model, model_config)
         self.preprocess = image_transform_v2(PreprocessCfg(**self.preprocess_cfg), is_train=False)
+
+    def fingerprint(self) -> str:
+        """A hash of the weights and model config (`unclip.checkpoint.fingerprint`), not of the path."""
+        return fingerprint(self.model, self.model_config)
 
     # ---- builders ----
 

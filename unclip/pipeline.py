@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from unclip import edits
-from unclip.checkpoint import atomic_save_safetensors, atomic_write_bytes, load_model, save_model
+from unclip.checkpoint import atomic_save_safetensors, atomic_write_bytes, fingerprint, load_model, save_model
 from unclip.clip import ClipAdapter
 from unclip.diffusion import GaussianDiffusion
 from unclip.imageio import make_grid, save_png, square_tensor, to_pil
@@ -177,6 +177,17 @@ class UnCLIPPipeline:
             Stage.load(root, index["inpaint"], defaults["decoder"], device, dtype) if index.get("inpaint") else None
         )
         return cls(clip, prior, decoder, upsamplers, inpaint, device=device, dtype=dtype)
+
+    def fingerprint(self) -> str:
+        """A hash of what this pipeline samples with: every network's weights and every stage's default settings
+        (`unclip.checkpoint.fingerprint`), not the folder it was loaded from: a copy has the same one."""
+        stages = [s for s in (self.prior, self.decoder, *self.upsamplers, self.inpaint_stage) if s is not None]
+        parts = []
+        for s in stages:
+            d = s.diffusion
+            parts += [s.model, d.betas, {"folder": s.folder, "defaults": s.defaults, "prediction": d.prediction}]
+            parts.append({"learned_variance": d.learned_variance})
+        return fingerprint(self.clip.fingerprint(), *parts)
 
     @property
     def sizes(self) -> list[int]:

@@ -259,8 +259,10 @@ def main(argv=None) -> dict:
                 options.update(oracle=args.oracle, sets=args.sets)
                 if args.out:  # scored batches are kept until the JSON is written: a rerun resumes
                     options["resume"] = resume_log_path(args.out)
-                    options["resume_settings"] = dict(
-                        pipeline=str(args.pipeline), evaluator_clip=str(args.evaluator_clip), dtype=args.dtype
+                    options["resume_settings"] = dict(  # the models, by weights and defaults, not by path
+                        pipeline_fingerprint=pipe.fingerprint(),
+                        evaluator_fingerprint=evaluator.fingerprint() if evaluator else None,
+                        dtype=args.dtype,
                     )
             results = SUITES[args.command](pipe, evaluator, args.n, args.seed, **options)
         except ValueError as e:
