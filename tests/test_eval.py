@@ -599,6 +599,50 @@ def test_a_shapes_log_follows_the_models_not_their_path(tmp_path, monkeypatch):
     assert made[-1].calls == 1 and out.exists()  # the copy made only the batch the killed run had not logged
 
 
+class EchoVariations:
+    """A perfect variation maker (each variation is the source image itself), or a blank one."""
+
+    sizes = [64]
+
+    def __init__(self, blank=False):
+        self.blank, self.calls = blank, []
+
+    def variations(self, source, *, n, seed, invert, size, decoder):
+        self.calls.append((seed, invert, decoder))
+        image = torch.ones(3, size, size) if self.blank else from_pil(source)
+        settings = {"decoder": {"guidance_scale": (decoder or {}).get("guidance_scale", 1.0)}}
+        return SimpleNamespace(images=image.expand(n, -1, -1, -1), metadata=[{"settings": settings}] * n)
+
+
+def test_variations_suite_checks_every_variation_against_its_sources_caption():
+    echo = EchoVariations()
+    results = metrics.evaluate_variations(echo, n=6, seed=3, per_image=2, decoder={"guidance_scale": 2.0})
+    assert results["sets"]["single"]["accuracy"] == 1 and results["sets"]["relational"]["accuracy"] == 1
+    assert results["sets"]["relational"]["n"] == 12 and results["sets"]["relational"]["relation"] == 1
+    assert [c[0] for c in echo.calls[:6]] == [3, 5, 7, 9, 11, 13]  # seed + i·per_image
+    assert (
+        echo.calls[0][1:] == (False, {"guidance_scale": 2.0}) and results["settings"]["decoder"]["guidance_scale"] == 2
+    )
+    blank = metrics.evaluate_variations(EchoVariations(blank=True), n=3, sets=["single"])
+    assert blank["sets"] == {"single": {**blank["sets"]["single"], "accuracy": 0.0}}
+    with pytest.raises(ValueError, match="sets must name"):
+        metrics.evaluate_variations(echo, n=2, sets=["pairs"])
+
+
+def test_variations_cli_runs_a_real_pipeline(tmp_path, capsys):
+    from pipeline_helpers import make_tiny_pipeline
+
+    folder = make_tiny_pipeline(tmp_path)
+    out = tmp_path / "variations.json"
+    argv = ["variations", "--pipeline", str(folder), "--n", "2", "--per-image", "2", "--sets", "single"]
+    results = cli.main(argv + ["--fresh-noise", "--decoder-guidance", "2", "--out", str(out)])
+    assert results["sets"]["single"]["n"] == 4 and json.loads(out.read_text())["sets"] == results["sets"]
+    assert results["settings"]["decoder"]["guidance_scale"] == 2 and results["settings"]["invert"] is False
+    assert "variations (" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(argv + ["--per-image", "0"])
+
+
 class BagOfWordsClip:
     """A fake CLIP that sees which colours and shapes there are and how many objects, and nothing else: a
     caption's colour and shape words, an image's detected objects."""

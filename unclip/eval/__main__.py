@@ -8,6 +8,7 @@
     python -m unclip.eval checker --n 500
     python -m unclip.eval clip --clip models/shapes/clip   # which caption differences a CLIP can see
     python -m unclip.eval caption --pipeline models/shapes  # which caption differences the decoder reads
+    python -m unclip.eval variations --pipeline models/shapes   # do variations keep what the image shows?
 
 The evaluator CLIP must be trained separately from the pipeline's own CLIP. A table is printed and, with
 --out, the results are written as JSON.
@@ -28,6 +29,7 @@ from unclip.diffusion import SAMPLERS
 from unclip.eval.metrics import (
     evaluate_openmoji,
     evaluate_shapes,
+    evaluate_variations,
     format_caption_probe,
     format_probe,
     format_table,
@@ -131,6 +133,30 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.add_argument(
                 "--val-size", type=int, default=64, help="the data.val_size the pipeline was trained with (default 64)"
             )
+    p = commands.add_parser(
+        "variations",
+        help="shapes: how often variations of exact renders (DALL·E 2 §3.1) still show what the render's caption says",
+    )
+    p.add_argument("--pipeline", required=True, help="a shapes pipeline folder (e.g. models/shapes)")
+    p.add_argument("--n", type=int, default=50, help="prompts per set (default 50)")
+    p.add_argument("--per-image", type=int, default=4, help="variations of each render (default 4)")
+    p.add_argument(
+        "--sets", nargs="+", choices=PromptSets._fields, default=["single", "relational"], help="prompt sets"
+    )
+    p.add_argument(
+        "--fresh-noise",
+        action="store_true",
+        help="decode fresh noise with the decoder's sampler, as sample/variations.py --fresh-noise does (default: "
+        "the DDIM-inverted latent, as the paper does and sample/variations.py by default)",
+    )
+    p.add_argument(
+        "--decoder-guidance",
+        type=float,
+        help="decoder guidance scale (default: 1 inverted, else the pipeline's, as sample/variations.py)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="write the results here as JSON")
     p = commands.add_parser("checker", help="validate the shapes checker on ground-truth renders")
     p.add_argument("--n", type=int, default=300, help="scenes (default 300)")
     p.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 256])
@@ -198,6 +224,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         guidance = getattr(args, f"{stage}_guidance", None)
         if guidance is not None and not guidance >= 0:
             parser.error(f"--{stage}-guidance must be >= 0 (1 is no guidance), got {guidance}")
+    if args.command == "variations" and (args.n < 1 or args.per_image < 1):
+        parser.error(f"--n and --per-image must be >= 1, got {args.n} and {args.per_image}")
     if getattr(args, "candidates", None) is not None and args.candidates < 1:
         parser.error(f"--candidates must be >= 1, got {args.candidates}")
     text_guidance = getattr(args, "decoder_text_guidance", None)
@@ -240,6 +268,23 @@ def main(argv=None) -> dict:
         except ValueError as e:
             sys.exit(f"error: {e}")
         print(format_caption_probe(results))
+    elif args.command == "variations":
+        try:
+            decoder = None if args.decoder_guidance is None else {"guidance_scale": args.decoder_guidance}
+            results = evaluate_variations(
+                load_pipeline(args.pipeline, args.device),
+                args.n,
+                args.seed,
+                per_image=args.per_image,
+                invert=not args.fresh_noise,
+                sets=args.sets,
+                decoder=decoder,
+                progress=True,
+            )
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        results["settings"].update(pipeline=str(args.pipeline), device=args.device)
+        print(format_table(results))
     elif args.command == "prior":
         try:
             results = run_prior(args)

@@ -588,6 +588,52 @@ def oracle_image_embeds(clip, prompts: Sequence[str], *, seed: int, batch_size: 
         ).float()
 
 
+def evaluate_variations(
+    pipe,
+    n: int = 50,
+    seed: int = 0,
+    *,
+    per_image: int = 4,
+    invert: bool = False,
+    sets: Sequence[str] = ("single", "relational"),
+    decoder: dict | None = None,
+    progress: bool = False,
+) -> dict:
+    """The `variations` suite: how often a variation of an exact render of a `shapes` prompt (DALL·E 2 §3.1: a
+    decoding of the render's CLIP image embedding, with no caption) still shows what the prompt says, by the
+    checker. The paper's variations keep what the embedding holds and vary the rest.
+
+    Args:
+        n: prompts per set (`prompt_sets(n, seed)`); prompt i is rendered by random.Random(seed + i), at the
+            decoder's size, and its variations use seeds seed + i·per_image ... (+ per_image - 1).
+        invert: decode the render's DDIM-inverted latent (`pipe.variations`' default) instead of fresh noise.
+        decoder: overrides of the decoder's settings ({"guidance_scale": 2}, ...), as `pipe.variations` takes.
+
+    Returns:
+        {"suite", "settings", "sets": {name: summarize_checks of its n·per_image variations}}; JSON-serialisable.
+    """
+    if n < 1 or per_image < 1:
+        raise ValueError(f"n and per_image must be >= 1, got {n} and {per_image}")
+    names = list(PromptSets._fields)
+    if not sets or set(sets) - set(names):
+        raise ValueError(f"sets must name some of {', '.join(names)}; got {list(sets)}")
+    size = pipe.sizes[0]
+    prompts = prompt_sets(n, seed)
+    results = {"suite": "variations", "settings": {}, "sets": {}}
+    for name in sets:
+        checks = []
+        for i, prompt in enumerate(tqdm(getattr(prompts, name), desc=name, disable=not progress)):
+            source = render_prompt(prompt, size, random.Random(seed + i))
+            out = pipe.variations(
+                source, n=per_image, seed=seed + i * per_image, invert=invert, size=size, decoder=decoder
+            )
+            checks += [check(image, prompt) for image in out.images]
+            used = out.metadata[0]["settings"]["decoder"]
+        results["sets"][name] = summarize_checks(checks)
+    results["settings"] = dict(n=n, seed=seed, per_image=per_image, invert=invert, size=size, decoder=used)
+    return results
+
+
 def evaluate_openmoji(
     pipe,
     evaluator,
