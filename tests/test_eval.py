@@ -62,6 +62,9 @@ class RenderPipeline:
         self.calls.append({**call, "prior": prior, "decoder": decoder})
         return SimpleNamespace(images=renders(prompts, size, seed), image_embeds=torch.zeros(len(prompts), 8))
 
+    def fingerprint(self):  # what the resume log of `unclip.eval shapes --out` keys on
+        return type(self).__name__
+
 
 class WhitePipeline(RenderPipeline):
     def __call__(self, prompts, *, size=64, seed=0, use_prior=True, batch_size=None, prior=None, decoder=None):
@@ -92,6 +95,9 @@ class CheckerEvaluator:
 
 class PixelEvaluator:
     """A cheap fake CLIP: images pooled to 4x4 (48 dims), prompts to a seeded random 48-vector."""
+
+    def fingerprint(self):
+        return "pixels"
 
     def embed_text(self, prompts, *, normalize=False):
         embeds = [torch.randn(48, generator=torch.Generator().manual_seed(sum(map(ord, p)))) for p in prompts]
