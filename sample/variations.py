@@ -26,7 +26,12 @@ def parse_args(argv=None):
         help=f"inversion and decoding steps (default {INVERSION_STEPS}; with --fresh-noise: "
         "decoder steps, default the pipeline's)",
     )
-    p.add_argument("--guidance", type=float, help="decoder guidance scale (default 1 inverted, else the pipeline's)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        help="decoder guidance scale (default 1 inverted, else the pipeline's; models/shapes with --fresh-noise: "
+        "2 keeps a single object right 84.5%% of the time against 74.0%% at its default 1, README)",
+    )
     p.add_argument("--fresh-noise", action="store_true", help="decode fresh noise instead of the inverted latent")
     return p.parse_args(argv)
 
