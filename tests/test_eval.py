@@ -630,7 +630,7 @@ def test_variations_suite_checks_every_variation_against_its_sources_caption():
         echo.calls[0][1:] == (False, {"guidance_scale": 2.0}) and results["settings"]["decoder"]["guidance_scale"] == 2
     )
     blank = metrics.evaluate_variations(EchoVariations(blank=True), n=3, sets=["single"])
-    assert blank["sets"] == {"single": {**blank["sets"]["single"], "accuracy": 0.0}}
+    assert list(blank["sets"]) == ["single"] and blank["sets"]["single"]["accuracy"] == 0
     with pytest.raises(ValueError, match="sets must name"):
         metrics.evaluate_variations(echo, n=2, sets=["pairs"])
 

@@ -185,8 +185,8 @@ class UnCLIPPipeline:
         parts = []
         for s in stages:
             d = s.diffusion
-            parts += [s.model, d.betas, {"folder": s.folder, "defaults": s.defaults, "prediction": d.prediction}]
-            parts.append({"learned_variance": d.learned_variance})
+            settings = {"folder": s.folder, "defaults": s.defaults, "prediction": d.prediction}
+            parts += [s.model, d.betas, {**settings, "learned_variance": d.learned_variance}]
         return fingerprint(self.clip.fingerprint(), *parts)
 
     @property

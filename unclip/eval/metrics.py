@@ -511,8 +511,8 @@ def evaluate_shapes(
     if oracle and not use_prior:
         raise ValueError("oracle decodes true image embeddings instead of the prior's; it excludes use_prior=False")
     names = list(PromptSets._fields)
-    if sets is not None and (not sets or set(sets) - set(names)):
-        raise ValueError(f"sets must name some of {', '.join(names)}; got {list(sets)}")
+    if sets is not None:
+        _check_sets(sets)
     candidates = resolve_candidates(pipe, decoder, candidates)
     log = None
     if resume is not None:
@@ -588,6 +588,12 @@ def oracle_image_embeds(clip, prompts: Sequence[str], *, seed: int, batch_size: 
         ).float()
 
 
+def _check_sets(sets: Sequence[str]) -> None:
+    names = PromptSets._fields
+    if not sets or set(sets) - set(names):
+        raise ValueError(f"sets must name some of {', '.join(names)}; got {list(sets)}")
+
+
 def evaluate_variations(
     pipe,
     n: int = 50,
@@ -614,9 +620,7 @@ def evaluate_variations(
     """
     if n < 1 or per_image < 1:
         raise ValueError(f"n and per_image must be >= 1, got {n} and {per_image}")
-    names = list(PromptSets._fields)
-    if not sets or set(sets) - set(names):
-        raise ValueError(f"sets must name some of {', '.join(names)}; got {list(sets)}")
+    _check_sets(sets)
     size = pipe.sizes[0]
     prompts = prompt_sets(n, seed)
     results = {"suite": "variations", "settings": {}, "sets": {}}
