@@ -23,7 +23,7 @@ def test_bundled_shapes_clip_tells_relations_apart():
     """The bundled shapes CLIP was fine-tuned with hard negatives (its card): it prefers a render's caption to
     the same caption with the relation flipped (97% on 300 scenes; the CLIP before it: 49.6%, chance)."""
     from unclip.clip import ClipAdapter
-    from unclip.eval.metrics import probe_clip
+    from unclip.eval.probes import probe_clip
 
     probe = probe_clip(ClipAdapter.from_checkpoint(Path(DEFAULT_PIPELINE) / "clip"), n=60)
     assert probe["preferred_by_kind"]["relation"] > 0.85 and probe["preferred_by_kind"]["color"] > 0.95
@@ -43,7 +43,7 @@ def test_bundled_weights_are_fp16_and_fit_the_budget():
     models = Path(DEFAULT_PIPELINE).parent
     pipelines = [models / "shapes", models / "openmoji"]
     files = [w for p in pipelines for w in p.glob("*/*.safetensors")]
-    assert sum(w.stat().st_size for w in files) < 80e6  # issue #8: both pipelines together at most 80 MB
+    assert sum(w.stat().st_size for w in files) < 80e6  # both pipelines together at most 80 MB
     for weights in [*files, *models.glob("evaluators/*/*.safetensors")]:
         with safe_open(str(weights), "pt") as f:
             dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}

@@ -22,7 +22,7 @@ from unclip.data.shapes import (
     satisfies,
 )
 from unclip.eval import __main__ as cli
-from unclip.eval import metrics
+from unclip.eval import metrics, probes, report, suites
 from unclip.eval.shapes_checker import (
     CORRUPTIONS,
     check,
@@ -294,7 +294,7 @@ def test_relation_given_objects_counts_only_images_whose_objects_are_right():
 
 def test_evaluate_shapes_end_to_end():
     pipe = RenderPipeline()
-    results = metrics.evaluate_shapes(pipe, PixelEvaluator(), n=4, seed=2, batch_size=3)
+    results = suites.evaluate_shapes(pipe, PixelEvaluator(), n=4, seed=2, batch_size=3)
     assert set(results["sets"]) == {"single", "relational", "held_out", "all", "real"}
     for name, row in results["sets"].items():
         assert row["accuracy"] == 1.0, name
@@ -305,7 +305,7 @@ def test_evaluate_shapes_end_to_end():
     assert [c["seed"] for c in pipe.calls] == [2, 5, 6, 9, 10, 13]  # set k: seed + 4k + batch start
     json.dumps(results, allow_nan=False)
 
-    white = metrics.evaluate_shapes(WhitePipeline(), PixelEvaluator(), n=4, seed=2)
+    white = suites.evaluate_shapes(WhitePipeline(), PixelEvaluator(), n=4, seed=2)
     assert all(white["sets"][name]["accuracy"] == 0.0 for name in ("single", "relational", "held_out", "all"))
     assert white["sets"]["real"]["accuracy"] == 1.0
     assert white["clip_frechet_distance"] > results["clip_frechet_distance"]
@@ -313,14 +313,14 @@ def test_evaluate_shapes_end_to_end():
 
 def test_evaluate_shapes_on_some_sets_gives_them_the_full_runs_prompts_and_seeds(monkeypatch, capsys):
     full_pipe, pipe = RenderPipeline(), RenderPipeline()
-    full = metrics.evaluate_shapes(full_pipe, PixelEvaluator(), n=4, seed=2, batch_size=3)
-    part = metrics.evaluate_shapes(pipe, PixelEvaluator(), n=4, seed=2, batch_size=3, sets=["relational"])
+    full = suites.evaluate_shapes(full_pipe, PixelEvaluator(), n=4, seed=2, batch_size=3)
+    part = suites.evaluate_shapes(pipe, PixelEvaluator(), n=4, seed=2, batch_size=3, sets=["relational"])
     assert set(part["sets"]) == {"relational", "all", "real"} and part["settings"]["sets"] == ["relational"]
     assert part["sets"]["relational"] == full["sets"]["relational"]
     assert [c["seed"] for c in pipe.calls] == [c["seed"] for c in full_pipe.calls[2:4]] == [6, 9]  # set 1 of 3
     assert len(pipe.calls) == 2 and "clip_frechet_distance" not in part  # it needs single and relational
     with pytest.raises(ValueError, match="sets must name some of single, relational, held_out"):
-        metrics.evaluate_shapes(pipe, None, n=2, sets=["double"])
+        suites.evaluate_shapes(pipe, None, n=2, sets=["double"])
     monkeypatch.setattr(cli, "load_pipeline", lambda path, device, dtype: pipe)
     results = cli.main(["shapes", "--pipeline", "p", "--n", "2", "--sets", "single", "held_out"])
     assert set(results["sets"]) == {"single", "held_out", "all", "real"}
@@ -360,31 +360,31 @@ class EmbeddingPipeline(WhitePipeline):
 
 def test_evaluate_shapes_oracle_decodes_embeddings_of_exact_renders():
     pipe = EmbeddingPipeline()
-    plain = metrics.evaluate_shapes(pipe, PixelEvaluator(), n=4, seed=2, batch_size=3)
+    plain = suites.evaluate_shapes(pipe, PixelEvaluator(), n=4, seed=2, batch_size=3)
     assert plain["sets"]["relational"]["accuracy"] == 0.0 and not pipe.clip.images
-    oracle = metrics.evaluate_shapes(pipe, PixelEvaluator(), n=4, seed=2, batch_size=3, oracle=True)
+    oracle = suites.evaluate_shapes(pipe, PixelEvaluator(), n=4, seed=2, batch_size=3, oracle=True)
     # each prompt's decoder call got the embedding of a render of that very prompt, in order
     assert all(oracle["sets"][name]["accuracy"] == 1.0 for name in ("single", "relational", "held_out"))
     assert len(pipe.clip.images) == 12
     assert oracle["settings"]["image_embeds"].startswith("oracle") and oracle["settings"]["use_prior"] is False
     with pytest.raises(ValueError, match="excludes use_prior=False"):
-        metrics.evaluate_shapes(pipe, None, n=2, oracle=True, use_prior=False)
+        suites.evaluate_shapes(pipe, None, n=2, oracle=True, use_prior=False)
     with pytest.raises(SystemExit):
         cli.main(["shapes", "--pipeline", "p", "--oracle", "--no-prior"])
 
 
 def test_evaluate_openmoji_with_a_fake_dataset():
     dataset = [{"image": torch.rand(3, 32, 32) * 2 - 1, "caption": f"emoji {i}"} for i in range(5)]
-    results = metrics.evaluate_openmoji(WhitePipeline(), PixelEvaluator(), n=4, size=32, dataset=dataset)
+    results = suites.evaluate_openmoji(WhitePipeline(), PixelEvaluator(), n=4, size=32, dataset=dataset)
     assert set(results["sets"]) == {"generated", "real"} and results["settings"]["n"] == 4
     assert results["clip_frechet_distance"] > 0 and results["settings"]["evaluator_is_pipeline_clip"] is False
-    assert "clip_frechet_distance" in metrics.format_table(results)
+    assert "clip_frechet_distance" in report.format_table(results)
     json.dumps(results, allow_nan=False)
 
     shared = torch.nn.Linear(2, 2)  # an evaluator that is the pipeline's own CLIP is flagged
     pipe, evaluator = WhitePipeline(), PixelEvaluator()
     pipe.clip, evaluator.model = SimpleNamespace(model=shared), shared
-    results = metrics.evaluate_openmoji(pipe, evaluator, n=4, size=32, dataset=dataset)
+    results = suites.evaluate_openmoji(pipe, evaluator, n=4, size=32, dataset=dataset)
     assert results["settings"]["evaluator_is_pipeline_clip"] is True
 
 
@@ -452,7 +452,7 @@ def test_candidates_rerank_with_the_seeds_of_one_call(monkeypatch):
     ]  # fmt: skip
     with pytest.raises(SystemExit):
         cli.main([*argv, "--candidates", "0"])
-    for evaluate in (metrics.evaluate_shapes, metrics.evaluate_openmoji):
+    for evaluate in (suites.evaluate_shapes, suites.evaluate_openmoji):
         with pytest.raises(ValueError, match="candidates must be >= 1"):
             evaluate(pipe, None, n=2, candidates=0)
     # a pipeline that reranks by default: evaluated that way unless told otherwise, and the seeds follow
@@ -507,7 +507,7 @@ def test_a_real_pipelines_candidates_give_the_curve(tmp_path):
 
     pipe = UnCLIPPipeline.from_pretrained(make_tiny_pipeline(tmp_path))
     decoder = {"steps": 2}
-    results = metrics.evaluate_shapes(pipe, None, n=2, size=16, candidates=3, decoder=decoder, sets=["single"])
+    results = suites.evaluate_shapes(pipe, None, n=2, size=16, candidates=3, decoder=decoder, sets=["single"])
     kept, curve = results["sets"]["single"], results["candidate_curve"]["single"]
     assert list(curve) == ["1", "2", "3"] and curve["3"]["n"] == 2
     assert {k: v for k, v in curve["3"].items() if k != "any_correct"} == kept  # the kept images, checked again
@@ -536,19 +536,19 @@ def test_a_killed_shapes_run_resumes_from_its_log_with_the_same_results(tmp_path
 
     pipe = UnCLIPPipeline.from_pretrained(make_tiny_pipeline(tmp_path))
     options = dict(n=3, size=16, batch_size=2, candidates=3, decoder={"steps": 2}, sets=["single", "relational"])
-    full = metrics.evaluate_shapes(pipe, PixelEvaluator(), **options)
+    full = suites.evaluate_shapes(pipe, PixelEvaluator(), **options)
     log = tmp_path / "run.partial.jsonl"
     with pytest.raises(KeyboardInterrupt):  # killed while making the third of four batches
-        metrics.evaluate_shapes(DyingPipeline(pipe, die_at=3), PixelEvaluator(), resume=log, **options)
+        suites.evaluate_shapes(DyingPipeline(pipe, die_at=3), PixelEvaluator(), resume=log, **options)
     lines = log.read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[0])["settings"]["candidates"] == 3  # settings + 2 batches
     log.write_text(log.read_text() + '{"set": "relational", "start": 2, "che')  # killed while writing a line
     rest = DyingPipeline(pipe)
-    resumed = metrics.evaluate_shapes(rest, PixelEvaluator(), resume=log, **options)
+    resumed = suites.evaluate_shapes(rest, PixelEvaluator(), resume=log, **options)
     assert rest.calls == 2 and resumed == full  # verdicts, candidates and embeddings round-trip exactly
     assert len(log.read_text().splitlines()) == 5
     with pytest.raises(ValueError, match=r"other settings \(candidates, seed\); delete it"):
-        metrics.evaluate_shapes(pipe, PixelEvaluator(), resume=log, **{**options, "candidates": 2}, seed=1)
+        suites.evaluate_shapes(pipe, PixelEvaluator(), resume=log, **{**options, "candidates": 2}, seed=1)
 
     # the CLI keeps the log beside --out until the JSON is written, and a rerun of the command resumes
     monkeypatch.setattr(cli, "load_pipeline", lambda path, device, dtype: dying)
@@ -622,17 +622,17 @@ class EchoVariations:
 
 def test_variations_suite_checks_every_variation_against_its_sources_caption():
     echo = EchoVariations()
-    results = metrics.evaluate_variations(echo, n=6, seed=3, per_image=2, decoder={"guidance_scale": 2.0})
+    results = suites.evaluate_variations(echo, n=6, seed=3, per_image=2, decoder={"guidance_scale": 2.0})
     assert results["sets"]["single"]["accuracy"] == 1 and results["sets"]["relational"]["accuracy"] == 1
     assert results["sets"]["relational"]["n"] == 12 and results["sets"]["relational"]["relation"] == 1
     assert [c[0] for c in echo.calls[:6]] == [3, 5, 7, 9, 11, 13]  # seed + i·per_image
     assert (
         echo.calls[0][1:] == (False, {"guidance_scale": 2.0}) and results["settings"]["decoder"]["guidance_scale"] == 2
     )
-    blank = metrics.evaluate_variations(EchoVariations(blank=True), n=3, sets=["single"])
+    blank = suites.evaluate_variations(EchoVariations(blank=True), n=3, sets=["single"])
     assert list(blank["sets"]) == ["single"] and blank["sets"]["single"]["accuracy"] == 0
     with pytest.raises(ValueError, match="sets must name"):
-        metrics.evaluate_variations(echo, n=2, sets=["pairs"])
+        suites.evaluate_variations(echo, n=2, sets=["pairs"])
 
 
 def test_variations_cli_runs_a_real_pipeline(tmp_path, capsys):
@@ -670,7 +670,7 @@ class BagOfWordsClip:
 
 
 def test_probe_clip_finds_what_a_clip_can_see(monkeypatch, capsys):
-    results = metrics.probe_clip(BagOfWordsClip(), n=40, seed=3)
+    results = probes.probe_clip(BagOfWordsClip(), n=40, seed=3)
     by_kind = results["preferred_by_kind"]
     assert by_kind["color"] == by_kind["shape"] == by_kind["count"] == 1.0
     # the same bag of words: a tie, so the true caption is not preferred
@@ -680,7 +680,7 @@ def test_probe_clip_finds_what_a_clip_can_see(monkeypatch, capsys):
     assert cli.main(["clip", "--clip", "c", "--n", "40", "--seed", "3", "--device", "cpu"]) == {"clip": "c", **results}
     assert "relation" in capsys.readouterr().out
     with pytest.raises(ValueError, match="n must be >= 2"):
-        metrics.probe_clip(BagOfWordsClip(), n=1)
+        probes.probe_clip(BagOfWordsClip(), n=1)
 
 
 def test_probe_decoder_caption_measures_what_the_decoder_reads(tmp_path, capsys):
@@ -692,12 +692,12 @@ def test_probe_decoder_caption_measures_what_the_decoder_reads(tmp_path, capsys)
 
     folder = make_tiny_pipeline(tmp_path, upsampler=False)
     pipe = UnCLIPPipeline.from_pretrained(folder)
-    results = metrics.probe_decoder_caption(pipe, n=6, seed=1, timesteps=(999, 500))
+    results = probes.probe_decoder_caption(pipe, n=6, seed=1, timesteps=(999, 500))
     assert results["n"] == 6 and results["timesteps"] == [999, 500] and results["n_mismatched"] > 6
     change = results["prediction_change"]
     assert set(change) == {"999", "500"} and set(change["999"]) <= set(CORRUPTIONS)
     assert all(v > 0 for v in change["999"].values())
-    batched = metrics.probe_decoder_caption(pipe, n=6, seed=1, timesteps=(999, 500), batch_size=5)
+    batched = probes.probe_decoder_caption(pipe, n=6, seed=1, timesteps=(999, 500), batch_size=5)
     assert all(batched["prediction_change"][t] == pytest.approx(change[t], rel=1e-4) for t in change)
     decoder, fixed = pipe.decoder.model, pipe.encode_text(["a red circle"])
 
@@ -708,7 +708,7 @@ def test_probe_decoder_caption_measures_what_the_decoder_reads(tmp_path, capsys)
 
     deaf.config = decoder.config
     pipe.decoder.model = deaf
-    cut = metrics.probe_decoder_caption(pipe, n=6, seed=1, timesteps=(999,))["prediction_change"]["999"]
+    cut = probes.probe_decoder_caption(pipe, n=6, seed=1, timesteps=(999,))["prediction_change"]["999"]
     assert set(cut) == set(change["999"]) and max(cut.values()) == 0
     pipe.decoder.model = decoder
 
@@ -720,7 +720,7 @@ def test_probe_decoder_caption_measures_what_the_decoder_reads(tmp_path, capsys)
 
     recording.config = decoder.config
     pipe.decoder.model = recording
-    text_only = metrics.probe_decoder_caption(pipe, n=6, seed=1, timesteps=(999,), text_only=True)
+    text_only = probes.probe_decoder_caption(pipe, n=6, seed=1, timesteps=(999,), text_only=True)
     assert text_only["text_only"] and text_only["prediction_change"]["999"] != change["999"]
     assert all(bool((drop == torch.tensor([True, False])).all()) for drop in seen)  # (image, text) dropped
     pipe.decoder.model = decoder
@@ -729,7 +729,7 @@ def test_probe_decoder_caption_measures_what_the_decoder_reads(tmp_path, capsys)
     assert all(again[t] == pytest.approx(change[t]) for t in change)
     assert "relation" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"timesteps must be in \[0, 999\], got \[1000\]"):
-        metrics.probe_decoder_caption(pipe, n=6, timesteps=(1000,))
+        probes.probe_decoder_caption(pipe, n=6, timesteps=(1000,))
     with pytest.raises(SystemExit, match="n must be >= 2"):
         cli.main(["caption", "--pipeline", str(folder), "--n", "1"])
 

@@ -26,14 +26,19 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from unclip.checkpoint import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from unclip.clip import ClipAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +244,34 @@ class EmbeddingDataset(Dataset):
                 )
             captions += shard_captions
         return captions
+
+
+def encode_batch(clip: ClipAdapter | None, batch: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
+    """{"text_embed" (B, D), "text_tokens" (B, L, W) | None, "text_mask" (B, L) | None, "text_words" (B, L, W)
+    | None, "image_embed" (B, D)}.
+
+    Batches from the "embeddings" dataset carry their embeddings (and no word embeddings); image-caption
+    batches are encoded here.
+    """
+    if "image_embed" in batch:
+        tokens, mask = batch.get("text_tokens"), batch.get("text_mask")
+        return {
+            "text_embed": F.normalize(batch["text_embed"].float().to(device), dim=-1),
+            "image_embed": F.normalize(batch["image_embed"].float().to(device), dim=-1),
+            "text_tokens": None if tokens is None else tokens.float().to(device),
+            "text_mask": None if mask is None else mask.bool().to(device),
+            "text_words": None,
+        }
+    if clip is None:
+        raise ValueError("image-caption data needs a CLIP to encode it; set the run's clip section")
+    text = clip.embed_text(list(batch["caption"]), normalize=True)
+    return {
+        "text_embed": text.embed.to(device),
+        "text_tokens": text.tokens.to(device),
+        "text_mask": text.mask.to(device),
+        "text_words": text.words.to(device),
+        "image_embed": clip.embed_image(batch["image"].to(device), normalize=True).to(device),
+    }
 
 
 def _find_shards(path: Path) -> list[str]:

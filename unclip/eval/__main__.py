@@ -26,18 +26,10 @@ from unclip.checkpoint import atomic_write_bytes
 from unclip.config import DataConfig, from_dict, load_config
 from unclip.data.shapes import PromptSets
 from unclip.diffusion import SAMPLERS
-from unclip.eval.metrics import (
-    evaluate_openmoji,
-    evaluate_shapes,
-    evaluate_variations,
-    format_caption_probe,
-    format_probe,
-    format_table,
-    format_validation,
-    probe_clip,
-    probe_decoder_caption,
-)
+from unclip.eval.probes import probe_clip, probe_decoder_caption
+from unclip.eval.report import format_caption_probe, format_probe, format_table, format_validation
 from unclip.eval.shapes_checker import validate_checker
+from unclip.eval.suites import evaluate_openmoji, evaluate_shapes, evaluate_variations
 
 SUITES = {"shapes": evaluate_shapes, "openmoji": evaluate_openmoji}
 

@@ -23,11 +23,11 @@ from unclip.checkpoint import load_model
 from unclip.clip import ClipAdapter
 from unclip.config import DataConfig
 from unclip.data import build_dataset, collate
+from unclip.data.embeddings import encode_batch
 from unclip.data.shapes import parse_caption, render_scene, sample_scene_for
 from unclip.diffusion import GaussianDiffusion
+from unclip.eval.metrics import prior_metrics
 from unclip.sampling import sample_prior
-from unclip.tasks.conditioning import encode_batch
-from unclip.tasks.prior import prior_metrics
 
 
 @torch.no_grad()

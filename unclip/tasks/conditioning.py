@@ -7,14 +7,11 @@ the text transformer's final hidden states and are not normalised.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from unclip.clip import ClipAdapter
 from unclip.config import ClipConfig
+from unclip.data.embeddings import encode_batch as encode_batch  # the tasks take it from here
 
 
 def load_clip(config: ClipConfig, device: torch.device | str = "cpu") -> ClipAdapter:
@@ -24,34 +21,6 @@ def load_clip(config: ClipConfig, device: torch.device | str = "cpu") -> ClipAda
             "clip.model_name with clip.pretrained, or clip.model_config"
         )
     return ClipAdapter.from_config(config, device=device)
-
-
-def encode_batch(clip: ClipAdapter | None, batch: dict[str, Any], device: torch.device) -> dict[str, Tensor]:
-    """{"text_embed" (B, D), "text_tokens" (B, L, W) | None, "text_mask" (B, L) | None, "text_words" (B, L, W)
-    | None, "image_embed" (B, D)}.
-
-    Batches from the "embeddings" dataset carry their embeddings (and no word embeddings); image-caption
-    batches are encoded here.
-    """
-    if "image_embed" in batch:
-        tokens, mask = batch.get("text_tokens"), batch.get("text_mask")
-        return {
-            "text_embed": F.normalize(batch["text_embed"].float().to(device), dim=-1),
-            "image_embed": F.normalize(batch["image_embed"].float().to(device), dim=-1),
-            "text_tokens": None if tokens is None else tokens.float().to(device),
-            "text_mask": None if mask is None else mask.bool().to(device),
-            "text_words": None,
-        }
-    if clip is None:
-        raise ValueError("image-caption data needs a CLIP to encode it; set the run's clip section")
-    text = clip.embed_text(list(batch["caption"]), normalize=True)
-    return {
-        "text_embed": text.embed.to(device),
-        "text_tokens": text.tokens.to(device),
-        "text_mask": text.mask.to(device),
-        "text_words": text.words.to(device),
-        "image_embed": clip.embed_image(batch["image"].to(device), normalize=True).to(device),
-    }
 
 
 def check_clip_dims(clip: ClipAdapter | None, *, clip_dim: int | None, text_width: int | None, text_ctx=None):

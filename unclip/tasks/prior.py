@@ -17,7 +17,6 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Subset
 
@@ -25,6 +24,7 @@ from unclip.checkpoint import save_model
 from unclip.config import RunConfig
 from unclip.data import build_dataset, collate
 from unclip.diffusion import GaussianDiffusion
+from unclip.eval.metrics import prior_metrics
 from unclip.nets.prior import PriorTransformer
 from unclip.sampling import sample_prior, text_cond
 from unclip.tasks.conditioning import check_clip_dims, encode_batch, load_clip
@@ -114,25 +114,3 @@ class PriorTask:
 
     def export(self, model, directory: Path) -> None:
         save_model(model, directory, kind="prior", diffusion=self.config.diffusion, clip=self.config.clip)
-
-
-def prior_metrics(predicted: Tensor, text_embed: Tensor, image_embed: Tensor) -> dict[str, float]:
-    """DALL·E 2-style cosine metrics and retrieval, for (N, D) predicted, text and true image embeddings.
-
-    Returns:
-        cos_image (predicted vs true image), cos_text (predicted vs its caption), cos_unrelated_text
-        (predicted vs another caption), retrieval_top1 (the true image is the nearest of the N images to
-        the prediction) and text_retrieval_top1 (the same with the raw text embedding instead: the baseline
-        without a prior), cos_text_image (raw text vs true image).
-    """
-    predicted, text, image = (F.normalize(x.float(), dim=-1) for x in (predicted, text_embed, image_embed))
-    n = len(predicted)
-    target = torch.arange(n, device=predicted.device)
-    return {
-        "cos_image": (predicted * image).sum(-1).mean().item(),
-        "cos_text": (predicted * text).sum(-1).mean().item(),
-        "cos_unrelated_text": (predicted * text.roll(1, dims=0)).sum(-1).mean().item(),
-        "cos_text_image": (text * image).sum(-1).mean().item(),
-        "retrieval_top1": ((predicted @ image.T).argmax(dim=1) == target).float().mean().item(),
-        "text_retrieval_top1": ((text @ image.T).argmax(dim=1) == target).float().mean().item(),
-    }

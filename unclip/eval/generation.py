@@ -1,0 +1,102 @@
+"""Images for the suites from a pipeline, in batches, with the seeds one pipeline call gives them."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Container, Iterator, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from unclip.eval.metrics import input_size
+from unclip.eval.shapes_checker import render_prompt
+
+
+def default_candidates(pipe, decoder: dict | None = None) -> int:
+    """The reranking a pipeline's call makes by default: its decoder's "candidates" setting (1 for pipelines
+    without one)."""
+    stage = getattr(pipe, "decoder", None)
+    return stage.settings(decoder).get("candidates", 1) if hasattr(stage, "settings") else 1
+
+
+def resolve_candidates(pipe, decoder: dict | None, candidates: int | None) -> int:
+    """`candidates`, or the pipeline's default when None; a ValueError when it is below 1."""
+    candidates = default_candidates(pipe, decoder) if candidates is None else candidates
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
+    return candidates
+
+
+class Generated(NamedTuple):
+    """A batch of generated images; with reranking, every candidate and its score by the pipeline's CLIP."""
+
+    images: Tensor  # (b, 3, size, size) in [-1, 1]
+    candidate_images: Tensor | None = None  # (b, candidates, 3, s, s) at the decoder's size
+    candidate_scores: Tensor | None = None  # (b, candidates)
+    start: int = 0  # index of the batch's first prompt
+
+
+def generate(
+    pipe,
+    prompts: list[str],
+    *,
+    size: int,
+    seed: int,
+    use_prior: bool,
+    batch_size: int,
+    prior: dict | None = None,
+    decoder: dict | None = None,
+    progress: bool = False,
+    desc: str = "generating",
+    image_embeds: Tensor | None = None,
+    candidates: int | None = None,
+    skip: Container[int] = (),
+) -> Iterator[Generated]:
+    """Images for `prompts` from a pipeline, yielded `batch_size` at a time as (b, 3, size, size) in [-1, 1]
+    (with the candidates, where the pipeline returns them); image i uses seed seed + i, as one pipeline call
+    would give it. `prior` and `decoder` override the pipeline's sampler settings ({"sampler", "steps",
+    "guidance_scale"}), as in its call; `image_embeds` (one per prompt) are decoded instead of the prior's;
+    `candidates` > 1 keeps the best of that many images by the pipeline's CLIP (its reranking; default the
+    pipeline's decoder.candidates). Batches whose first index is in `skip` are not made (a resumed run)."""
+    stages = {k: v for k, v in (("prior", prior), ("decoder", decoder)) if v}  # a plain call where none is given
+    default = default_candidates(pipe, decoder)
+    candidates = default if candidates is None else candidates
+    if candidates != default:
+        stages["candidates"] = candidates
+    starts = range(0, len(prompts), batch_size)
+    todo = [start for start in starts if start not in skip]
+    bar = tqdm(todo, desc=desc, unit="batch", total=len(starts), initial=len(starts) - len(todo), disable=not progress)
+    for start in bar:
+        chunk = prompts[start : start + batch_size]
+        if image_embeds is not None:
+            stages["image_embeds"] = image_embeds[start : start + batch_size]
+        # seeds as one call gives them: prompt i's candidates have seeds seed + i·candidates + j
+        out = pipe(
+            chunk,
+            size=size,
+            seed=seed + start * candidates,
+            use_prior=use_prior,
+            batch_size=batch_size * candidates,
+            **stages,
+        )
+        candidates_out = getattr(out, "candidate_images", None)
+        scores = getattr(out, "candidate_scores", None)
+        yield Generated(
+            out.images.float(),
+            None if candidates_out is None else candidates_out.float().cpu(),
+            None if scores is None else scores.float().cpu(),
+            start,
+        )
+
+
+def oracle_image_embeds(clip, prompts: Sequence[str], *, seed: int, batch_size: int = 64) -> Tensor:
+    """(B, D) normalised CLIP image embeddings of exact renders of shapes prompts (scene i drawn by
+    random.Random(f"oracle/{seed}/{i}")), at the CLIP's input size: what a perfect prior would sample."""
+    size = input_size(clip)
+    renders = [render_prompt(p, size, random.Random(f"oracle/{seed}/{i}")) for i, p in enumerate(prompts)]
+    with torch.no_grad():
+        return torch.cat(
+            [clip.embed_image(renders[i : i + batch_size], normalize=True) for i in range(0, len(renders), batch_size)]
+        ).float()
