@@ -7,9 +7,10 @@ from unclip.checkpoint import load_model
 from unclip.config import load_config
 from unclip.diffusion import GaussianDiffusion
 from unclip.imageio import read_png_metadata
-from unclip.nets.unet import InpaintUNet, UNet, random_inpaint_mask
+from unclip.nets.unet import InpaintUNet, UNet
 from unclip.sampling import sample_decoder
 from unclip.tasks import build_task
+from unclip.tasks.decoder import random_inpaint_mask
 from unclip.training import Trainer
 
 TINY = "configs/decoder/tiny.yaml"
@@ -55,9 +56,16 @@ def test_inpainting_finetunes_from_a_decoder_and_keeps_the_known_region(tmp_path
     loaded = load_model(export)
     model = loaded.model
     assert isinstance(model, InpaintUNet) and loaded.meta["kind"] == "inpaint"
-    # started from the decoder: its weights (all but the widened first conv) were copied
+    # started from the decoder: its weights were copied, the first conv widened with zeros for the new inputs
     source = load_model(decoder).model.state_dict()
-    assert set(source) == set(model.state_dict())
+    run = load_config("configs/decoder/inpaint_tiny.yaml", [f"train.init_from={decoder}"])
+    start = build_task(run).model.state_dict()
+    assert set(source) == set(start)
+    for key, value in source.items():
+        if key != "input_conv.weight":
+            assert torch.equal(start[key], value), key
+    widened = start["input_conv.weight"]
+    assert torch.equal(widened[:, :3], source["input_conv.weight"]) and not widened[:, 3:].any()
     assert (tmp_path / "inp" / "samples" / "step_0000002.png").is_file()
 
     image = torch.rand(2, 3, 16, 16) * 2 - 1
@@ -119,3 +127,14 @@ def test_text_guidance_needs_caption_tokens():
     with pytest.raises(ValueError, match="text_guidance_scale needs a decoder conditioned on text"):
         sample_decoder(UNet(config), GaussianDiffusion.from_config(load_config(TINY).diffusion), torch.randn(1, 32),
                        steps=2, text_guidance_scale=2.0)  # fmt: skip
+
+
+def test_random_inpaint_mask():
+    g = torch.Generator().manual_seed(0)
+    masks = random_inpaint_mask(64, (16, 24), g)
+    assert masks.shape == (64, 1, 16, 24) and masks.dtype == torch.float32
+    assert set(masks.unique().tolist()) == {0.0, 1.0}
+    per_mask = masks.flatten(1)
+    assert (per_mask.min(dim=1).values == 0).all() and (per_mask.max(dim=1).values == 1).all()
+    assert 0.1 < masks.mean() < 0.9
+    torch.testing.assert_close(random_inpaint_mask(64, (16, 24), torch.Generator().manual_seed(0)), masks)

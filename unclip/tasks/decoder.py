@@ -26,11 +26,69 @@ from unclip.config import RunConfig
 from unclip.data import build_dataset, collate
 from unclip.diffusion import GaussianDiffusion
 from unclip.imageio import save_grid
-from unclip.nets.unet import InpaintUNet, UNet, random_inpaint_mask
+from unclip.nets.unet import InpaintUNet, UNet
 from unclip.sampling import decoder_cond, sample_decoder
 from unclip.tasks.conditioning import check_clip_dims, encode_batch, load_clip
 
 GRID_SIZE = 8  # validation captions in the sample grid
+
+
+def random_inpaint_mask(batch: int, size: int | tuple[int, int], generator: torch.Generator | None = None) -> Tensor:
+    """GLIDE-style training masks: random rectangles and brush strokes, sometimes inverted (outpainting).
+
+    Each mask gets 1-2 rectangles (each side 10-50% of the image's) and/or 1-2 brush strokes (polylines of 2-5
+    vertices, 8-24% of the image's side wide); one in ten is inverted instead, so that everything around a kept
+    rectangle is repainted (outpainting). Every mask has both values.
+
+    Args:
+        batch: number of masks.
+        size: H or (H, W).
+        generator: a CPU torch.Generator for reproducible masks.
+
+    Returns:
+        (batch, 1, H, W) float32 on the CPU, 1 = repaint, 0 = keep.
+    """
+    H, W = (size, size) if isinstance(size, int) else size
+    ys = torch.arange(H, dtype=torch.float32)[:, None].expand(H, W)
+    xs = torch.arange(W, dtype=torch.float32)[None, :].expand(H, W)
+    pixels = torch.stack([ys, xs], dim=-1)  # (H, W, 2)
+    masks = torch.zeros(batch, 1, H, W)
+
+    def uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * torch.rand((), generator=generator).item()
+
+    def randint(lo: int, hi: int) -> int:  # lo..hi inclusive
+        return int(torch.randint(lo, hi + 1, (), generator=generator))
+
+    def rectangle() -> Tensor:
+        h, w = max(1, round(uniform(0.1, 0.5) * H)), max(1, round(uniform(0.1, 0.5) * W))
+        y, x = randint(0, H - h), randint(0, W - w)
+        return (ys >= y) & (ys < y + h) & (xs >= x) & (xs < x + w)
+
+    def stroke() -> Tensor:
+        scale = torch.tensor([H - 1, W - 1], dtype=torch.float32)
+        points = torch.rand(randint(2, 5), 2, generator=generator) * scale
+        radius = max(1.0, uniform(0.02, 0.06) * (H + W))  # >= 1 px, so that a stroke always hits a pixel
+        hit = torch.zeros(H, W, dtype=torch.bool)
+        for a, b in zip(points[:-1], points[1:], strict=True):
+            ab = b - a
+            s = ((pixels - a) @ ab / ab.dot(ab).clamp_min(1e-6)).clamp(0, 1)  # projection onto the segment
+            hit |= (pixels - a - s[..., None] * ab).norm(dim=-1) <= radius
+        return hit
+
+    for i in range(batch):
+        kind = randint(0, 9)
+        if kind == 0:  # outpainting: keep one rectangle, repaint the rest
+            masks[i, 0] = (~rectangle()).float()
+        else:
+            rectangles = randint(1, 2) if kind % 3 != 1 else 0  # kind % 3: 0 both, 1 strokes, 2 rectangles
+            strokes = randint(1, 2) if kind % 3 != 2 else 0
+            for shape in [rectangle] * rectangles + [stroke] * strokes:
+                masks[i, 0] += shape().float()
+        masks[i].clamp_(0, 1)
+        if masks[i].min() == 1:  # fully covered (rare): keep a rectangle
+            masks[i, 0] *= (~rectangle()).float()
+    return masks
 
 
 class DecoderTask:
