@@ -82,20 +82,19 @@ def test_kill_during_checkpoint_save_keeps_previous_checkpoint(tmp_path):
 
 
 def test_kill_signal_during_save_leaves_loadable_checkpoint(tmp_path):
-    """A real SIGKILL while the process is inside save_state; the earlier checkpoint still resumes."""
+    """A real SIGKILL while the process writes a checkpoint; the earlier checkpoint still resumes."""
     script = f"""
 import os, signal, sys
 sys.path.insert(0, {str(HERE)!r})
 from training_helpers import ToyTask, toy_config
-from unclip.training import Trainer
-import accelerate
-orig = accelerate.Accelerator.save_state
-def save_state(self, path, *a, **k):
-    if "0000008" in str(path):
-        orig(self, path, *a, **k)   # write most of the state, then die before the rename
+from unclip.training import Trainer, trainer
+orig = trainer.write_checkpoint
+def write_checkpoint(directory, **kwargs):
+    if "0000008" in str(directory):
+        orig(directory, **kwargs)   # write the whole state, then die before the rename
         os.kill(os.getpid(), signal.SIGKILL)
-    return orig(self, path, *a, **k)
-accelerate.Accelerator.save_state = save_state
+    return orig(directory, **kwargs)
+trainer.write_checkpoint = write_checkpoint
 Trainer(ToyTask(), toy_config({str(tmp_path)!r}, max_steps=12)).fit()
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)

@@ -1,12 +1,15 @@
 """Training tasks: what each stage trains and how (its model, data, loss, evaluation and export).
 
 `build_task(config)` picks the task for `config.kind`; the imports are lazy so that each train/ script
-loads only its own stage.
+loads only its own stage. The task is built under `train.seed`, so that every process, and every run of the
+same config, starts from the same weights.
 """
 
 from __future__ import annotations
 
 import importlib
+
+import torch
 
 from unclip.config import RunConfig
 
@@ -23,4 +26,7 @@ def build_task(config: RunConfig):
     if config.kind not in TASKS:
         raise ValueError(f"no training task for kind {config.kind!r}; valid kinds: {sorted(TASKS)}")
     module, name = TASKS[config.kind].split(":")
-    return getattr(importlib.import_module(module), name)(config)
+    task_class = getattr(importlib.import_module(module), name)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
+        torch.manual_seed(config.train.seed)
+        return task_class(config)

@@ -3,7 +3,7 @@
     trainer = Trainer(task, config)
     trainer.fit(resume="latest")
 
-A `Task` (unclip/tasks.py) says what is trained and how: its model, datasets, `loss(model, batch)`,
+A `Task` (unclip/tasks/) says what is trained and how: its model, datasets, `loss(model, batch)`,
 `evaluate(model)` and `export(model, directory)`. The trainer does the rest, the same way for every stage:
 
 - Accelerate: multi-GPU / multi-node through `accelerate launch` and its config, several processes on CPU
@@ -15,10 +15,15 @@ A `Task` (unclip/tasks.py) says what is trained and how: its model, datasets, `l
   gradient clipping, EMA (ema-pytorch);
 - a guard against non-finite losses and gradients: the step is skipped and counted, and the run stops with a
   clear message after `train.max_nonfinite` in a row;
-- checkpoints every `train.checkpoint_every` steps: the training state (`accelerator.save_state`: model,
-  optimizer, EMA, RNG states, data position) under `checkpoints/step_XXXXXXX`, written to a temporary
-  folder and renamed, plus the inference export (EMA weights) under `export/`; `fit(resume="latest")`
-  continues from the newest complete checkpoint and gives the same losses as an uninterrupted run;
+- random streams per process: before each micro-batch the global torch RNG (timesteps, noise, dropout and
+  conditioning-drop masks, crops, inpainting masks) is seeded from (train.seed, the micro-batch's global
+  index), so processes draw differently, N processes equal one with N× accumulation, and a resume needs no
+  RNG state;
+- checkpoints every `train.checkpoint_every` steps under `checkpoints/step_XXXXXXX` (unclip/training/state.py:
+  safetensors and JSON, nothing pickled), written to a temporary folder and renamed, plus the inference export
+  (EMA weights) under `export/`; `fit(resume="latest")` continues from the newest intact checkpoint and gives
+  the same weights as an uninterrupted run; a fresh run into a folder that holds a run is refused unless
+  `fit(overwrite=True)`;
 - SIGTERM or SIGINT (`kill`, Ctrl-C, a scheduler's preemption, torchrun passing either on) ends the run at
   the next step boundary with a checkpoint, all processes at the same step; a second signal acts at once;
 - logging to `metrics.jsonl` in the run folder and to Accelerate's trackers (tensorboard when installed),
@@ -27,18 +32,14 @@ A `Task` (unclip/tasks.py) says what is trained and how: its model, datasets, `l
 
 from __future__ import annotations
 
-import argparse
+import hashlib
 import importlib.util
 import json
 import logging
-import math
 import os
 import shutil
 import signal
-import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,11 +52,23 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from unclip.checkpoint import atomic_write_bytes
-from unclip.config import RunConfig, load_config
+from unclip.config import RunConfig
+from unclip.training.settings import check_train_config, lr_at
+from unclip.training.signals import ignore_sigint, stop_signals
+from unclip.training.state import (
+    CheckpointError,
+    TrainingState,
+    clear_run,
+    complete_checkpoints,
+    holds_run,
+    init_weights,
+    load_into,
+    read_checkpoint,
+    rotate_checkpoints,
+    write_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
-
-STATE_FILE = "trainer_state.json"
 
 
 class Task(Protocol):
@@ -77,55 +90,20 @@ class Task(Protocol):
     # optional: `save_samples(ema_model, path)` writes a sample grid at every evaluation
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-@contextmanager
-def stop_signals():
-    """Catch SIGINT and SIGTERM while training: yields a list that receives each caught signal's number.
-
-    The first signal of a kind is only recorded, so that the loop can finish its step and save; the handler
-    then gives way to the one it replaced, so a second Ctrl-C interrupts at once. Outside the main thread
-    (where Python cannot set handlers) nothing is caught.
-    """
-    caught: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield caught
-        return
-    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-
-    def record(signum, frame):
-        caught.append(signum)
-        signal.signal(signum, previous[signum])
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, record)
-    try:
-        yield caught
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _ignore_sigint(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the training process, which still needs their batches to finish
-    its step (a worker killed by the terminal's SIGINT would fail that step instead)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 class NonFiniteLossError(RuntimeError):
     pass
 
 
-def lr_at(step: int, config) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to lr·min_lr_ratio."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    if config.lr_schedule == "constant":
-        return config.lr
-    progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
-    floor = config.lr * config.min_lr_ratio
-    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+class RunExistsError(ValueError):
+    """A fresh run was asked for in a folder that holds another run."""
+
+
+def micro_batch_seed(seed: int, index: int) -> int:
+    """The seed of the random stream of global micro-batch `index` (a process's micro-batch i is global
+    micro-batch i·N + rank): distinct for every process and step, and the same for N processes as for one
+    process with N× accumulation, which sees the same micro-batches in the same order."""
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # a non-negative int64
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
@@ -148,49 +126,29 @@ def make_accelerator(config: RunConfig) -> Accelerator:
     )
 
 
-def init_weights(model: nn.Module, source: str, kind: str) -> list[str]:
-    """Start `model` from the weights exported at `source` (train.init_from): fine-tuning, or continuing a run
-    whose checkpoints are gone from its exported (EMA) weights. The architectures must match, except that the
-    config may add modules or parameters the source lacks: they keep their initialisation, and their names are
-    returned (a module's name for its weight and bias)."""
-    from unclip.checkpoint import load_model, load_state_dict_checked
-
-    if kind == "clip":
-        from unclip.clip import ClipAdapter
-
-        state = ClipAdapter.from_checkpoint(source).model.state_dict()
-    else:
-        loaded = load_model(source)
-        if loaded.meta.get("kind") != kind:
-            raise ValueError(
-                f"train.init_from={source} holds a model of kind {loaded.meta.get('kind')!r}, not {kind!r}"
-            )
-        state = loaded.model.state_dict()
-    state = {k: v.float() for k, v in state.items()}
-    new = sorted(set(model.state_dict()) - set(state))
-    if new and not set(state) - set(model.state_dict()):
-        # the config adds modules (e.g. model.text_layers): they keep their initialisation, the rest is loaded
-        state = {**{k: v for k, v in model.state_dict().items() if k in new}, **state}
-    else:
-        new = []
-    try:
-        load_state_dict_checked(model, state, source)
-    except ValueError as e:
-        raise ValueError(
-            f"train.init_from={source}: its weights do not fit the model this config builds; give the run the "
-            f"model section of {source}/config.json.\n{e}"
-        ) from None
-    return sorted({k.removesuffix(".weight").removesuffix(".bias") for k in new})
+def _make_ema(model: nn.Module, train) -> EMA:
+    return EMA(
+        model,
+        beta=train.ema_beta,
+        update_after_step=train.ema_warmup_steps,
+        update_every=train.ema_update_every,
+        include_online_model=False,
+        # buffers are copied, not averaged: averaging a -inf attention mask gives NaN, and statistics
+        # such as the prior's embedding normalisation are constants
+        param_or_buffer_names_no_ema={name for name, _ in model.named_buffers()},
+    )
 
 
 class Trainer:
     """Trains `task.model` according to `config.train`; see the module docstring."""
 
     def __init__(self, task: Task, config: RunConfig, accelerator: Accelerator | None = None):
+        check_train_config(config.train)
         self.task, self.config, self.train_config = task, config, config.train
         self.run_dir = Path(config.train.output_dir)
         self.accelerator = accelerator or make_accelerator(config)
         self.step = 0  # optimizer steps taken
+        self.micro_batches = 0  # micro-batches this process has trained on (the key of its random streams)
         self.epoch = 0
         self.batch_in_epoch = 0  # micro-batches consumed in the current epoch
         self.nonfinite_total = 0
@@ -210,17 +168,6 @@ class Trainer:
                     f"train.init_from={train.init_from}: {len(new)} modules or parameters are new in this config and "
                     f"start from their initialisation: {', '.join(new[:8])}{' ...' if len(new) > 8 else ''}"
                 )
-        self.ema = EMA(
-            model,
-            beta=train.ema_beta,
-            update_after_step=train.ema_warmup_steps,
-            update_every=train.ema_update_every,
-            include_online_model=False,
-            # buffers are copied, not averaged: averaging a -inf attention mask gives NaN, and statistics
-            # such as the prior's embedding normalisation are constants
-            param_or_buffer_names_no_ema={name for name, _ in model.named_buffers()},
-        )
-        self.ema.to(acc.device)
         self.task.setup(acc.device)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=train.lr, betas=train.adam_betas, weight_decay=train.weight_decay)
@@ -233,10 +180,11 @@ class Trainer:
             num_workers=self.config.data.num_workers,
             collate_fn=getattr(self.task, "collate_fn", None),
             generator=torch.Generator().manual_seed(train.seed),
-            worker_init_fn=_ignore_sigint,
+            worker_init_fn=ignore_sigint,
         )
         self.model, self.optimizer, self.loader = acc.prepare(model, optimizer, loader)
-        acc.register_for_checkpointing(self.ema)
+        # the EMA starts from the prepared model, whose weights every process now shares (DDP broadcasts rank 0's)
+        self.ema = _make_ema(acc.unwrap_model(self.model), train).to(acc.device)
 
     # -- checkpoints -----------------------------------------------------------------------------------
 
@@ -245,40 +193,43 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def complete_checkpoints(self) -> list[Path]:
-        if not self.checkpoint_dir.is_dir():
-            return []
-        found = [p for p in self.checkpoint_dir.glob("step_*") if (p / STATE_FILE).is_file()]
-        return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+        return complete_checkpoints(self.checkpoint_dir)
 
     def save_checkpoint(self) -> Path:
-        """Save the training state atomically, then export the EMA model for inference."""
+        """Save the training state atomically, then export the EMA model for inference.
+
+        Every process holds the same weights and optimizer state, so the main process writes them alone.
+        """
         acc = self.accelerator
         final = self.checkpoint_dir / f"step_{self.step:07d}"
         tmp = self.checkpoint_dir / f".tmp_step_{self.step:07d}"
+        acc.wait_for_everyone()
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            state = {
-                "step": self.step,
-                "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch,
-                "nonfinite_total": self.nonfinite_total,
-                "num_processes": acc.num_processes,
-                "config": self.config.to_dict(),
-            }
-            # the state file is written last: a folder without it is incomplete and never resumed from
-            atomic_write_bytes(tmp / STATE_FILE, json.dumps(state, indent=2).encode())
+            write_checkpoint(
+                tmp, model=acc.unwrap_model(self.model), ema=self.ema, optimizer=self.optimizer, state=self._state()
+            )
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             self._export()
-            for old in self.complete_checkpoints()[: -self.train_config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            rotate_checkpoints(self.checkpoint_dir, self.train_config.keep_checkpoints)
         acc.wait_for_everyone()
         return final
+
+    def _state(self) -> dict[str, Any]:
+        scaler = self.accelerator.scaler
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "micro_batches": self.micro_batches,
+            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_run": self.nonfinite_run,
+            "num_processes": self.accelerator.num_processes,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "config": self.config.to_dict(),
+        }
 
     def _export(self) -> None:
         """Write the EMA model's inference folder to export/ (built aside, then swapped in)."""
@@ -292,27 +243,43 @@ class Trainer:
         shutil.rmtree(old, ignore_errors=True)
 
     def resume(self, resume: str | Path) -> None:
-        if str(resume) == "latest":
-            found = self.complete_checkpoints()
-            if not found:
-                self.accelerator.print(f"no checkpoint under {self.checkpoint_dir}; starting from scratch")
-                return
-            path = found[-1]
+        """Continue from `resume`: "latest" (the newest intact checkpoint; a corrupt one is skipped with a
+        warning) or a checkpoint folder."""
+        latest = str(resume) == "latest"
+        candidates = complete_checkpoints(self.checkpoint_dir)[::-1] if latest else [Path(resume)]
+        if latest and not candidates:
+            self.accelerator.print(f"no checkpoint under {self.checkpoint_dir}; starting from scratch")
+            return
+        for path in candidates:
+            try:
+                self._load(read_checkpoint(path))
+                break
+            except CheckpointError as e:
+                if not latest:
+                    raise
+                self.accelerator.print(f"warning: skipping the checkpoint {path}: {e}")
         else:
-            path = Path(resume)
-            if not (path / STATE_FILE).is_file():
-                raise ValueError(f"{path} is not a complete checkpoint (no {STATE_FILE}); use --resume latest")
-        state = json.loads((path / STATE_FILE).read_text())
-        if state.get("num_processes", 1) != self.accelerator.num_processes:
-            self.accelerator.print(
-                f"warning: {path} was saved by {state['num_processes']} processes, resuming with "
-                f"{self.accelerator.num_processes}; the data order and RNG streams will differ"
-            )
-        self.accelerator.load_state(str(path))
-        self.step, self.epoch = state["step"], state["epoch"]
-        self.batch_in_epoch = state["batch_in_epoch"]
-        self.nonfinite_total = state.get("nonfinite_total", 0)
+            raise CheckpointError(f"no intact checkpoint under {self.checkpoint_dir}")
         self.accelerator.print(f"resumed from {path} at step {self.step}")
+
+    def _load(self, loaded: TrainingState) -> None:
+        acc, state = self.accelerator, loaded.state
+        load_into(acc.unwrap_model(self.model), loaded.model, loaded.path / "model.safetensors")
+        load_into(self.ema, loaded.ema, loaded.path / "ema.safetensors")
+        try:
+            self.optimizer.load_state_dict(loaded.optimizer)
+            if acc.scaler is not None and state.get("scaler"):
+                acc.scaler.load_state_dict(state["scaler"])
+            self.step, self.epoch = int(state["step"]), int(state["epoch"])
+            self.batch_in_epoch, self.micro_batches = int(state["batch_in_epoch"]), int(state["micro_batches"])
+            self.nonfinite_total, self.nonfinite_run = int(state["nonfinite_total"]), int(state["nonfinite_run"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{loaded.path} does not fit this run ({type(e).__name__}: {e})") from None
+        if state.get("num_processes", 1) != acc.num_processes:
+            acc.print(
+                f"warning: {loaded.path} was saved by {state['num_processes']} processes, resuming with "
+                f"{acc.num_processes}; the data order and random streams will differ"
+            )
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -337,15 +304,21 @@ class Trainer:
             self.epoch += 1
             self.batch_in_epoch = 0
 
-    def fit(self, resume: str | Path | None = None, stop_at: int | None = None) -> dict[str, float]:
+    def fit(
+        self, resume: str | Path | None = None, stop_at: int | None = None, *, overwrite: bool = False
+    ) -> dict[str, float]:
         """Train to `train.max_steps` optimizer steps; returns the last logged metrics.
 
         Args:
             resume: "latest" or a checkpoint folder to continue from.
             stop_at: leave after this step with a checkpoint, as a time-sliced run (or a kill) would; a
                 later `fit(resume="latest")` continues exactly where it stopped.
+            overwrite: without `resume`, delete the outputs of a run already in the run folder (its
+                checkpoints, export, samples and metrics); without it such a folder raises RunExistsError.
         """
         acc, train = self.accelerator, self.train_config
+        if not resume:
+            self._claim_run_dir(overwrite)
         self._build()
         if resume:
             self.resume(resume)
@@ -396,6 +369,17 @@ class Trainer:
             acc.end_training()
         return last
 
+    def _claim_run_dir(self, overwrite: bool) -> None:
+        """Refuse (or with `overwrite`, clear) a run folder that holds another run, on every process alike."""
+        acc = self.accelerator
+        exists = holds_run(self.run_dir)
+        acc.wait_for_everyone()  # every process has looked before the main one clears anything
+        if exists and not overwrite:
+            raise RunExistsError(f"{self.run_dir} already holds a training run")
+        if exists and acc.is_main_process:
+            clear_run(self.run_dir)
+        acc.wait_for_everyone()
+
     def _agreed_signal(self, caught: list[int]) -> int:
         """The signal any process caught (0 if none): every process sees the same answer after the same step,
         so all of them stop together, which a collective save_state needs."""
@@ -413,6 +397,9 @@ class Trainer:
         losses, logs = [], {}
         while True:
             batch = next(data)
+            index = self.micro_batches * acc.num_processes + acc.process_index
+            torch.manual_seed(micro_batch_seed(train.seed, index))
+            self.micro_batches += 1
             with acc.accumulate(self.model):
                 with acc.autocast():
                     loss, logs = self.task.loss(self.model, batch)
@@ -486,49 +473,3 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = str(value)
     return out
-
-
-def train_main(kinds: tuple[str, ...], argv: list[str] | None, doc: str) -> Path:
-    """The command line shared by the train/ scripts: CONFIG [key=value ...] [--resume latest] [--stop-at N].
-
-    Returns:
-        the run's export folder.
-    """
-    parser = argparse.ArgumentParser(
-        description=doc.strip().splitlines()[0],
-        epilog=TRAIN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("config", help="a YAML run config, e.g. configs/prior/tiny.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=3e-4 model.layers=2")
-    parser.add_argument("--resume", help="'latest', or a checkpoint folder (runs/NAME/checkpoints/step_...)")
-    parser.add_argument("--stop-at", type=int, help="stop after this many steps, with a checkpoint (resume later)")
-    args = parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
-    from unclip.tasks import build_task
-
-    try:
-        config = load_config(args.config, args.overrides)
-        if config.kind not in kinds:
-            raise ValueError(f"{args.config} is a '{config.kind}' config; this script trains {' or '.join(kinds)}")
-        task = build_task(config)
-    except ValueError as e:
-        parser.exit(2, f"error: {e}\n")
-    trainer = Trainer(task, config)
-    try:
-        trainer.fit(resume=args.resume, stop_at=args.stop_at)
-    except NonFiniteLossError as e:
-        parser.exit(1, f"error: {e}\n")
-    if trainer.stopped_by is not None:  # the shell's convention for a process ended by a signal
-        sys.exit(128 + trainer.stopped_by)
-    export = Path(config.train.output_dir) / "export"
-    print(f"exported to {export}")
-    return export
-
-
-TRAIN_EPILOG = """\
-Runs on one process with `python`, or on several with `accelerate launch` (multi-GPU and multi-node
-through accelerate's config; on a CPU-only machine, `accelerate launch --multi_gpu --num_processes 2`
-starts two gloo processes). Checkpoints go to <train.output_dir>/checkpoints, the EMA weights for
-inference to <train.output_dir>/export, metrics to <train.output_dir>/metrics.jsonl. Ctrl-C or SIGTERM
-stops at the end of the current step with a checkpoint (exit status 130 or 143); --resume latest goes on.
-"""
