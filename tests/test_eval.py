@@ -3,6 +3,7 @@ CLI end to end with fake pipelines and evaluators."""
 
 import json
 import math
+import os
 import random
 from types import SimpleNamespace
 
@@ -432,6 +433,127 @@ def test_cli_passes_sampler_overrides_to_the_pipeline(monkeypatch):
             cli.main([*argv, *bad])
 
 
+def _exit(argv, capsys) -> tuple[int, str]:
+    """The exit status of `python -m unclip.eval ARGV` and its last line on stderr."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    code, err = e.value.code, capsys.readouterr().err
+    return (1, code) if isinstance(code, str) else (code, err.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["shapes", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["shapes", "--n", "0"], "argument --n: must be >= 1, got 0"),
+        (["shapes", "--n", "-3"], "argument --n: must be >= 1, got -3"),
+        (["shapes", "--size", "-64"], "argument --size: must be >= 1, got -64"),
+        (["shapes", "--candidates", "-2"], "argument --candidates: must be >= 1, got -2"),
+        (
+            ["shapes", "--decoder-guidance", "inf"],
+            "argument --decoder-guidance: must be a finite number >= 0, got inf",
+        ),
+        (["shapes", "--prior-steps", "0"], "argument --prior-steps: must be >= 1, got 0"),
+        (["shapes", "--n", "many"], "argument --n: invalid int value: 'many'"),
+        (["shapes", "--device", "foo"], "argument --device: foo is not a device; use cpu, cuda, cuda:N or mps"),
+        (["openmoji", "--evaluator-clip", "e", "--n", "1"], "argument --n: must be >= 2, got 1"),
+        (["variations", "--per-image", "0"], "argument --per-image: must be >= 1, got 0"),
+        (
+            ["variations", "--decoder-guidance", "-1"],
+            "argument --decoder-guidance: must be a finite number >= 0, got -1",
+        ),
+    ],
+)
+def test_cli_rejects_bad_numbers_before_loading_anything(argv, message, monkeypatch, capsys):
+    loaded = []
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a: loaded.append(a) or RenderPipeline())
+    assert _exit([*argv[:1], "--pipeline", "p", *argv[1:]], capsys) == (
+        2,
+        f"python -m unclip.eval {argv[0]}: error: {message}",
+    )
+    assert loaded == []
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["checker", "--n", "0"], "argument --n: must be >= 1, got 0"),
+        (["checker", "--sizes", "64", "0"], "argument --sizes: must be >= 1, got 0"),
+        (["clip", "--clip", "c", "--n", "1"], "argument --n: must be >= 2, got 1"),
+        (["prior", "--prior", "p", "--clip", "c", "--groups", "0"], "argument --groups: must be >= 1, got 0"),
+        (["prior", "--prior", "p", "--clip", "c", "--size-word-prob", "1.5"], "must be in [0, 1], got 1.5"),
+    ],
+)
+def test_the_other_commands_reject_bad_numbers(argv, message, capsys):
+    status, line = _exit(argv, capsys)
+    assert status == 2 and line.startswith(f"python -m unclip.eval {argv[0]}: error: ") and line.endswith(message)
+    with pytest.raises(ValueError, match="need n >= 1"):
+        validate_checker(0, sizes=(64,))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cli_names_a_missing_gpu(capsys):
+    status, line = _exit(["shapes", "--pipeline", "p", "--device", "cuda"], capsys)
+    assert status == 2 and line.endswith("argument --device: cuda: no such device on this machine; use cpu")
+
+
+def test_cli_refuses_an_unwritable_out_before_any_sampling(tmp_path, monkeypatch, capsys):
+    pipe = RenderPipeline()
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a: pipe)
+    (tmp_path / "a_file").write_text("")
+    argv = ["shapes", "--pipeline", "p", "--n", "2", "--out"]
+    status, line = _exit([*argv, str(tmp_path)], capsys)
+    assert status == 1 and line == f"error: --out {tmp_path} is a folder; give the name of a JSON file"
+    status, line = _exit([*argv, str(tmp_path / "a_file" / "sub" / "r.json")], capsys)
+    assert status == 1 and line.endswith(f"cannot be written: {tmp_path / 'a_file'} is a file, not a folder")
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        status, line = _exit([*argv, str(locked / "r.json")], capsys)
+        assert status == 1 and line.endswith(f"no permission to write in {locked}")
+    assert pipe.calls == [] and not list(tmp_path.glob("**/*.json*"))
+    needs = {"clip": ["--clip", "c"], "prior": ["--prior", "p", "--clip", "c"], "checker": []}
+    for name in ("clip", "caption", "variations", "checker", "prior"):  # every command checks it first
+        assert _exit([name, *needs.get(name, ["--pipeline", "p"]), "--out", str(tmp_path)], capsys)[0] == 1
+
+
+def test_cli_names_a_broken_pipeline_or_evaluator_folder(tmp_path, capsys):
+    import shutil
+
+    from pipeline_helpers import make_tiny_pipeline
+
+    folder = make_tiny_pipeline(tmp_path)
+    listed, truncated = (shutil.copytree(folder, tmp_path / name) for name in ("listed", "truncated"))
+    (listed / "pipeline.json").write_text("[1, 2]")
+    weights = truncated / "decoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    argv = ["shapes", "--n", "1", "--size", "16", "--device", "cpu", "--pipeline"]
+    status, line = _exit([*argv, str(tmp_path / "nowhere")], capsys)
+    assert status == 1 and line.startswith(f"error: pipeline folder {tmp_path / 'nowhere'} does not exist")
+    for broken in (listed, truncated):
+        status, line = _exit([*argv, str(broken)], capsys)
+        assert status == 1 and line.startswith(f"error: cannot load the pipeline in {broken}: "), line
+    status, line = _exit([*argv, str(folder), "--evaluator-clip", str(tmp_path / "listed" / "decoder")], capsys)
+    assert status == 1 and "is not a CLIP checkpoint" in line
+    status, line = _exit(["prior", "--prior", str(truncated / "decoder"), "--clip", str(folder / "clip")], capsys)
+    assert status == 1 and line.startswith(f"error: cannot load the prior in {truncated / 'decoder'}: ")
+
+
+def test_cli_errors_are_one_line_without_a_traceback(tmp_path):
+    """In a real process: the exit status and stderr of a bad number and of a missing folder."""
+    import subprocess
+    import sys
+
+    for argv, status in ((["--batch-size", "0"], 2), (["--pipeline", str(tmp_path / "nowhere")], 1)):
+        run = subprocess.run(
+            [sys.executable, "-m", "unclip.eval", "shapes", "--pipeline", "p", "--device", "cpu", *argv],
+            capture_output=True,
+            text=True,
+        )
+        assert run.returncode == status and "Traceback" not in run.stderr
+        assert run.stderr.strip().splitlines()[-1].startswith(("error: ", "python -m unclip.eval shapes: error: "))
+
+
 class RerankingPipeline(RenderPipeline):
     """Records the candidates and seeds it is called with; each call returns one render per prompt."""
 
@@ -730,8 +852,9 @@ def test_probe_decoder_caption_measures_what_the_decoder_reads(tmp_path, capsys)
     assert "relation" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"timesteps must be in \[0, 999\], got \[1000\]"):
         probes.probe_decoder_caption(pipe, n=6, timesteps=(1000,))
-    with pytest.raises(SystemExit, match="n must be >= 2"):
+    with pytest.raises(SystemExit):
         cli.main(["caption", "--pipeline", str(folder), "--n", "1"])
+    assert "argument --n: must be >= 2, got 1" in capsys.readouterr().err
 
 
 def test_cli_checker(capsys):

@@ -17,21 +17,27 @@ The evaluator CLIP must be trained separately from the pipeline's own CLIP. A ta
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 
 import torch
+import yaml
+from safetensors import SafetensorError
 
-from unclip.checkpoint import atomic_write_bytes
+from unclip.checkpoint import atomic_write_bytes, load_model
 from unclip.config import DataConfig, from_dict, load_config
 from unclip.data.shapes import PromptSets
 from unclip.diffusion import SAMPLERS
+from unclip.eval.metrics import input_size
 from unclip.eval.probes import probe_clip, probe_decoder_caption
 from unclip.eval.report import format_caption_probe, format_probe, format_table, format_validation
 from unclip.eval.shapes_checker import validate_checker
 from unclip.eval.suites import evaluate_openmoji, evaluate_shapes, evaluate_variations
 
 SUITES = {"shapes": evaluate_shapes, "openmoji": evaluate_openmoji}
+LOAD_ERRORS = (OSError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError, yaml.YAMLError)
 
 
 def load_pipeline(path: str, device: str, dtype: str = "fp32"):
@@ -44,6 +50,79 @@ def load_evaluator(path: str, device: str):
     from unclip.clip import ClipAdapter
 
     return ClipAdapter.from_checkpoint(path, device=device)
+
+
+def load(what: str, loader, path: str, *args):
+    """`loader(path, *args)`, with what goes wrong reading a folder (a missing or corrupt file) as a ValueError
+    that names the folder."""
+    try:
+        return loader(path, *args)
+    except LOAD_ERRORS as e:
+        raise ValueError(f"cannot load the {what} in {path}: {e}") from e
+
+
+def at_least(minimum: float, kind: type = int):
+    """An argparse type: a `kind` number >= minimum (and finite)."""
+
+    def parse(text: str):
+        value = kind(text)  # a ValueError: argparse says "invalid int value"
+        if not (math.isfinite(value) and value >= minimum):
+            raise argparse.ArgumentTypeError(
+                f"must be {'a finite number ' if kind is float else ''}>= {minimum:g}, got {text}"
+            )
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """An argparse type: a device that exists on this machine."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and device.index is not None and torch.cuda.is_available():
+        if device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise argparse.ArgumentTypeError(f"{text}: no such device on this machine; use cpu")
+    return text
+
+
+def check_writable(out: str) -> None:
+    """A ValueError now, before any sampling, when the JSON cannot be written to `out` later."""
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the name of a JSON file")
+    folder = path.parent
+    while not folder.exists():  # the nearest folder that exists; the rest is made when the results are written
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"--out {out} cannot be written: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out} cannot be written: no permission to write in {folder}")
+
+
+def add_common(p: argparse.ArgumentParser, *, device: bool = True, out: str = "write the results here as JSON"):
+    """--seed, --device and --out, which most commands take."""
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    if device:
+        p.add_argument(
+            "--device",
+            type=device_name,
+            default="cuda" if torch.cuda.is_available() else "cpu",
+            help="cpu, cuda, cuda:N or mps (default: cuda when there is a GPU, else cpu)",
+        )
+    p.add_argument("--out", help=out)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,10 +145,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         else:
             p.add_argument("--evaluator-clip", required=True, help="CLIP checkpoint folder, not the pipeline's CLIP")
         what = "prompts per set" if name == "shapes" else "held-out emoji, at most"
-        p.add_argument("--n", type=int, default=200, help=f"{what} (default 200)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--size", type=int, default=64, help="image size to generate (default 64)")
-        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--n", type=at_least(1 if name == "shapes" else 2), default=200, help=f"{what} (default 200)")
+        p.add_argument("--size", type=at_least(1), default=64, help="image size to generate (default 64)")
+        p.add_argument("--batch-size", type=at_least(1), default=16, help="prompts per pipeline call (default 16)")
         p.add_argument("--no-prior", action="store_true", help="decode the raw text embeddings (the ablation)")
         if name == "shapes":
             p.add_argument(
@@ -89,51 +167,58 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.add_argument(
                 f"--{stage}-sampler", choices=SAMPLERS, help=f"the {stage}'s sampler (default: the pipeline's)"
             )
-            p.add_argument(f"--{stage}-steps", type=int, help=f"{stage} sampling steps (default: the pipeline's)")
+            p.add_argument(
+                f"--{stage}-steps", type=at_least(1), help=f"{stage} sampling steps (default: the pipeline's)"
+            )
             p.add_argument(
                 f"--{stage}-guidance",
-                type=float,
-                help=f"the {stage}'s classifier-free guidance scale (default: the pipeline's)",
+                type=at_least(0.0, float),
+                help=f"the {stage}'s classifier-free guidance scale, 1 for none (default: the pipeline's)",
             )
         p.add_argument(
             "--decoder-text-guidance",
-            type=float,
-            help="the decoder's extra guidance along what the caption adds (default: the pipeline's)",
+            type=at_least(0.0, float),
+            help="the decoder's extra guidance along what the caption adds, 0 for none (default: the pipeline's)",
         )
         p.add_argument(
             "--candidates",
-            type=int,
+            type=at_least(1),
             help="make this many images per prompt and keep the one the pipeline's CLIP scores highest (DALL·E's "
-            "reranking; costs that many decoder passes; default: the pipeline's decoder.candidates)",
+            "reranking; costs that many decoder passes; default: the pipeline's)",
         )
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         p.add_argument(
             "--dtype",
             choices=["fp32", "fp16", "bf16"],
             default="fp32",
             help="sample in this precision (fp16/bf16 autocast, for GPUs; default fp32)",
         )
-        if name == "shapes":
-            p.add_argument(
-                "--out",
-                help="write the results here as JSON; until then each scored batch is kept in OUT.partial.jsonl, "
-                "so that the same command, run again after a kill, resumes where it stopped",
-            )
-        else:
-            p.add_argument("--out", help="write the results here as JSON")
         if name == "openmoji":
             p.add_argument(
-                "--val-size", type=int, default=64, help="the data.val_size the pipeline was trained with (default 64)"
+                "--val-size",
+                type=at_least(1),
+                default=64,
+                help="the data.val_size the pipeline was trained with (default 64)",
             )
+        add_common(
+            p,
+            out="write the results here as JSON; until then each scored batch is kept in OUT.partial.jsonl, so "
+            "that the same command, run again after a kill, resumes where it stopped"
+            if name == "shapes"
+            else "write the results here as JSON",
+        )
     p = commands.add_parser(
         "variations",
         help="shapes: how often variations of exact renders (DALL·E 2 §3.1) still show what the render's caption says",
     )
     p.add_argument("--pipeline", required=True, help="a shapes pipeline folder (e.g. models/shapes)")
-    p.add_argument("--n", type=int, default=50, help="prompts per set (default 50)")
-    p.add_argument("--per-image", type=int, default=4, help="variations of each render (default 4)")
+    p.add_argument("--n", type=at_least(1), default=50, help="prompts per set (default 50)")
+    p.add_argument("--per-image", type=at_least(1), default=4, help="variations of each render (default 4)")
     p.add_argument(
-        "--sets", nargs="+", choices=PromptSets._fields, default=["single", "relational"], help="prompt sets"
+        "--sets",
+        nargs="+",
+        choices=PromptSets._fields,
+        default=["single", "relational"],
+        help="prompt sets (default: single relational)",
     )
     p.add_argument(
         "--fresh-noise",
@@ -143,31 +228,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--decoder-guidance",
-        type=float,
+        type=at_least(0.0, float),
         help="decoder guidance scale (default: 1 inverted, else the pipeline's, as sample/variations.py)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="write the results here as JSON")
+    add_common(p)
     p = commands.add_parser("checker", help="validate the shapes checker on ground-truth renders")
-    p.add_argument("--n", type=int, default=300, help="scenes (default 300)")
-    p.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 256])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="write the rates here as JSON")
+    p.add_argument("--n", type=at_least(1), default=300, help="scenes (default 300)")
+    p.add_argument(
+        "--sizes", type=at_least(1), nargs="+", default=[32, 64, 256], help="image sizes (default 32 64 256)"
+    )
+    add_common(p, device=False, out="write the rates here as JSON")
     p = commands.add_parser(
         "clip", help="shapes: how often a CLIP prefers a scene's caption to one wrong in one thing, by kind"
     )
     p.add_argument("--clip", required=True, help="CLIP checkpoint folder (a pipeline's clip/ or an evaluator)")
-    p.add_argument("--n", type=int, default=300, help="val scenes (default 300)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="write the rates here as JSON")
+    p.add_argument("--n", type=at_least(2), default=300, help="val scenes (default 300)")
+    add_common(p, out="write the rates here as JSON")
     p = commands.add_parser(
         "caption",
         help="shapes: how far the decoder's prediction moves when its caption is wrong in one thing, by kind",
     )
     p.add_argument("--pipeline", required=True, help="a pipeline folder (e.g. models/shapes)")
-    p.add_argument("--n", type=int, default=100, help="val scenes (default 100)")
+    p.add_argument("--n", type=at_least(2), default=100, help="val scenes (default 100)")
     p.add_argument(
         "--timesteps",
         type=int,
@@ -175,19 +257,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[999, 800, 600],
         help="noise levels to probe at (default 999 800 600; 999 is nearly pure noise)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--text-only",
         action="store_true",
         help="replace the image embedding by the decoder's null one, so that the caption alone conditions it",
     )
-    p.add_argument("--out", help="write the distances here as JSON")
+    add_common(p, out="write the distances here as JSON")
     p = commands.add_parser("prior", help="prior vs raw text embedding: retrieval of held-out images (DALL·E 2 §5.1)")
     p.add_argument("--prior", required=True, help="the prior's export folder")
     p.add_argument("--clip", required=True, help="the CLIP the prior was trained with")
     p.add_argument("--config", help="the prior's run config, for its data section (default: the export's)")
-    p.add_argument("--n", type=int, default=100, help="held-out pairs, each retrieved among all n (default 100)")
+    p.add_argument(
+        "--n", type=at_least(2), default=100, help="held-out pairs, each retrieved among all n (default 100)"
+    )
     p.add_argument(
         "--shapes-reference",
         action="store_true",
@@ -195,34 +277,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         "p(image | caption), the best a prior can reproduce",
     )
     p.add_argument(
-        "--groups", type=int, default=1, help="with --shapes-reference: average over this many disjoint sets of n"
+        "--groups",
+        type=at_least(1),
+        default=1,
+        help="with --shapes-reference: average over this many disjoint sets of n (default 1)",
     )
     p.add_argument(
         "--size-word-prob",
-        type=float,
+        type=probability,
         default=0.5,
         help="with --shapes-reference: the chance a caption states each object's size (default 0.5, as in training)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="write the results here as JSON")
+    add_common(p)
     args = parser.parse_args(argv)
     if getattr(args, "oracle", False) and args.no_prior:
         parser.error("--oracle replaces the prior's embeddings with true ones; it cannot go with --no-prior")
-    for stage in ("prior", "decoder"):
-        steps = getattr(args, f"{stage}_steps", None)
-        if steps is not None and steps < 1:
-            parser.error(f"--{stage}-steps must be >= 1, got {steps}")
-        guidance = getattr(args, f"{stage}_guidance", None)
-        if guidance is not None and not guidance >= 0:
-            parser.error(f"--{stage}-guidance must be >= 0 (1 is no guidance), got {guidance}")
-    if args.command == "variations" and (args.n < 1 or args.per_image < 1):
-        parser.error(f"--n and --per-image must be >= 1, got {args.n} and {args.per_image}")
-    if getattr(args, "candidates", None) is not None and args.candidates < 1:
-        parser.error(f"--candidates must be >= 1, got {args.candidates}")
-    text_guidance = getattr(args, "decoder_text_guidance", None)
-    if text_guidance is not None and not text_guidance >= 0:
-        parser.error(f"--decoder-text-guidance must be >= 0 (0 is none), got {text_guidance}")
     return args
 
 
@@ -243,77 +312,82 @@ def stage_overrides(args: argparse.Namespace) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.command == "checker":
-        results = validate_checker(args.n, args.sizes, seed=args.seed, progress=True)
-        print(format_validation(results))
-    elif args.command == "clip":
-        try:
-            results = {"clip": str(args.clip), **probe_clip(load_evaluator(args.clip, args.device), args.n, args.seed)}
-        except ValueError as e:
-            sys.exit(f"error: {e}")
-        print(format_probe(results))
-    elif args.command == "caption":
-        try:
-            pipe = load_pipeline(args.pipeline, args.device)
-            probe = probe_decoder_caption(pipe, args.n, args.seed, args.timesteps, text_only=args.text_only)
-            results = {"pipeline": str(args.pipeline), **probe}
-        except ValueError as e:
-            sys.exit(f"error: {e}")
-        print(format_caption_probe(results))
-    elif args.command == "variations":
-        try:
-            decoder = None if args.decoder_guidance is None else {"guidance_scale": args.decoder_guidance}
-            results = evaluate_variations(
-                load_pipeline(args.pipeline, args.device),
-                args.n,
-                args.seed,
-                per_image=args.per_image,
-                invert=not args.fresh_noise,
-                sets=args.sets,
-                decoder=decoder,
-                progress=True,
-            )
-        except ValueError as e:
-            sys.exit(f"error: {e}")
-        results["settings"].update(pipeline=str(args.pipeline), device=args.device)
-        print(format_table(results))
-    elif args.command == "prior":
-        try:
-            results = run_prior(args)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
-        print("\n".join(f"{k:>27}  {v:.4f}" if isinstance(v, float) else f"{k:>27}  {v}" for k, v in results.items()))
-    else:
-        try:
-            pipe = load_pipeline(args.pipeline, args.device, args.dtype)
-            evaluator = load_evaluator(args.evaluator_clip, args.device) if args.evaluator_clip else None
-            options = dict(size=args.size, use_prior=not args.no_prior, batch_size=args.batch_size, progress=True)
-            options["candidates"] = args.candidates
-            options.update(stage_overrides(args))
-            if args.command == "openmoji":
-                options["val_size"] = args.val_size
-            else:
-                options.update(oracle=args.oracle, sets=args.sets)
-                if args.out:  # scored batches are kept until the JSON is written: a rerun resumes
-                    options["resume"] = resume_log_path(args.out)
-                    options["resume_settings"] = dict(  # the models, by weights and defaults, not by path
-                        pipeline_fingerprint=pipe.fingerprint(),
-                        evaluator_fingerprint=evaluator.fingerprint() if evaluator else None,
-                        dtype=args.dtype,
-                    )
-            results = SUITES[args.command](pipe, evaluator, args.n, args.seed, **options)
-        except ValueError as e:
-            sys.exit(f"error: {e}")
-        results["settings"].update(
-            pipeline=str(args.pipeline), evaluator_clip=str(args.evaluator_clip), device=args.device, dtype=args.dtype
-        )
-        print(format_table(results))
-    if args.out:
-        atomic_write_bytes(Path(args.out), (json.dumps(results, indent=2) + "\n").encode())  # then the log goes
-        print(f"wrote {args.out}")
-        if args.command == "shapes":
-            resume_log_path(args.out).unlink(missing_ok=True)
+    try:
+        if args.out:
+            check_writable(args.out)
+        results, table = COMMANDS[args.command](args)
+        print(table)
+        if args.out:
+            atomic_write_bytes(Path(args.out), (json.dumps(results, indent=2) + "\n").encode())  # then the log goes
+            print(f"wrote {args.out}")
+            if args.command == "shapes":
+                resume_log_path(args.out).unlink(missing_ok=True)
+    except (torch.OutOfMemoryError, MemoryError):
+        fewer = "--batch-size or --candidates" if args.command in SUITES else "--n"
+        sys.exit(f"error: out of memory on {getattr(args, 'device', 'cpu')}; lower {fewer}")
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
     return results
+
+
+def run_checker(args) -> tuple[dict, str]:
+    results = validate_checker(args.n, args.sizes, seed=args.seed, progress=True)
+    return results, format_validation(results)
+
+
+def run_clip(args) -> tuple[dict, str]:
+    clip = load("CLIP", load_evaluator, args.clip, args.device)
+    results = {"clip": str(args.clip), **probe_clip(clip, args.n, args.seed)}
+    return results, format_probe(results)
+
+
+def run_caption(args) -> tuple[dict, str]:
+    pipe = load("pipeline", load_pipeline, args.pipeline, args.device)
+    probe = probe_decoder_caption(pipe, args.n, args.seed, args.timesteps, text_only=args.text_only)
+    results = {"pipeline": str(args.pipeline), **probe}
+    return results, format_caption_probe(results)
+
+
+def run_variations(args) -> tuple[dict, str]:
+    decoder = None if args.decoder_guidance is None else {"guidance_scale": args.decoder_guidance}
+    results = evaluate_variations(
+        load("pipeline", load_pipeline, args.pipeline, args.device),
+        args.n,
+        args.seed,
+        per_image=args.per_image,
+        invert=not args.fresh_noise,
+        sets=args.sets,
+        decoder=decoder,
+        progress=True,
+    )
+    results["settings"].update(pipeline=str(args.pipeline), device=args.device)
+    return results, format_table(results)
+
+
+def run_suite(args) -> tuple[dict, str]:
+    pipe = load("pipeline", load_pipeline, args.pipeline, args.device, args.dtype)
+    evaluator = (
+        load("evaluator CLIP", load_evaluator, args.evaluator_clip, args.device) if args.evaluator_clip else None
+    )
+    options = dict(size=args.size, use_prior=not args.no_prior, batch_size=args.batch_size, progress=True)
+    options["candidates"] = args.candidates
+    options.update(stage_overrides(args))
+    if args.command == "openmoji":
+        options["val_size"] = args.val_size
+    else:
+        options.update(oracle=args.oracle, sets=args.sets)
+        if args.out:  # scored batches are kept until the JSON is written: a rerun resumes
+            options["resume"] = resume_log_path(args.out)
+            options["resume_settings"] = dict(  # the models, by weights and defaults, not by path
+                pipeline_fingerprint=pipe.fingerprint(),
+                evaluator_fingerprint=evaluator.fingerprint() if evaluator else None,
+                dtype=args.dtype,
+            )
+    results = SUITES[args.command](pipe, evaluator, args.n, args.seed, **options)
+    results["settings"].update(
+        pipeline=str(args.pipeline), evaluator_clip=str(args.evaluator_clip), device=args.device, dtype=args.dtype
+    )
+    return results, format_table(results)
 
 
 def resume_log_path(out: str) -> Path:
@@ -321,23 +395,27 @@ def resume_log_path(out: str) -> Path:
     return Path(out).with_name(Path(out).name + ".partial.jsonl")
 
 
-def run_prior(args) -> dict:
+def run_prior(args) -> tuple[dict, str]:
     from unclip.eval.prior import evaluate_prior, shapes_reference
 
-    clip = load_evaluator(args.clip, args.device)
+    clip = load("CLIP", load_evaluator, args.clip, args.device)
+    load("prior", load_model, args.prior)  # a broken folder is named before any work
     if args.shapes_reference:
-        size = clip.image_size if isinstance(clip.image_size, int) else clip.image_size[0]
-        return shapes_reference(
+        results = shapes_reference(
             args.prior,
             clip,
             n=args.n,
             groups=args.groups,
-            image_size=size,
+            image_size=input_size(clip),
             size_word_prob=args.size_word_prob,
             seed=args.seed,
         )
-    data = load_config(args.config).data if args.config else run_data_config(args.prior)
-    return evaluate_prior(args.prior, clip, data, n=args.n, seed=args.seed)
+    else:
+        config = load("config", load_config, args.config).data if args.config else None
+        data = config or load("run config of the prior", run_data_config, args.prior)
+        results = evaluate_prior(args.prior, clip, data, n=args.n, seed=args.seed)
+    table = "\n".join(f"{k:>27}  {v:.4f}" if isinstance(v, float) else f"{k:>27}  {v}" for k, v in results.items())
+    return results, table
 
 
 def run_data_config(export: str) -> DataConfig:
@@ -347,6 +425,16 @@ def run_data_config(export: str) -> DataConfig:
         raise ValueError(f"no run config beside {export}; pass --config configs/prior/NAME.yaml")
     return from_dict(DataConfig, json.loads(run_config.read_text())["data"], "data")
 
+
+COMMANDS = {
+    "shapes": run_suite,
+    "openmoji": run_suite,
+    "variations": run_variations,
+    "checker": run_checker,
+    "clip": run_clip,
+    "caption": run_caption,
+    "prior": run_prior,
+}
 
 if __name__ == "__main__":
     main()

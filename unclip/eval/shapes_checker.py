@@ -386,6 +386,8 @@ def validate_checker(
         {"64": {"accepted": float, "rejected": float, "rejected_by_kind": {kind: float}, "n": int,
         "n_mismatched": int}, ..., ["64_degraded": ...]}
     """
+    if n < 1 or not sizes or min(sizes) < 1:
+        raise ValueError(f"need n >= 1 and sizes >= 1, got n={n} and sizes={list(sizes)}")
     scenes, mismatches = mismatched_captions(n, seed)
     settings = [(str(s), s, None) for s in sizes]
     if degraded is not None:
