@@ -19,6 +19,7 @@ from unclip.data.shapes import (
     ShapeObject,
     ShapesDataset,
     parse_caption,
+    prompt_sets,
     render_scene,
     satisfies,
 )
@@ -297,12 +298,33 @@ def test_evaluate_shapes_end_to_end():
     pipe = RenderPipeline()
     results = suites.evaluate_shapes(pipe, PixelEvaluator(), n=4, seed=2, batch_size=3)
     assert set(results["sets"]) == {"single", "relational", "held_out", "all", "real"}
-    for name, row in results["sets"].items():
-        assert row["accuracy"] == 1.0, name
-        assert -100 <= row["clip_score"] <= 100 and 0 <= row["retrieval_image_to_text"] <= 1
+    assert all(row["accuracy"] == 1.0 for row in results["sets"].values())
+    # the CLIP metrics of the images each prompt should get: set k's prompt i is rendered with seed 2 + 4k + i
+    evaluator, expected = PixelEvaluator(), {}
+    for k, (name, prompts) in enumerate(prompt_sets(4, 2)._asdict().items()):
+        expected[name] = (evaluator.embed_image(renders(prompts, 64, 2 + 4 * k)), evaluator.embed_text(prompts).embed)
+    real = ShapesDataset(64, split="val", val_size=8)
+    expected["real"] = (
+        evaluator.embed_image(torch.stack([real[i]["image"] for i in range(8)])),
+        evaluator.embed_text([real.scene(i)[1] for i in range(8)]).embed,
+    )
+    for name, (image_embeds, text_embeds) in expected.items():
+        row, sims = results["sets"][name], image_embeds @ text_embeds.T
+        assert row["clip_score"] == pytest.approx(100 * sims.diag().mean().item(), rel=1e-5), name
+        own = torch.arange(len(sims))  # the prompts within a set are distinct
+        assert row["retrieval_image_to_text"] == pytest.approx((sims.argmax(1) == own).float().mean().item())
+        assert row["retrieval_text_to_image"] == pytest.approx((sims.argmax(0) == own).float().mean().item())
+    pooled = torch.cat([expected[name][0] for name in ("single", "relational", "held_out")])
+    assert results["sets"]["all"]["clip_score"] == pytest.approx(
+        100 * (pooled * torch.cat([expected[name][1] for name in ("single", "relational", "held_out")])).sum(-1).mean()
+    )
+    fake = torch.cat([expected["single"][0], expected["relational"][0]])
+    assert results["clip_frechet_distance"] == pytest.approx(
+        metrics.embedding_frechet_distance(expected["real"][0], fake), rel=1e-6
+    )
+    assert results["clip_frechet_distance"] > 1e-3 and "not Inception FID" in results["clip_frechet_distance_note"]
     assert results["sets"]["all"]["n"] == 12 and results["sets"]["real"]["n"] == 8
     assert results["sets"]["single"]["relation"] is None and results["sets"]["relational"]["relation"] == 1.0
-    assert results["clip_frechet_distance"] >= 0 and "not Inception FID" in results["clip_frechet_distance_note"]
     assert [c["seed"] for c in pipe.calls] == [2, 5, 6, 9, 10, 13]  # set k: seed + 4k + batch start
     json.dumps(results, allow_nan=False)
 
@@ -868,10 +890,23 @@ def test_metrics_take_a_real_clip_adapter():
 
     evaluator = ClipAdapter.from_model_config(TINY_CLIP_CONFIG)
     images, prompts = renders(DISTINCT_PROMPTS[:3]), DISTINCT_PROMPTS[:3]
-    assert -100 <= metrics.clip_score(evaluator, images, prompts) <= 100
-    assert set(metrics.retrieval_accuracy(evaluator, images, prompts)) == {"image_to_text", "text_to_image"}
-    embeds = metrics.embed_images(evaluator, images, batch_size=2)
-    assert embeds.shape == (3, 32) and torch.allclose(embeds.norm(dim=-1), torch.ones(3))
+    with torch.no_grad():
+        image_embeds = F.normalize(evaluator.embed_image(images).float(), dim=-1)
+        text_embeds = F.normalize(evaluator.embed_text(prompts).embed.float(), dim=-1)
+    sims = image_embeds @ text_embeds.T  # (image, prompt)
+    for shift in (0, 1):  # each image with its own prompt, then with the next one's
+        pairs = sims.diag(shift) if shift == 0 else torch.stack([sims[i, (i + shift) % 3] for i in range(3)])
+        got = metrics.clip_score(evaluator, images, prompts[shift:] + prompts[:shift], batch_size=2)
+        assert got == pytest.approx(100 * pairs.mean().item(), abs=1e-4)
+    own = torch.arange(3)
+    assert metrics.retrieval_accuracy(evaluator, images, prompts) == pytest.approx(
+        {
+            "image_to_text": (sims.argmax(1) == own).float().mean().item(),
+            "text_to_image": (sims.argmax(0) == own).float().mean().item(),
+        }
+    )
+    embeds = metrics.embed_images(evaluator, images, batch_size=2)  # two batches, in order
+    assert embeds.shape == (3, 32) and torch.allclose(embeds, image_embeds, atol=1e-6)
 
 
 def test_shapes_without_an_evaluator_scores_the_checker_alone(monkeypatch, capsys):
