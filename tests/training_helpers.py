@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from unclip.checkpoint import atomic_save_safetensors
 from unclip.config import RunConfig, TrainConfig
 
 
@@ -56,8 +56,7 @@ class ToyTask:
         }
 
     def export(self, model, directory: Path):
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+        atomic_save_safetensors(model.state_dict(), directory / "model.safetensors")
 
 
 class SignalledTask(ToyTask):
