@@ -9,6 +9,9 @@ Conventions that differ, and how each is handled:
 - The final step: ours always lands on ᾱ = 1 (the clean sample), which is diffusers' DDIM with
   set_alpha_to_one=True and DPMSolverMultistep with final_sigmas_type="zero", both their defaults.
 - diffusers' DDIM "linspace" spacing includes t = 0, unlike its DPM-Solver "linspace"; ours is DPM-Solver's.
+- DDPM: ours takes no noise on the last step, diffusers' none at t = 0, so the DDPM case uses "leading"
+  spacing, whose last visited timestep is 0. The learned-range values are kept inside (-1, 1), where our
+  clamp of the interpolation fraction to [0, 1] does nothing.
 
 Precision: at t = 999 of the cosine schedule sqrt(ᾱ) = 5e-5, and an eps-predicting model's x_0 is
 (x_t - sqrt(1-ᾱ)·eps)/sqrt(ᾱ), which loses three float32 digits in either implementation (measured: the two
@@ -17,14 +20,13 @@ schedule (sqrt(ᾱ_999) = 6e-3), and the cosine schedule with x_0- and v-predict
 happens. Together the cases cover all three prediction types and both schedules.
 """
 
+import diffusers  # a dev dependency: without it these tests fail rather than vanish
 import numpy as np
 import pytest
 import torch
-from diffusion_helpers import make_problem
+from diffusion_helpers import GaussianDenoiser, make_problem
 
-from unclip.diffusion import ddim_sample, dpm_solver_sample, respace_timesteps
-
-diffusers = pytest.importorskip("diffusers")
+from unclip.diffusion import GaussianDiffusion, ddim_sample, ddpm_sample, dpm_solver_sample, respace_timesteps
 
 
 def _trajectory(sampler, denoiser, diffusion, x_T, **kwargs):
@@ -117,6 +119,47 @@ def test_dpm_solver_matches_diffusers(schedule, prediction, spacing, steps):
     ours = _trajectory(dpm_solver_sample, denoiser, diffusion, x_T, steps=steps, spacing=spacing)
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+class LearnedRange:
+    """The closed-form denoiser's prediction plus IDDPM variance values in (-1, 1) that vary with x_t and t."""
+
+    def __init__(self, denoiser: GaussianDenoiser):
+        self.denoiser = denoiser
+
+    def __call__(self, x_t, t, **cond):
+        var_values = torch.tanh(x_t.float() + t[:, None].float() / 500 - 1).to(x_t.dtype)
+        return torch.cat([self.denoiser(x_t, t), var_values], dim=1)  # (B, 2D): prediction first
+
+
+@pytest.mark.parametrize(("schedule", "prediction"), [("linear", "eps"), ("cosine", "v")])
+@pytest.mark.parametrize("steps", [50, 20])
+def test_ddpm_learned_range_matches_diffusers(schedule, prediction, steps):
+    plain, denoiser = make_problem(schedule=schedule, prediction=prediction)
+    diffusion = GaussianDiffusion(plain.betas, prediction=prediction, learned_variance=True)
+    model = LearnedRange(GaussianDenoiser(diffusion, denoiser.mu, denoiser.sigma))
+    scheduler = diffusers.DDPMScheduler(
+        num_train_timesteps=1000,
+        trained_betas=_betas(diffusion),
+        variance_type="learned_range",
+        clip_sample=False,
+        timestep_spacing="leading",
+        prediction_type=DIFFUSERS_PREDICTION[prediction],
+    )
+    x_T = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    ref_ts, ref = _reference_trajectory(scheduler, model, x_T, steps, generator=torch.Generator().manual_seed(5))
+    assert ref_ts == respace_timesteps(1000, steps, "leading") and ref_ts[-1] == 0
+    ours = _trajectory(
+        ddpm_sample, model, diffusion, x_T, steps=steps, spacing="leading", generator=torch.Generator().manual_seed(5)
+    )
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # the variance values matter: the same run with the fixed small variance ends elsewhere
+    fixed = ddpm_sample(
+        denoiser, plain, x_T.shape, x_T=x_T, steps=steps, spacing="leading", generator=torch.Generator().manual_seed(5)
+    )
+    assert (fixed - ours[-1]).abs().max() > 1e-2
 
 
 def test_ddim_prev_timestep_convention():
