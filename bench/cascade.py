@@ -46,7 +46,7 @@ def upsample_case(settings: Settings) -> Case:
     g = torch.Generator().manual_seed(0)
     low_res = (torch.rand(1, 3, LOW, LOW, generator=g) * 2 - 1).to(device)  # ours: [-1, 1]
     image_embed = torch.randn(1, CLIP_DIM, generator=g).to(device)  # their Decoder.sample requires one
-    our_steps = UPSAMPLER_DEFAULTS["steps"]
+    our_steps = UPSAMPLER_DEFAULTS.steps
 
     def our_run(k: int):
         def run():

@@ -39,7 +39,8 @@ def their_settings(pipe: UnCLIPPipeline) -> dict:
     ancestral = {"sampler": "ddpm", "steps": THEIR_STEPS}
     return {
         "prior": ancestral,
-        "decoder": {**ancestral, "candidates": 1},
+        "decoder": ancestral,
+        "candidates": 1,
         "upsamplers": {stage.folder: ancestral for stage in pipe.upsamplers},
     }
 
@@ -81,9 +82,9 @@ def main(argv=None) -> dict:
     results = {"pipeline": str(args.pipeline), "device": args.device, "size": args.size, "prompt": PROMPT}
     for name, settings, repeats in (("ours", ours, args.repeats), ("theirs", theirs, args.their_repeats)):
         times = timed(lambda s=settings: pipe([PROMPT], size=args.size, seed=0, **s), repeats, device)
-        described = pipe.describe(size=args.size, seed=0, **settings)
+        described = pipe.resolve(size=args.size, seed=0, **settings).metadata()
         results[name] = {"seconds": times, "median": statistics.median(times), **described}
-        candidates = described["decoder"]["candidates"]
+        candidates = described["candidates"]
         print(f"{name:6s}  {statistics.median(times):8.2f} s  (median of {repeats}; {candidates} decoder candidates)")
     results["theirs_over_ours"] = results["theirs"]["median"] / results["ours"]["median"]
     print(f"theirs / ours: {results['theirs_over_ours']:.1f}x")

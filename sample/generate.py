@@ -7,14 +7,15 @@
 
 Each image is written as a PNG whose text metadata holds the prompt, the seed and every sampling setting,
 with a grid of all of them beside (a row per prompt when there are several prompts and n > 1);
-the paths are printed. Image i of the whole run uses seed + i; with reranking (--candidates N, or a pipeline
-that reranks by default, as models/shapes keeps the best of 32) its candidates use seed + i·N ... seed + i·N + N-1,
-and the metadata's seed is the kept one's: --seed SEED --candidates 1 makes that image again.
+the paths are printed as each batch is written. Image i of the whole run uses seed + i; with reranking
+(--candidates N, or a pipeline that reranks by default) its candidates use seed + i·N ... seed + i·N + N-1, and
+the metadata's seed is the kept one's: --seed SEED --candidates 1 makes that image again. A file of the same
+name is kept (the new one is NAME-2.png) unless --overwrite; Ctrl-C keeps the images written so far.
 """
 
 from pathlib import Path
 
-from unclip.cli import run_sample, sample_parser
+from unclip.cli import run_batches, sample_parser, whole_number
 from unclip.diffusion import SAMPLERS
 
 
@@ -24,29 +25,32 @@ def parse_args(argv=None):
     p.add_argument(
         "--prompts-file", type=Path, help="a text file of prompts, one a line (blank lines and # comments skipped)"
     )
-    p.add_argument("--steps", type=int, help="decoder sampling steps (default: the pipeline's, 25)")
+    p.add_argument("--steps", type=int, help="decoder sampling steps (default: the pipeline's)")
     p.add_argument(
-        "--guidance",
-        type=float,
-        help="decoder classifier-free guidance scale (default: the pipeline's; 1 for models/shapes, 1 = no guidance)",
+        "--guidance", type=float, help="decoder classifier-free guidance scale, 1 = none (default: the pipeline's)"
     )
     p.add_argument(
         "--text-guidance",
         type=float,
-        help="extra decoder guidance along what the caption adds to the image embedding (default: the "
-        "pipeline's, 0 = none)",
+        help="extra decoder guidance along what the caption adds to the image embedding, 0 = none (default: the "
+        "pipeline's)",
     )
-    p.add_argument("--sampler", choices=SAMPLERS, help="decoder sampler (default dpm++)")
-    p.add_argument("--prior-steps", type=int, help="prior sampling steps (default 25)")
-    p.add_argument("--prior-guidance", type=float, help="prior guidance scale (default 2)")
+    p.add_argument("--sampler", choices=SAMPLERS, help="decoder sampler (default: the pipeline's)")
+    p.add_argument("--prior-steps", type=int, help="prior sampling steps (default: the pipeline's)")
+    p.add_argument("--prior-guidance", type=float, help="prior guidance scale (default: the pipeline's)")
     p.add_argument(
         "--candidates",
         type=int,
         help="make N images per requested image and keep the one the pipeline's CLIP scores highest (DALL·E's "
-        "reranking, at the decoder's size: N decoder passes, one upsampling); default: the pipeline's "
-        "decoder.candidates, 1 = none",
+        "reranking, at the decoder's size: N decoder passes, one upsampling); 1 = none (default: the pipeline's)",
     )
     p.add_argument("--no-prior", action="store_true", help="decode the raw text embedding (the paper's ablation)")
+    p.add_argument(
+        "--batch-size",
+        type=whole_number(1),
+        default=4,
+        help="images made (and written) together; it does not change the images (default 4)",
+    )
     args = p.parse_args(argv)
     if args.prompts_file is not None:
         try:
@@ -56,10 +60,6 @@ def parse_args(argv=None):
         args.prompt += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
         if not args.prompt:
             p.error(f"--prompts-file {args.prompts_file} holds no prompts")
-    if args.text_guidance is not None and not args.text_guidance >= 0:
-        p.error(f"--text-guidance must be >= 0 (0 is none), got {args.text_guidance}")
-    if args.candidates is not None and args.candidates < 1:
-        p.error(f"--candidates must be >= 1 (1 is no reranking), got {args.candidates}")
     if not args.prompt:
         p.error('give a prompt: --prompt "a red circle" (or --prompts-file FILE)')
     return args
@@ -67,21 +67,26 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    return run_sample(
+    decoder = {
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "text_guidance_scale": args.text_guidance,
+        "sampler": args.sampler,
+    }
+    return run_batches(
         args,
-        lambda pipe: pipe(
-            [prompt for prompt in args.prompt for _ in range(args.n)],
-            candidates=args.candidates,
-            size=args.size,
-            seed=args.seed,
-            use_prior=not args.no_prior,
-            prior={"steps": args.prior_steps, "guidance_scale": args.prior_guidance},
-            decoder={
-                "steps": args.steps,
-                "guidance_scale": args.guidance,
-                "text_guidance_scale": args.text_guidance,
-                "sampler": args.sampler,
-            },
+        lambda pipe: (
+            out
+            for _, out in pipe.batches(
+                [prompt for prompt in args.prompt for _ in range(args.n)],
+                batch_size=args.batch_size,
+                size=args.size,
+                seed=args.seed,
+                candidates=args.candidates,
+                use_prior=not args.no_prior,
+                prior={"steps": args.prior_steps, "guidance_scale": args.prior_guidance},
+                decoder=decoder,
+            )
         ),
     )
 

@@ -29,8 +29,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--guidance",
         type=float,
-        help="decoder guidance scale (default 1 inverted, else the pipeline's; models/shapes with --fresh-noise: "
-        "2 keeps a single object right 84.5%% of the time against 74.0%% at its default 1, README)",
+        help="decoder guidance scale (default: 1 for the inverted latent, else the pipeline's; with --fresh-noise, "
+        "2 or more keeps more of the image when the pipeline's default is 1)",
     )
     p.add_argument("--fresh-noise", action="store_true", help="decode fresh noise instead of the inverted latent")
     return p.parse_args(argv)

@@ -10,7 +10,7 @@ from unclip.config import DiffusionConfig, load_config
 from unclip.nets.prior import PriorConfig, PriorTransformer
 from unclip.nets.unet import InpaintUNet, UNet
 from unclip.nets.upsampler import UpsamplerUNet
-from unclip.pipeline import build_pipeline_folder
+from unclip.checkpoint import build_pipeline_folder
 
 
 def _perturb(model, seed):

@@ -15,7 +15,7 @@ def test_bundled_shapes_pipeline_generates():
     out = pipe(["a red circle above a blue square"], seed=0, size=64, prior={"steps": 4}, decoder={"steps": 4})
     assert out.images.shape == (1, 3, 64, 64) and torch.isfinite(out.images).all()
     assert pipe.decoder.model.config.text_layers == 2  # the second stage, configs/decoder/shapes_text.yaml
-    assert out.settings["decoder"]["candidates"] == 32 and out.clip_scores is not None  # reranks by default
+    assert out.settings["candidates"] == 32 and out.clip_scores is not None  # reranks by default
     assert out.settings["decoder"]["guidance_scale"] == 1.0  # pipeline.json's default, measured in its card
 
 

@@ -62,7 +62,7 @@ def test_a_decoder_reading_word_embeddings_gets_them_from_the_pipeline(tmp_path)
 def test_reranking_keeps_the_best_candidate(tiny_pipeline):
     pipe = UnCLIPPipeline.from_pretrained(tiny_pipeline)
     out = pipe(["a red circle", "a green diamond"], seed=0, candidates=3)
-    assert out.images.shape == (2, 3, 16, 16) and out.settings["decoder"]["candidates"] == 3
+    assert out.images.shape == (2, 3, 16, 16) and out.settings["candidates"] == 3
     all_ = pipe(["a red circle"] * 3 + ["a green diamond"] * 3, seed=0)
     scores = (pipe.clip.embed_image(all_.images, normalize=True) * all_.text_embeds).sum(-1).view(2, 3)
     assert out.seeds == [int(scores[0].argmax()), 3 + int(scores[1].argmax())]
@@ -197,11 +197,21 @@ def test_generate_script_errors(tiny_pipeline, tmp_path, capsys):
         ([], "give a prompt"),
         (["--prompts-file", str(tmp_path / "empty.txt")], "holds no prompts"),
         (["--prompts-file", str(tmp_path / "missing.txt")], "cannot read --prompts-file"),
-        (["--prompt", "a red circle", "--candidates", "0"], "--candidates must be >= 1"),
+        (["--prompt", "a red circle", "--n", "0"], "--n: must be >= 1"),
     ]:
         with pytest.raises(SystemExit):  # usage errors, before any model is loaded
             main([*argv, "--pipeline", str(tiny_pipeline)])
         assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"--candidates \(candidates\) must be a whole number >= 1"):
+        main(
+            ["--prompt", "a red circle", "--candidates", "0", "--pipeline", str(tiny_pipeline), "--out", str(tmp_path)]
+        )
+    with pytest.raises(SystemExit, match=r"--guidance \(decoder.guidance_scale\) must be a finite number"):
+        main(
+            ["--prompt", "a red circle", "--guidance", "nan", "--pipeline", str(tiny_pipeline), "--out", str(tmp_path)]
+        )
+    with pytest.raises(SystemExit, match=r"--steps \(decoder.steps\) must be a whole number >= 1"):
+        main(["--prompt", "a red circle", "--steps", "0", "--pipeline", str(tiny_pipeline), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="empty prompt"):
         main(["--prompt", "", "--pipeline", str(tiny_pipeline), "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="no pipeline.json"):
@@ -239,9 +249,10 @@ def test_text_guidance_from_the_command_line(tiny_pipeline, tmp_path, capsys):
     assert json.loads(read_png_metadata(plain[0])["settings"])["decoder"]["text_guidance_scale"] == 0.0
     a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (plain[0], guided[0]))
     assert np.abs(a - b).max() > 8  # the caption's direction changed the image
-    with pytest.raises(SystemExit):
+    with pytest.raises(
+        SystemExit, match=r"--text-guidance \(decoder.text_guidance_scale\) must be a finite number >= 0"
+    ):
         main([*common, "--out", str(tmp_path), "--text-guidance", "-1"])
-    assert "--text-guidance must be >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("dtype", ["bf16"])
@@ -356,15 +367,16 @@ def test_assemble_script_stores_sampling_defaults(tiny_pipeline, tmp_path):
 
     parts = tiny_pipeline.parent / "parts"
     base = ["--clip", str(parts / "clip"), "--prior", str(parts / "prior"), "--decoder", str(parts / "decoder")]
-    defaults = ["decoder.guidance_scale=1", "prior.steps=3", "decoder.candidates=3"]
+    defaults = ["decoder.guidance_scale=1", "prior.steps=3", "candidates=3"]
     out = main(["--out", str(tmp_path / "p"), *base, *(a for d in defaults for a in ("--default", d))])
     assert json.loads((out / "pipeline.json").read_text())["defaults"] == {
-        "decoder": {"guidance_scale": 1.0, "candidates": 3},
+        "decoder": {"guidance_scale": 1.0},
         "prior": {"steps": 3},
+        "candidates": 3,
     }
     made = UnCLIPPipeline.from_pretrained(out)(["a red circle"], seed=0, decoder={"steps": 2})
     assert made.settings["decoder"]["guidance_scale"] == 1.0 and made.settings["prior"]["steps"] == 3
-    assert made.settings["decoder"]["candidates"] == 3 and made.clip_scores is not None
+    assert made.settings["candidates"] == 3 and made.clip_scores is not None
     # the same images as the stored settings given by hand to a pipeline without defaults
     plain = main(["--out", str(tmp_path / "plain"), *base])
     by_hand = UnCLIPPipeline.from_pretrained(plain)(
@@ -372,19 +384,21 @@ def test_assemble_script_stores_sampling_defaults(tiny_pipeline, tmp_path):
     )
     assert torch.equal(made.images, by_hand.images) and made.seeds == by_hand.seeds
     one = UnCLIPPipeline.from_pretrained(out)(["a red circle"], seed=0, decoder={"steps": 2}, candidates=1)
-    assert one.clip_scores is None and one.settings["decoder"]["candidates"] == 1  # the caller overrides it
+    assert one.clip_scores is None and one.settings["candidates"] == 1  # the caller overrides it
     # edits make one image per input: their metadata does not claim a reranking they do not do
     source = Image.fromarray(np.full((16, 16, 3), 200, dtype=np.uint8))
     varied = UnCLIPPipeline.from_pretrained(out).variations(source, n=1, invert=False, decoder={"steps": 2})
-    assert "candidates" not in varied.metadata[0]["settings"]["decoder"]
+    assert "candidates" not in varied.metadata[0]["settings"]
     for bad, message in [
         ("decoder.guidance_scale", "STAGE.SETTING=VALUE"),
         ("coder.steps=3", "unknown stage"),
         ("decoder.eta=2", "no setting 'eta'"),
-        ("decoder.candidates=0", "candidates must be >= 1"),
+        ("decoder.candidates=3", "no setting 'candidates'"),
+        ("candidates=0", "candidates must be a whole number >= 1"),
         ("decoder.steps=many", "takes a whole number"),
-        ("decoder.sampler=euler", "the sampler is one of"),
-        ("prior.guidance_scale=-1", "must be >= 0"),
+        ("decoder.sampler=euler", "sampler must be one of"),
+        ("prior.guidance_scale=-1", "must be a finite number >= 0"),
+        ("prior.guidance_scale=inf", "must be a finite number >= 0"),
     ]:
         with pytest.raises(SystemExit, match=message):
             main(["--out", str(tmp_path / "bad"), *base, "--default", bad])

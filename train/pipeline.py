@@ -3,48 +3,59 @@
     python train/pipeline.py --out models/mine --clip models/shapes/clip \\
         --prior runs/prior-shapes/export --decoder runs/decoder-shapes/export \\
         --upsampler runs/upsampler-shapes-256/export --upsampler runs/upsampler-shapes-1024/export \\
-        --default decoder.guidance_scale=2 --default decoder.candidates=4
+        --default decoder.guidance_scale=2 --default candidates=4
 
 A --default sets a sampling setting the pipeline uses unless the caller overrides it (stages: prior, decoder,
 upsampler_256, upsampler_1024; settings: sampler and steps, guidance_scale for the prior and decoder,
 text_guidance_scale for the decoder, noise_level for upsamplers; candidates for the prior, the best of that many
-embeddings, and for the decoder, the best of that many images, both by CLIP similarity to the prompt). The
-settings are stored in pipeline.json under "defaults".
+embeddings by similarity to the prompt) and candidates=N, the best of N images by CLIP similarity to the prompt.
+The settings are stored in pipeline.json under "defaults". The folder is built beside --out and swapped in only
+when every component has been checked and copied, so an error leaves an existing --out as it was.
 """
 
 import argparse
+import dataclasses
 import sys
 
 import torch
 
-from unclip.diffusion import SAMPLERS
-from unclip.pipeline import DEFAULTS, UnCLIPPipeline, build_pipeline_folder
+from unclip.checkpoint import build_pipeline_folder
+from unclip.pipeline import UnCLIPPipeline
+from unclip.sampling import DecoderSettings, PriorSettings, UpsamplerSettings, check_count
+
+STAGES = {"prior": PriorSettings, "decoder": DecoderSettings, "upsampler": UpsamplerSettings}
 
 
-def parse_default(text: str) -> tuple[str, str, float | int | str]:
-    """ "decoder.guidance_scale=2" -> ("decoder", "guidance_scale", 2.0); a ValueError names what is wrong."""
+def parse_default(text: str) -> tuple[str | None, str, float | int | str]:
+    """ "decoder.guidance_scale=2" -> ("decoder", "guidance_scale", 2.0), "candidates=4" -> (None, "candidates",
+    4); the value is checked by the stage's settings class, and a ValueError names what is wrong."""
     key, sep, value = text.partition("=")
+    if not (sep and value):
+        raise ValueError(
+            f"--default {text!r}: write STAGE.SETTING=VALUE or candidates=N, e.g. decoder.guidance_scale=2"
+        )
+    if key == "candidates":
+        try:
+            return None, key, check_count("candidates", int(value))
+        except ValueError:
+            raise ValueError(
+                f"--default {text!r}: candidates must be a whole number >= 1 (1 = no reranking)"
+            ) from None
     stage, dot, name = key.partition(".")
-    if not (sep and dot and value):
-        raise ValueError(f"--default {text!r}: write STAGE.SETTING=VALUE, e.g. decoder.guidance_scale=2")
-    known = DEFAULTS.get(stage, DEFAULTS["upsampler"] if stage.startswith("upsampler_") else None)
-    if known is None:
+    kind = STAGES.get("upsampler" if stage.startswith("upsampler_") else stage)
+    if not dot or kind is None:
         raise ValueError(f"--default {text!r}: unknown stage {stage!r}; use prior, decoder or upsampler_<size>")
-    if name not in known:
-        raise ValueError(f"--default {text!r}: {stage} has no setting {name!r}; valid: {sorted(known)}")
-    if name == "sampler" and value not in SAMPLERS:
-        raise ValueError(f"--default {text!r}: the sampler is one of {', '.join(SAMPLERS)}")
-    kind = type(known[name])
+    fields = {f.name: f for f in dataclasses.fields(kind)}
+    if name not in fields:
+        raise ValueError(f"--default {text!r}: {stage} has no setting {name!r}; valid: {sorted(fields)}")
+    cast = {"int": int, "float": float}.get(str(fields[name].type), str)
     try:
-        parsed = kind(value)
+        parsed = cast(value)
     except ValueError:
         raise ValueError(
-            f"--default {text!r}: {name} takes {'a whole number' if kind is int else 'a number'}"
+            f"--default {text!r}: {name} takes {'a whole number' if cast is int else 'a number'}"
         ) from None
-    if kind is not str and not parsed >= 0:
-        raise ValueError(f"--default {text!r}: {name} must be >= 0")
-    if name == "candidates" and parsed < 1:
-        raise ValueError(f"--default {text!r}: candidates must be >= 1 (1 = no reranking)")
+    kind().replace({name: parsed}, f"--default {stage}")  # checks the value
     return stage, name, parsed
 
 
@@ -70,10 +81,13 @@ def main(argv=None):
     )
     args = p.parse_args(argv)
     try:
-        defaults: dict[str, dict] = {}
+        defaults: dict = {}
         for text in args.default:
             stage, name, value = parse_default(text)
-            defaults.setdefault(stage, {})[name] = value
+            if stage is None:
+                defaults[name] = value
+            else:
+                defaults.setdefault(stage, {})[name] = value
         out = build_pipeline_folder(
             args.out,
             clip=args.clip,

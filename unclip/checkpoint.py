@@ -1,11 +1,19 @@
-"""Inference checkpoints: a folder with `config.json` and `model.safetensors` (the diffusers layout).
+"""The two folder formats: one model (`config.json` + `model.safetensors`, the diffusers layout) and a pipeline
+(`pipeline.json` + one model folder per stage).
 
     runs/prior/export/            # one component
       config.json                 # {"format_version": 1, "class": "PriorTransformer", "kind": ..., "model": {...},
                                   #  "diffusion": {...}, "clip": {...}}
       model.safetensors           # weights (the EMA weights when exported by the trainer)
 
-`load_model(path)` rebuilds the network from `config.json` alone. Files are written to a temporary name and
+    models/shapes/                # a pipeline
+      pipeline.json               # {"format_version": 1, "clip": "clip", "prior": "prior", "decoder": "decoder",
+                                  #  "inpaint": null, "upsamplers": ["upsampler_256", "upsampler_1024"],
+                                  #  "defaults": {"candidates": 32, "decoder": {"guidance_scale": 1.0}}}
+      clip/ prior/ decoder/ upsampler_256/ ...
+
+`load_model(path)` rebuilds the network from `config.json` alone; `read_pipeline_index(path)` checks a
+pipeline.json, and `build_pipeline_folder` writes one. Files are written to a temporary name and
 renamed into place, so a kill during a save never leaves a half-written file under the final name.
 """
 
@@ -16,6 +24,7 @@ import hashlib
 import importlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -183,7 +192,7 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu", dty
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise ValueError(f"{directory} has config.json but no model.safetensors; the export is incomplete")
-    state = load_file(str(weights))
+    state = read_safetensors(weights)
     load_state_dict_checked(model, state, str(weights))
     model.to(device=device, dtype=dtype).eval()
     return LoadedModel(
@@ -192,6 +201,18 @@ def load_model(directory: str | Path, *, device: str | torch.device = "cpu", dty
         clip=from_dict(ClipConfig, meta.get("clip", {}), "clip"),
         meta=meta,
     )
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """load_file with an error that names the file when it is missing, empty, truncated or not safetensors."""
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise ValueError(f"weights file {path} does not exist") from None
+    except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+        raise ValueError(
+            f"cannot read weights file {path}: {e}. The file is corrupt or incomplete; copy or export it again"
+        ) from None
 
 
 def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -215,3 +236,164 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], so
         lines.append("  The checkpoint was written by another version or for another config; re-export it.")
         raise ValueError("\n".join(lines))
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+# -- pipeline folders -------------------------------------------------------------------------------------
+
+PIPELINE_FORMAT_VERSION = 1
+PIPELINE_STAGES = ("clip", "prior", "decoder", "inpaint")  # besides the list "upsamplers"
+
+
+def read_pipeline_index(root: str | Path) -> dict[str, Any]:
+    """Read and check `root`/pipeline.json: its stage folders exist inside `root`, its defaults are a dict.
+
+    A file that keeps the reranking count in the decoder's defaults ("decoder": {"candidates": N}) reads as the
+    top-level "candidates" it now is.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(
+            f"pipeline folder {root} does not exist; pass --pipeline with a folder assembled by train/pipeline.py "
+            "from trained components"
+        )
+    index_path = root / "pipeline.json"
+    if not index_path.is_file():
+        raise ValueError(
+            f"{root} has no pipeline.json: it is not a pipeline folder. A pipeline folder holds pipeline.json "
+            "and the clip/, prior/, decoder/ (and upsampler) folders"
+        )
+    try:
+        index = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index_path} is not valid JSON ({e})") from e
+    if not isinstance(index, dict):
+        raise ValueError(f"{index_path} must hold a JSON object, got {type(index).__name__}")
+    if index.get("format_version") != PIPELINE_FORMAT_VERSION:
+        raise ValueError(
+            f"{index_path} has format_version {index.get('format_version')!r}; this unclip reads "
+            f"{PIPELINE_FORMAT_VERSION}. Re-create the pipeline folder with this version"
+        )
+    for key in ("clip", "decoder"):
+        if not index.get(key):
+            raise ValueError(f"{index_path} names no {key} folder; a pipeline needs at least clip and decoder")
+    upsamplers = index.setdefault("upsamplers", [])
+    if not isinstance(upsamplers, list):
+        raise ValueError(f'{index_path}: "upsamplers" must be a list of folder names')
+    for name in [index.get(k) for k in PIPELINE_STAGES] + upsamplers:
+        if name is None:
+            continue
+        if not isinstance(name, str) or Path(name).is_absolute() or Path(name).name != name or name in ("", ".", ".."):
+            raise ValueError(f"{index_path} names the stage folder {name!r}: it must be a folder inside {root}")
+        if not (root / name).is_dir():
+            raise ValueError(f"{root} is incomplete: pipeline.json names {name!r}, which is not there")
+    defaults = index.setdefault("defaults", {})
+    if not isinstance(defaults, dict) or not all(
+        isinstance(v, dict) for k, v in defaults.items() if k != "candidates"
+    ):
+        raise ValueError(f'{index_path}: "defaults" must map each stage to a dict of settings')
+    decoder = defaults.get("decoder", {})
+    if "candidates" in decoder and "candidates" not in defaults:
+        defaults["candidates"] = decoder["candidates"]
+        defaults["decoder"] = {k: v for k, v in decoder.items() if k != "candidates"}
+    return index
+
+
+def _check_component(name: str, source: Path) -> None:
+    if not source.is_dir():
+        raise ValueError(f"--{name} {source} is not a folder: pass the component's export folder (runs/NAME/export)")
+    if name == "clip":
+        if not any(source.glob("*.safetensors")) and not any(source.glob("*.json")):
+            raise ValueError(f"--clip {source} holds no CLIP (no .json or .safetensors files)")
+        return
+    read_meta(source)
+
+
+def build_pipeline_folder(
+    out: str | Path,
+    *,
+    clip: str | Path,
+    decoder: str | Path,
+    prior: str | Path | None = None,
+    upsamplers: list[str | Path] = (),
+    inpaint: str | Path | None = None,
+    defaults: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Assemble a pipeline folder from exported components (copies them, writes pipeline.json).
+
+    Every source is checked before anything is written; the folder is built beside `out` and then swapped in,
+    so an error or a kill leaves an existing `out` as it was.
+
+    Args:
+        defaults: pipeline.json's "defaults", e.g. {"candidates": 4, "decoder": {"guidance_scale": 2.0}}.
+        dtype: re-save the diffusion components' weights in this dtype (torch.float16 for bundled models).
+    """
+    out = Path(out)
+    parts = [("clip", clip), ("prior", prior), ("decoder", decoder), ("inpaint", inpaint)]
+    parts += [("upsampler", p) for p in upsamplers]
+    parts = [(name, Path(source)) for name, source in parts if source is not None]
+    for name, source in parts:
+        _check_component(name, source)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder: choose another --out")
+    index: dict[str, Any] = {"format_version": PIPELINE_FORMAT_VERSION, "upsamplers": []}
+    index.update({name: None for name in PIPELINE_STAGES})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        for name, source in parts:
+            if name == "upsampler":
+                name = f"upsampler_{read_meta(source)['model']['image_size']}"
+                index["upsamplers"].append(name)
+            else:
+                index[name] = name
+            shutil.copytree(source, tmp / name)
+            if dtype is not None and name == "clip":
+                cast_weights(tmp / name, dtype)  # the adapter loads them into its fp32 model
+            elif dtype is not None:
+                loaded = load_model(tmp / name)
+                kind, diffusion, clip_config = loaded.meta["kind"], loaded.diffusion, loaded.clip
+                save_model(loaded.model, tmp / name, kind=kind, diffusion=diffusion, clip=clip_config, dtype=dtype)
+        index["defaults"] = defaults or {}
+        atomic_write_bytes(tmp / "pipeline.json", json.dumps(index, indent=2).encode())
+        _keep_other_files(out, tmp)
+        _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _keep_other_files(old: Path, new: Path) -> None:
+    """Copy what an existing pipeline folder holds besides its stages (model card, evaluations) into `new`."""
+    if not old.is_dir():
+        return
+    try:
+        index = json.loads((old / "pipeline.json").read_text())
+        stages = {index.get(k) for k in PIPELINE_STAGES} | set(index.get("upsamplers", []))
+    except (OSError, ValueError, AttributeError, TypeError):
+        stages = set()
+    for entry in old.iterdir():
+        if entry.name in stages or entry.name == "pipeline.json" or (new / entry.name).exists():
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, new / entry.name)
+        else:
+            shutil.copy2(entry, new / entry.name)
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Replace the folder `out` by `new` with two renames (the old one is removed after)."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    old = new.with_name(new.name + ".old")
+    os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def cast_weights(folder: Path, dtype: torch.dtype) -> None:
+    """Re-save every floating-point tensor of the .safetensors files in `folder` as `dtype`."""
+    for path in Path(folder).glob("*.safetensors"):
+        tensors = read_safetensors(path)
+        atomic_save_safetensors({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, path)

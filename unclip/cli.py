@@ -5,20 +5,52 @@
     args = parser.parse_args(argv)
     return run_sample(args, lambda pipe: pipe.variations(args.image, n=args.n, seed=args.seed, size=...))
 
-User mistakes (a missing pipeline folder, an empty prompt, an unreadable image, an impossible size) are
-`ValueError`s in the library; here they end the script with "error: ..." and no traceback.
+Expected failures (a missing pipeline folder, an empty prompt, an unreadable image, an impossible size, a
+setting out of range, a device that is not there, corrupt weights, running out of memory) end the script with
+one line, "error: ...", and exit status 1 (2 for a bad command line), never a traceback. Images are written as
+soon as they are made; Ctrl-C or SIGTERM keeps them and exits 130 / 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from unclip.pipeline import DEFAULT_PIPELINE, DTYPES, UnCLIPPipeline
+from unclip.sampling import SettingError
+
+# the flag that sets each sampling setting, for error messages
+FLAGS = {
+    "decoder.steps": "--steps",
+    "decoder.guidance_scale": "--guidance",
+    "decoder.text_guidance_scale": "--text-guidance",
+    "decoder.sampler": "--sampler",
+    "prior.steps": "--prior-steps",
+    "prior.guidance_scale": "--prior-guidance",
+    "candidates": "--candidates",
+    "seed": "--seed",
+    "inversion steps": "--steps",
+    "eta": "--eta",
+    "resample": "--resample",
+}
+
+
+def whole_number(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def sample_parser(doc: str, *, n: str | None = "images to make") -> argparse.ArgumentParser:
@@ -28,25 +60,136 @@ def sample_parser(doc: str, *, n: str | None = "images to make") -> argparse.Arg
         description=lines[0], epilog="\n".join(lines[1:]), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     if n:
-        p.add_argument("--n", type=int, default=4, help=f"{n} (default 4)")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default 0)")
+        p.add_argument("--n", type=whole_number(1), default=4, help=f"{n} (default 4)")
+    p.add_argument("--seed", type=whole_number(0), default=0, help="image i uses seed + i (default 0)")
     p.add_argument("--size", type=int, help="output size, 64, 256 or 1024 as the pipeline allows (default: largest)")
     p.add_argument("--pipeline", default=DEFAULT_PIPELINE, help=f"pipeline folder (default {DEFAULT_PIPELINE})")
     p.add_argument("--out", default="outputs", help="output folder (default outputs/)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="fp16/bf16 are for GPUs")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace files of the same name (default: write NAME-2.png, ...)"
+    )
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="fp16/bf16 are for GPUs (default fp32)")
     return p
 
 
-def run_sample(args: argparse.Namespace, make: Callable[[UnCLIPPipeline], object]) -> list[Path]:
+def check_device(name: str | None) -> str:
+    """The device to run on: `name`, or cuda when there is a GPU; a ValueError for one that is not there."""
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return name
+    if device.type != "cuda":
+        raise ValueError(f"--device {name!r}: this toolkit runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} GPUs")
+    return name
+
+
+def check_out(folder: str | Path) -> Path:
+    """--out as a folder this process can write to (made if missing), checked before any sampling."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {folder} is a file, not a folder; choose a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {folder}: cannot create the folder ({e.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {folder} is not writable; choose another folder")
+    return folder
+
+
+def error_message(e: BaseException) -> str:
+    if isinstance(e, SettingError):
+        flag = FLAGS.get(e.name)
+        return f"{flag} ({e.name}) {e.problem}" if flag else str(e)
+    if _out_of_memory(e):
+        return "out of memory; lower --n, --candidates or --size (or the batch size), or use a GPU"
+    return str(e)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(e).lower()
+
+
+def fail(e: BaseException) -> None:
+    sys.exit(f"error: {error_message(e)}")
+
+
+class Stopped(Exception):
+    def __init__(self, signum: int):
+        self.signum = signum
+
+
+def _raise_stop(signum, frame):
+    raise Stopped(signum)
+
+
+def load(args: argparse.Namespace) -> UnCLIPPipeline:
+    args.device = check_device(args.device)
+    args.out = check_out(args.out)
+    pipe = UnCLIPPipeline.from_pretrained(args.pipeline, device=args.device, dtype=args.dtype)
+    args.size = args.size or max(pipe.sizes)
+    pipe.check_size(args.size)
+    return pipe
+
+
+def run_sample(args: argparse.Namespace, make: Callable[[UnCLIPPipeline], Any]) -> list[Path]:
     """Load the pipeline, call `make(pipe)`, save what it returns under --out and print the paths."""
     try:
-        pipe = UnCLIPPipeline.from_pretrained(args.pipeline, device=args.device, dtype=args.dtype)
-        args.size = args.size or max(pipe.sizes)
+        pipe = load(args)
         out = make(pipe)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    paths = out.save(args.out)
+        paths = out.save(args.out, overwrite=args.overwrite)
+    except (ValueError, OSError, RuntimeError, MemoryError) as e:
+        if isinstance(e, RuntimeError) and not _out_of_memory(e):
+            raise
+        fail(e)
     for path in paths:
         print(path)
     return paths
+
+
+def run_batches(args: argparse.Namespace, make: Callable[[UnCLIPPipeline], Iterator[Any]]) -> list[Path]:
+    """Like `run_sample` for an iterator of batch outputs: each batch is written as soon as it is made, and a
+    grid of all of them at the end. Ctrl-C or SIGTERM writes the grid of the finished images and exits 130/143."""
+    handlers = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    done, paths = [], []
+    try:
+        pipe = load(args)
+        for out in make(pipe):
+            written = out.save(args.out, overwrite=args.overwrite, grid=False)
+            for path in written:
+                print(path, flush=True)
+            done.append(out)
+            paths += written
+        if done:
+            paths.append(_write_grid(done, args))
+            print(paths[-1])
+        return paths
+    except Stopped as stop:
+        if done:
+            print(_write_grid(done, args))
+        print(f"stopped: kept the {sum(len(o.prompts) for o in done)} finished images", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    except (ValueError, OSError, RuntimeError, MemoryError) as e:
+        if isinstance(e, RuntimeError) and not _out_of_memory(e):
+            raise
+        fail(e)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
+def _write_grid(outputs: list, args: argparse.Namespace) -> Path:
+    return type(outputs[0]).concat(outputs).save_grid(args.out, overwrite=args.overwrite)

@@ -6,12 +6,10 @@
     ddim_decode        decode (z_i, x_T) with DDIM at a chosen eta: eta = 0 reconstructs, eta > 0 varies
     repaint_sample     training-free inpainting (Lugmayr et al. 2022, "RePaint", algorithm 1)
     prepare_mask       a user's mask (white = repaint) -> the decoder's (1, 1, s, s) {0, 1} mask
-    decode_embeds, inpaint_embeds, edit_output    the pipeline methods' per-image loops and outputs
-    EditOutput         images + per-image PNG metadata, and how to write them
+    Inversion          how an inverted latent is decoded (steps, refinements, eta, guidance)
 
-    pipe.variations("photo.png", n=4).save("outputs/")        # UnCLIPPipeline's methods use these
-    pipe.inpaint("photo.png", "mask.png", "a red hat").save("outputs/")
-    pipe.interpolate("cat.png", from_caption="a cat", to_caption="an anime cat").save("outputs/")
+They work on networks, diffusions and tensors; `UnCLIPPipeline`'s variations, inpaint and interpolate
+(unclip.pipeline_edits) compose them with the pipeline's stages.
 
 The decoder's conditioning for everything that starts from an image rather than a caption is the image's CLIP
 embedding and the *null text*: the learned null token alone, which is exactly what the decoder saw for the
@@ -38,8 +36,8 @@ from unclip.clip import TextEmbedding
 from unclip.data.images import to_rgb
 from unclip.diffusion import GaussianDiffusion, classifier_free_guidance, ddim_invert, ddim_sample, respace_timesteps
 from unclip.diffusion.samplers import denoise, randn
-from unclip.imageio import center_square, make_grid, open_image, save_png, to_pil
-from unclip.sampling import decoder_cond
+from unclip.imageio import center_square, open_image
+from unclip.sampling import DecoderSettings, check_count, check_scale, decoder_cond
 
 INVERSION_STEPS = 50
 # The timesteps of inversion and of decoding an inverted latent. Not "trailing" (the samplers' default), which
@@ -150,27 +148,45 @@ def ddim_decode(
     return x.clamp(-1, 1)
 
 
-def inverted_settings(overrides: dict[str, Any] | None, *, steps: int, eta: float, refine: int) -> dict[str, Any]:
-    """The decoder settings for decoding an inverted latent: DDIM on the inversion's own timesteps (at eta 0,
-    any other sampler or step count leaves the path back to the image); only the guidance scale is free."""
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+@dataclasses.dataclass(frozen=True)
+class Inversion:
+    """How an inverted latent is decoded: DDIM on the inversion's own timesteps (at eta 0, any other sampler or
+    step count leaves the path back to the image), at `eta`, with the decoder's guidance scale."""
+
+    steps: int = INVERSION_STEPS
+    refine: int = INVERSION_REFINE
+    eta: float = VARIATION_ETA
+    guidance_scale: float = 1.0
+
+    def __post_init__(self):
+        check_count("inversion steps", self.steps)
+        check_count("refine", self.refine, 0)
+        check_scale("eta", self.eta)
+        check_scale("decoder.guidance_scale", self.guidance_scale)
+
+    def metadata(self) -> dict[str, Any]:
+        inversion = {"steps": self.steps, "refine": self.refine, "guidance_scale": 1.0, "text": "null"}
+        return {
+            "sampler": "ddim",
+            "steps": self.steps,
+            "spacing": INVERSION_SPACING,
+            "eta": self.eta,
+            "guidance_scale": self.guidance_scale,
+            "threshold": None,
+            "inversion": inversion,
+        }
+
+
+def inversion_settings(decoder: dict[str, Any] | None, *, steps: int, eta: float, refine: int) -> Inversion:
+    """The `Inversion` for decoder overrides `decoder`, of which only the guidance scale may be set."""
+    given = {k: v for k, v in (decoder or {}).items() if v is not None}
     extra = sorted(set(given) - {"guidance_scale"})
     if extra:
         raise ValueError(
             f"an inverted latent is decoded with DDIM on the inversion's timesteps, so decoder {extra} cannot be "
             "set: set inversion_steps, or decode fresh noise (invert=False)"
         )
-    inversion = {"steps": steps, "refine": refine, "guidance_scale": 1.0, "text": "null"}
-    scale = given.get("guidance_scale", 1.0)
-    return {
-        "sampler": "ddim",
-        "steps": steps,
-        "spacing": INVERSION_SPACING,
-        "eta": eta,
-        "guidance_scale": scale,
-        "threshold": None,
-        "inversion": inversion,
-    }
+    return Inversion(steps, refine, eta, given.get("guidance_scale", 1.0))
 
 
 @torch.no_grad()
@@ -239,17 +255,16 @@ def repaint_decode(
     known: Tensor,
     mask: Tensor,
     *,
-    steps: int,
-    guidance_scale: float,
-    text_guidance_scale: float = 0.0,
+    settings: DecoderSettings,
     resample: int = REPAINT_RESAMPLE,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """`repaint_sample` with a plain (not inpainting) decoder under classifier-free guidance."""
+    """`repaint_sample` with a plain (not inpainting) decoder under classifier-free guidance, at the settings'
+    steps and guidance scales (RePaint is its own ancestral sampler: `settings.sampler` is not used)."""
     cond = decoder_cond(image_embed, text.tokens, text.mask, decoder.config, text_words=text.words)
-    model = classifier_free_guidance(decoder, guidance_scale, text_guidance_scale)
+    model = classifier_free_guidance(decoder, settings.guidance_scale, settings.text_guidance_scale)
     return repaint_sample(
-        model, diffusion, known, mask, steps=steps, resample=resample, cond=cond, generator=generator
+        model, diffusion, known, mask, steps=settings.steps, resample=resample, cond=cond, generator=generator
     )
 
 
@@ -306,41 +321,6 @@ def open_source(image: Image.Image | str | Path) -> tuple[Image.Image, str]:
     return to_rgb(image), getattr(image, "filename", "") or "<image>"
 
 
-# -- the pipeline's edit loops (`pipe` is an UnCLIPPipeline) ------------------------------------------------
-
-
-def decode_embeds(pipe, embeds, x_T, generators, decoder, *, invert, eta, steps, refine) -> tuple[dict, Tensor]:
-    """Decode (B, D) image embeddings without a caption, image by image (each with its generator): from the
-    inverted latents x_T (B, 3, s, s) with DDIM at `eta`, or (invert False) with the decoder's own sampler from
-    x_T (None: fresh noise).
-
-    Returns:
-        (the decoder settings used, (B, 3, s, s) images in [-1, 1]).
-    """
-    stage = pipe.decoder
-    if invert:
-        settings = inverted_settings(decoder, steps=steps, eta=eta, refine=refine)
-    else:
-        settings = {**sampler_settings(stage, decoder), "text": "null"}
-    text = null_text(1, stage.model, pipe.device)
-    outs = []
-    for i, g in enumerate(generators):
-        z, x = embeds[i : i + 1], None if x_T is None else x_T[i : i + 1]
-        if not invert:
-            outs.append(pipe.decode(z, text, [g], decoder, x_T=x))
-            continue
-        ddim = {k: settings[k] for k in ("steps", "eta", "guidance_scale")}
-        with pipe._autocast():
-            outs.append(ddim_decode(stage.model, stage.diffusion, z, text, x, generator=g, **ddim).float())
-    return settings, torch.cat(outs)
-
-
-def sampler_settings(stage, overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """A decoder stage's settings for one sample, as the image metadata records them: without "candidates",
-    which only the text-to-image call applies (edits make one image from each input)."""
-    return {k: v for k, v in stage.settings(overrides).items() if k != "candidates"}
-
-
 def use_inpaint_model(method: str, has_model: bool) -> bool:
     """Whether `method` ("auto", "model" or "repaint") inpaints with the trained inpainting decoder."""
     if method not in ("auto", "model", "repaint"):
@@ -348,53 +328,6 @@ def use_inpaint_model(method: str, has_model: bool) -> bool:
     if method == "model" and not has_model:
         raise ValueError("this pipeline has no inpainting decoder (no 'inpaint' in pipeline.json); use repaint")
     return has_model and method != "repaint"
-
-
-def inpaint_embeds(pipe, image_embed, text, known, mask, generators, decoder, use_model, resample):
-    """Fill `mask` (1, 1, s, s) of `known` (1, 3, s, s) for each row of image_embed / text, image by image:
-    with the inpainting decoder and known-region replacement, or with RePaint and the plain decoder.
-
-    Returns:
-        (the decoder settings used, (B, 3, s, s) images in [-1, 1]).
-    """
-    stage = pipe.inpaint_stage if use_model else pipe.decoder
-    settings = sampler_settings(stage, decoder)
-    outs = []
-    for i, g in enumerate(generators):
-        z, text_i = image_embed[i : i + 1], TextEmbedding(*(field[i : i + 1] for field in text))
-        if use_model:
-            outs.append(pipe.decode(z, text_i, [g], decoder, inpaint={"image": known, "mask": mask}))
-            continue
-        with pipe._autocast():
-            out = repaint_decode(
-                stage.model,
-                stage.diffusion,
-                z,
-                text_i,
-                known,
-                mask,
-                steps=settings["steps"],  # RePaint is its own ancestral sampler: the `sampler` setting is unused
-                guidance_scale=settings["guidance_scale"],
-                text_guidance_scale=settings["text_guidance_scale"],
-                resample=resample,
-                generator=g,
-            )
-        outs.append(out.float())
-    if use_model:
-        return {**settings, "method": "model"}, torch.cat(outs)
-    return {**settings, "method": "repaint", "sampler": "repaint", "resample": resample}, torch.cat(outs)
-
-
-def edit_output(pipe, images, embeds, generators, size, seed, upsamplers, settings, meta, per_image, fields):
-    """Upsample the decoder's images to `size` -> EditOutput; each image's metadata is `meta`, its `per_image`
-    entry and the full settings."""
-    full = {**pipe.describe(size=size, seed=seed, use_prior=False, upsamplers=upsamplers), **settings}
-    if "use_prior" not in settings:
-        del full["use_prior"]
-    meta = [{**meta, **p, "settings": full} for p in per_image]
-    if fields.get("low_res") is not None and size == images.shape[-1]:
-        fields = {**fields, "low_res": None}  # not upsampled: the images are the decoder's
-    return EditOutput(pipe.upsample(images, size, generators, upsamplers), embeds, metadata=meta, **fields)
 
 
 def interpolation_mode(image2, prompt, from_caption, to_caption, steps: int) -> str:
@@ -414,42 +347,3 @@ def interpolation_mode(image2, prompt, from_caption, to_caption, steps: int) -> 
     if not isinstance(steps, int) or steps < 2:
         raise ValueError(f"steps (the number of frames) must be an integer >= 2, got {steps!r}")
     return next(mode for mode, given in modes.items() if given)
-
-
-@dataclasses.dataclass
-class EditOutput:
-    """The images an edit made, with the PNG metadata of each."""
-
-    images: Tensor  # (N, 3, size, size) in [-1, 1]
-    image_embeds: Tensor  # (N, D) the CLIP image embeddings the decoder was conditioned on
-    names: list[str]  # file name of each image, without ".png"
-    metadata: list[dict[str, Any]]  # PNG text chunks of each image
-    stem: str  # file name prefix of the grid
-    low_res: Tensor | None = None  # (N, 3, s, s) the decoder's outputs, when images were upsampled from them
-    nrow: int | None = None  # grid columns (None: a square grid)
-
-    def save(self, folder: str | Path) -> list[Path]:
-        """Write NAME.png per image (+ NAME_{s}px.png of the decoder's output) and STEM_grid.png.
-
-        Returns:
-            the image paths, the decoder-size paths if any, then the grid's.
-        """
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        metadata = [{**meta, "software": "unclip"} for meta in self.metadata]
-        paths = [
-            save_png(image, folder / f"{name}.png", meta)
-            for image, name, meta in zip(to_pil(self.images), self.names, metadata, strict=True)
-        ]
-        if self.low_res is not None:
-            s = self.low_res.shape[-1]
-            for image, name, meta in zip(to_pil(self.low_res), self.names, metadata, strict=True):
-                paths.append(save_png(image, folder / f"{name}_{s}px.png", meta))
-        common = {k: v for k, v in metadata[0].items() if all(m.get(k) == v for m in metadata)}
-        grid = {
-            **common,
-            "images": [f"{name}.png" for name in self.names],
-            "per_image": [{k: v for k, v in m.items() if k not in common} for m in metadata],
-        }
-        paths.append(save_png(make_grid(self.images, self.nrow), folder / f"{self.stem}_grid.png", grid))
-        return paths

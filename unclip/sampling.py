@@ -1,24 +1,142 @@
-"""Sampling one stage of the cascade: the functions the pipeline and the training tasks share.
+"""Sampling one stage of the cascade: each stage's settings, and the functions the pipeline and the training
+tasks share.
 
     image_embed = sample_prior(prior, diffusion, text, guidance_scale=2.0, candidates=2)
-    images = sample_decoder(decoder, diffusion, image_embed, text, guidance_scale=5.0)
+    images = sample_decoder(decoder, diffusion, image_embed, text, **DecoderSettings(guidance_scale=5.0).kwargs())
 
 Each function runs classifier-free guidance, a named sampler from unclip.diffusion and the stage's own pre-
 and post-processing (the prior's embedding normalisation, the decoder's clipping of x_0 to [-1, 1]).
+
+The settings classes (`PriorSettings`, `DecoderSettings`, `UpsamplerSettings`) are frozen dataclasses whose
+constructors check every value; `settings.replace({"steps": 10})` returns a copy with the given (non-None)
+values, so user input is checked exactly where it enters.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unclip.diffusion import GaussianDiffusion, classifier_free_guidance, sample
+from unclip.diffusion import SAMPLERS, GaussianDiffusion, classifier_free_guidance, sample
 from unclip.diffusion.samplers import Generators
 
-PRIOR_DEFAULTS = {"sampler": "dpm++", "steps": 25, "guidance_scale": 2.0}
+
+class SettingError(ValueError):
+    """A sampling setting out of range. `name` is its dotted name, e.g. "decoder.steps"."""
+
+    def __init__(self, name: str, problem: str):
+        self.name, self.problem = name, problem
+        super().__init__(f"{name} {problem}")
+
+
+def check_count(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SettingError(name, f"must be a whole number >= {minimum}, got {value!r}")
+    return value
+
+
+def check_scale(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise SettingError(name, f"must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSettings:
+    """Base of the per-stage sampling settings: checked on construction, replaced by name."""
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        if getattr(self, "sampler", SAMPLERS[0]) not in SAMPLERS:
+            raise SettingError("sampler", f"must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        check_count("steps", self.steps)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def replace(self, overrides: Mapping[str, Any] | StageSettings | None, stage: str = ""):
+        """A copy with the non-None values of `overrides` (a mapping, or settings of this class, taken whole).
+        A SettingError names the setting as `stage.name`."""
+        if overrides is None:
+            return self
+        if isinstance(overrides, type(self)):
+            return overrides
+        if not isinstance(overrides, Mapping):
+            raise TypeError(f"{stage or 'stage'} settings must be a dict or {type(self).__name__}, got {overrides!r}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        unknown = sorted(set(given) - set(self.names()))
+        prefix = f"{stage}." if stage else ""
+        if unknown:
+            raise SettingError(f"{stage or 'stage'}", f"has no setting {unknown}; valid: {self.names()}")
+        try:
+            return dataclasses.replace(self, **given)
+        except SettingError as e:
+            raise SettingError(prefix + e.name, e.problem) from None
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of this stage's sample_* function (and the PNG metadata's record)."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorSettings(StageSettings):
+    """The prior's sampling: `candidates` embeddings per prompt, keeping the one closest to the text."""
+
+    stage: ClassVar[str] = "prior"
+    sampler: str = "dpm++"
+    steps: int = 25
+    guidance_scale: float = 2.0
+    candidates: int = 2
+
+    def check(self) -> None:
+        super().check()
+        check_scale("guidance_scale", self.guidance_scale)
+        check_count("candidates", self.candidates)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderSettings(StageSettings):
+    """The decoder's sampling (and the inpainting decoder's)."""
+
+    stage: ClassVar[str] = "decoder"
+    sampler: str = "dpm++"
+    steps: int = 25
+    guidance_scale: float = 5.0
+    text_guidance_scale: float = 0.0
+
+    def check(self) -> None:
+        super().check()
+        check_scale("guidance_scale", self.guidance_scale)
+        check_scale("text_guidance_scale", self.text_guidance_scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class UpsamplerSettings(StageSettings):
+    """An upsampler's sampling; `noise_level` is the augmentation timestep of its low-res input (the pipeline
+    takes the default from the model's config, `sample_noise_level`)."""
+
+    stage: ClassVar[str] = "upsampler"
+    sampler: str = "ddim"
+    steps: int = 8
+    noise_level: int = 50
+
+    def check(self) -> None:
+        super().check()
+        check_count("noise_level", self.noise_level, 0)
+
+
+PRIOR_DEFAULTS = PriorSettings()
+DECODER_DEFAULTS = DecoderSettings()
+UPSAMPLER_DEFAULTS = UpsamplerSettings()
 
 
 def text_cond(text_embed: Tensor, text_tokens: Tensor | None, text_mask: Tensor | None) -> dict[str, Any]:
@@ -40,9 +158,9 @@ def sample_prior(
     text_tokens: Tensor | None = None,
     text_mask: Tensor | None = None,
     *,
-    sampler: str = PRIOR_DEFAULTS["sampler"],
-    steps: int = PRIOR_DEFAULTS["steps"],
-    guidance_scale: float = PRIOR_DEFAULTS["guidance_scale"],
+    sampler: str = PRIOR_DEFAULTS.sampler,
+    steps: int = PRIOR_DEFAULTS.steps,
+    guidance_scale: float = PRIOR_DEFAULTS.guidance_scale,
     candidates: int = 1,
     generator: Generators = None,
     callback=None,
@@ -84,10 +202,6 @@ def sample_prior(
     return image_embed[torch.arange(B, device=device), scores.argmax(dim=1)]
 
 
-DECODER_DEFAULTS = {"sampler": "dpm++", "steps": 25, "guidance_scale": 5.0, "text_guidance_scale": 0.0}
-UPSAMPLER_DEFAULTS = {"sampler": "ddim", "steps": 8, "noise_level": 50}
-
-
 def decoder_cond(image_embed, text_tokens=None, text_mask=None, config=None, *, text_words=None) -> dict[str, Any]:
     """The decoder's keyword arguments, leaving out what its config does not use."""
     cond: dict[str, Any] = {}
@@ -116,10 +230,10 @@ def sample_decoder(
     *,
     text_words: Tensor | None = None,
     size: int | None = None,
-    sampler: str = DECODER_DEFAULTS["sampler"],
-    steps: int = DECODER_DEFAULTS["steps"],
-    guidance_scale: float = DECODER_DEFAULTS["guidance_scale"],
-    text_guidance_scale: float = DECODER_DEFAULTS["text_guidance_scale"],
+    sampler: str = DECODER_DEFAULTS.sampler,
+    steps: int = DECODER_DEFAULTS.steps,
+    guidance_scale: float = DECODER_DEFAULTS.guidance_scale,
+    text_guidance_scale: float = DECODER_DEFAULTS.text_guidance_scale,
     threshold: str | None = "dynamic",
     generator: Generators = None,
     x_T: Tensor | None = None,
@@ -183,9 +297,9 @@ def sample_upsampler(
     low_res: Tensor,
     *,
     image_embed: Tensor | None = None,
-    sampler: str = UPSAMPLER_DEFAULTS["sampler"],
-    steps: int = UPSAMPLER_DEFAULTS["steps"],
-    noise_level: int = UPSAMPLER_DEFAULTS["noise_level"],
+    sampler: str = UPSAMPLER_DEFAULTS.sampler,
+    steps: int = UPSAMPLER_DEFAULTS.steps,
+    noise_level: int = UPSAMPLER_DEFAULTS.noise_level,
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
     callback=None,
