@@ -98,11 +98,23 @@ def test_guidance_scale_one_equals_the_conditional_model_and_candidates_pick_the
 
 
 def test_prior_metrics():
-    image = F.normalize(torch.randn(8, 16), dim=-1)
-    text = F.normalize(image + 2.0 * torch.randn(8, 16), dim=-1)
-    m = prior_metrics(image.clone(), text, image)
+    """Orthonormal embeddings, where every value is known: the captions of rows 0 and 1 are swapped, and the
+    prediction swaps rows 2 and 3."""
+    image = torch.eye(4)
+    text = image[[1, 0, 2, 3]]
+    predicted = image[[0, 1, 3, 2]]
+    m = prior_metrics(predicted, text, image)
+    expected = {
+        "cos_image": 0.5,  # rows 0 and 1 right
+        "cos_text": 0.0,  # each prediction is orthogonal to its caption
+        "cos_unrelated_text": 0.5,  # against the previous row's caption: rows 1 (e1 · e1) and 3 (e2 · e2)
+        "cos_text_image": 0.5,
+        "retrieval_top1": 0.5,
+        "text_retrieval_top1": 0.5,
+    }
+    assert m == pytest.approx(expected, abs=1e-7)
+    m = prior_metrics(2 * image, text, image)  # unnormalised input: the same as the normalised one
     assert m["cos_image"] == pytest.approx(1.0) and m["retrieval_top1"] == 1.0
-    assert m["text_retrieval_top1"] <= 1.0 and m["cos_text_image"] < 0.9
 
 
 def test_tiny_config_loads():
@@ -114,6 +126,8 @@ def test_prior_ablation_command(tmp_path, capsys):
     """python -m unclip.eval prior: retrieval with the prior's embedding vs the raw text embedding."""
     from train.prior import main as train
     from unclip.clip import TINY_CLIP_CONFIG, ClipAdapter
+    from unclip.config import DataConfig
+    from unclip.eval.__main__ import input_size
     from unclip.eval.__main__ import main as evaluate
 
     export = train([TINY, f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.eval_every=100"])
@@ -132,17 +146,38 @@ def test_prior_ablation_command(tmp_path, capsys):
         ]
     )
     assert results["n"] == 20
-    assert 0 <= results["retrieval_top1"] <= 1 and 0 <= results["text_retrieval_top1"] <= 1
     assert "text_retrieval_top1" in capsys.readouterr().out
     assert (tmp_path / "ablation.json").is_file()
+    # what does not depend on the prior, computed here from the CLIP and the held-out pairs themselves
+    clip = ClipAdapter.from_checkpoint(tmp_path / "clip")
+    data = load_config(TINY).data
+    direct = _text_only_metrics(clip, DataConfig(**{**data.__dict__, "val_size": 20}), range(20))
+    assert results["text_retrieval_top1"] == pytest.approx(direct["text_retrieval_top1"], abs=1e-6)
+    assert results["cos_text_image"] == pytest.approx(direct["cos_text_image"], abs=1e-5)
+    assert (results["retrieval_top1"] * 20) == pytest.approx(round(results["retrieval_top1"] * 20), abs=1e-6)
 
     reference = evaluate(
         ["prior", "--prior", str(export), "--clip", str(tmp_path / "clip"), "--n", "6", "--groups", "2"]
         + ["--shapes-reference"]
     )
-    assert reference["n"] == 6 and reference["groups"] == 2 and 0 <= reference["posterior_retrieval_top1"] <= 1
-    assert reference["retrieval_top1_se"] >= 0 and "text_retrieval_top1_se" in reference
-    assert -1 <= reference["posterior_cos_image"] <= 1 and "retrieval_top1" in reference
+    assert reference["n"] == 6 and reference["groups"] == 2
+    data = DataConfig(dataset="shapes", image_size=input_size(clip), val_size=12, options={"size_word_prob": 0.5})
+    groups = [_text_only_metrics(clip, data, range(g * 6, g * 6 + 6))["text_retrieval_top1"] for g in (0, 1)]
+    values = torch.tensor(groups, dtype=torch.float64)
+    assert reference["text_retrieval_top1"] == pytest.approx(values.mean().item(), abs=1e-6)
+    assert reference["text_retrieval_top1_se"] == pytest.approx((values.std() / 2**0.5).item(), abs=1e-6)
+    for key in ("retrieval_top1", "posterior_retrieval_top1"):  # means of two rates over 6 pairs: k / 12
+        assert reference[key] * 12 == pytest.approx(round(reference[key] * 12), abs=1e-6), key
+
+
+def _text_only_metrics(clip, data, indices) -> dict[str, float]:
+    """prior_metrics with the raw text embedding as the prediction, for the val pairs at `indices`."""
+    from unclip.data import build_dataset, collate
+    from unclip.tasks.conditioning import encode_batch
+
+    val = build_dataset(data, split="val")
+    c = encode_batch(clip, collate([val[i] for i in indices]), clip.device)
+    return prior_metrics(c["text_embed"], c["text_embed"], c["image_embed"])
 
 
 def test_precomputed_embeddings_train_the_prior_and_mismatches_are_clear(tmp_path):
