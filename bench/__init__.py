@@ -1,1 +1,1 @@
-"""Benchmarks against DALLE2-pytorch (issue #9), outside the test suite: `python bench/run.py --help`."""
+"""Benchmarks against DALLE2-pytorch, outside the test suite: `python bench/run.py --help`."""

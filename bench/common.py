@@ -76,7 +76,7 @@ class Settings:
     warmup: int = 1
     max_steps: int | None = None  # cap on the denoising steps of a sampling loop; the total is then projected
     peak_tflops: float | None = None
-    decoder_batch: int = 8  # the decoder training step's batch (issue #9 matches at 8)
+    decoder_batch: int = 8  # the decoder training step's batch
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == "bf16":

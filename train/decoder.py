@@ -2,7 +2,7 @@
 
 accelerate launch train/decoder.py configs/decoder/shapes.yaml
 python train/decoder.py configs/decoder/tiny.yaml train.max_steps=20
-python train/decoder.py configs/decoder/inpaint_shapes.yaml train.init_from=runs/decoder-shapes/export
+python train/decoder.py configs/decoder/inpaint_tiny.yaml train.init_from=runs/decoder-tiny/export
 """
 
 from unclip.training import train_main
