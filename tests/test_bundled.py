@@ -48,3 +48,17 @@ def test_bundled_weights_are_fp16_and_fit_the_budget():
         with safe_open(str(weights), "pt") as f:
             dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
         assert "F32" not in dtypes, weights
+
+
+def test_upsamplers_sample_at_their_configured_noise_level():
+    pipe = UnCLIPPipeline.from_pretrained(DEFAULT_PIPELINE)
+    levels = {s.folder: (s.defaults.noise_level, s.model.config.sample_noise_level) for s in pipe.upsamplers}
+    assert levels == {"upsampler_256": (50, 50), "upsampler_1024": (25, 25)}
+    settings = pipe.resolve(size=1024).metadata()
+    assert settings["upsampler_1024"]["noise_level"] == 25 and settings["upsampler_256"]["noise_level"] == 50
+    assert (
+        pipe.resolve(size=1024, upsamplers={"upsampler_1024": {"noise_level": 0}})
+        .upsamplers["upsampler_1024"]
+        .noise_level
+        == 0
+    )  # a call can still override it
