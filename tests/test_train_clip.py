@@ -158,8 +158,9 @@ def test_hard_negatives_teach_the_clip_what_the_batch_alone_does_not(tmp_path):
     0.04 at 40 steps, measured)."""
 
     def train(negatives):
+        run_dir = tmp_path / ("without" if negatives == "[]" else "with")
         overrides = [
-            f"train.output_dir={tmp_path / str(bool(negatives))}",
+            f"train.output_dir={run_dir}",
             "data.options.num_samples=16",
             "data.options.two_object_prob=1.0",
             f"data.options.hard_negatives={negatives}",
@@ -172,7 +173,7 @@ def test_hard_negatives_teach_the_clip_what_the_batch_alone_does_not(tmp_path):
         config = load_config(TINY, overrides)
         task = build_task(config)
         Trainer(task, config).fit()
-        return task.model.eval(), tmp_path / str(bool(negatives))
+        return task.model.eval(), run_dir
 
     judge = build_task(
         load_config(TINY, ["data.options.two_object_prob=1.0", "data.options.hard_negatives=[relation,swap]"])
