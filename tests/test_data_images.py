@@ -2,6 +2,7 @@ import io
 import itertools
 import tarfile
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -9,13 +10,17 @@ from PIL import Image
 from unclip.config import DataConfig
 from unclip.data import build_dataset
 from unclip.data.images import (
+    MAX_WARNINGS,
     CsvDataset,
     ImageFolderDataset,
     WebDataset,
     expand_urls,
     load_image,
     split_shards,
+    to_rgb,
 )
+from unclip.imageio import load_image as imageio_load_image
+from unclip.imageio import open_image
 
 COLOURS = [(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0), (0, 200, 200)]
 
@@ -194,3 +199,123 @@ def test_webdataset_repeat(shards, monkeypatch):
     monkeypatch.setenv("RANK", "5")  # 4 shards: ranks 4-7 get none
     with pytest.raises(ValueError, match="none to repeat"):
         next(iter(WebDataset(str(shards / "shard-*.tar"), 8, repeat=True)))
+
+
+def png_bytes(image: Image.Image, **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", **params)
+    return buffer.getvalue()
+
+
+def grey16_png() -> bytes:
+    """A 16-bit greyscale PNG, 8x8: columns 0, 9362, ..., 65535 (0, 36, ..., 255 in 8 bits)."""
+    row = (np.arange(8) * 65535 / 7).round().astype(np.uint16)
+    return png_bytes(Image.fromarray(np.tile(row, (8, 1))))
+
+
+GREY16_EXPECTED = (np.arange(8) * 255 / 7).round()
+
+
+def test_16bit_greyscale_png_is_scaled_not_clipped(tmp_path):
+    with Image.open(io.BytesIO(grey16_png())) as image:
+        assert image.mode.startswith("I")  # PIL keeps the 16 bits ("I;16", or "I" in older versions)
+        rgb = np.asarray(to_rgb(image), dtype=np.float64)
+    np.testing.assert_allclose(rgb[0, :, 0], GREY16_EXPECTED, atol=1)
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+    # at inference: the file read for a pipeline
+    path = tmp_path / "grey16.png"
+    path.write_bytes(grey16_png())
+    np.testing.assert_allclose(np.asarray(open_image(path))[0, :, 0], GREY16_EXPECTED, atol=1)
+    assert -0.9 < imageio_load_image(path, 8).mean() < 0.1  # mid-grey on average, not all white (1.0)
+    # as training data
+    (tmp_path / "grey16.txt").write_text("a grey ramp")
+    item = ImageFolderDataset(tmp_path, 8, val_size=0)[0]
+    assert item["caption"] == "a grey ramp" and abs(item["image"].mean()) < 0.1
+    assert item["image"][0, :, 0].tolist() == sorted(item["image"][0, :, 0].tolist())
+
+
+def test_16bit_greyscale_with_a_transparent_value():
+    array = np.full((2, 2), 40000, dtype=np.uint16)
+    array[0, 0] = 1000
+    with Image.open(io.BytesIO(png_bytes(Image.fromarray(array), transparency=1000))) as image:
+        rgb = to_rgb(image)
+    assert rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((1, 1)) == (156, 156, 156)
+
+
+def palette_with_transparency() -> Image.Image:
+    image = Image.new("P", (2, 1))
+    image.putpalette([200, 0, 0, 0, 0, 200] + [0] * 762)
+    image.putpixel((0, 0), 1)
+    return Image.open(io.BytesIO(png_bytes(image, transparency=1)))  # index 1 (blue, at 0, 0) is transparent
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda: Image.new("LA", (2, 1), (100, 255)), (100, 100, 100)),
+        (lambda: Image.new("LA", (2, 1), (0, 0)), (255, 255, 255)),
+        (lambda: Image.new("RGBA", (2, 1), (0, 0, 0, 128)), (127, 127, 127)),
+        (lambda: Image.new("La", (2, 1), (50, 128)), (177, 177, 177)),  # premultiplied: 50 + (255 - 128)
+        (palette_with_transparency, (200, 0, 0)),
+        (lambda: Image.new("CMYK", (2, 1), (0, 255, 255, 0)), (255, 0, 0)),
+        (lambda: Image.new("CMYK", (2, 1), (0, 0, 0, 255)), (0, 0, 0)),
+        (lambda: Image.new("CMYK", (2, 1), (128, 0, 0, 128)), (63, 127, 127)),  # (255 - C)(255 - K) / 255
+        (lambda: Image.new("1", (2, 1), 1), (255, 255, 255)),
+        (lambda: Image.new("L", (2, 1), 77), (77, 77, 77)),
+        (lambda: Image.new("I;16", (2, 1), 65535), (255, 255, 255)),
+        (lambda: Image.new("I;16", (2, 1), 32896), (128, 128, 128)),
+        (lambda: Image.new("I;16B", (2, 1), 257 * 20), (20, 20, 20)),
+        (lambda: Image.new("I", (2, 1), 257 * 200), (200, 200, 200)),
+        (lambda: Image.fromarray(np.array([[0.0, 0.5]], dtype=np.float32)), (128, 128, 128)),  # F in 0..1
+        (lambda: Image.fromarray(np.array([[0.0, 100.0]], dtype=np.float32)), (100, 100, 100)),  # F in 0..255
+        (lambda: Image.fromarray(np.array([[-1.0, 3.0]], dtype=np.float32)), (255, 255, 255)),  # F: min..max
+        (lambda: Image.fromarray(np.array([[-70000, 70000]], dtype=np.int32)), (255, 255, 255)),  # I: min..max
+        (lambda: Image.new("LAB", (2, 1), (255, 128, 128)), (254, 255, 254)),  # CIE white -> sRGB white
+    ],
+)
+def test_modes_convert_to_rgb(make, expected):
+    image = make()
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB"
+    assert rgb.getpixel((1, 0)) == expected
+    if "transparency" in image.info:
+        assert rgb.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_float_image_with_nan_is_black_there():
+    rgb = to_rgb(Image.fromarray(np.array([[np.nan, 0.5]], dtype=np.float32)))
+    assert rgb.getpixel((0, 0)) == (0, 0, 0) and rgb.getpixel((1, 0)) == (128, 128, 128)
+
+
+def test_corrupt_images_first_few_logged_and_total_shown(tmp_path, caplog):
+    for i in range(12):
+        (tmp_path / f"bad{i:02d}.png").write_bytes(b"not a png " + bytes([i]))
+        (tmp_path / f"bad{i:02d}.txt").write_text("bad")
+    for i, colour in enumerate(COLOURS[:3]):
+        (tmp_path / f"good{i}.png").write_bytes(encode(colour))
+        (tmp_path / f"good{i}.txt").write_text("good")
+    dataset = ImageFolderDataset(tmp_path, 8, val_size=0)
+    with caplog.at_level("WARNING", logger="unclip.data.images"):
+        items = [dataset[i] for i in range(len(dataset))]
+    assert {item["caption"] for item in items} == {"good"} and dataset.num_skipped == 12
+    messages = [r.getMessage() for r in caplog.records]
+    each = [m for m in messages if m.startswith("skipping unreadable image")]
+    assert len(each) == MAX_WARNINGS and "bad00.png" in each[0] and "total" in each[-1]
+    assert f"{tmp_path}: 12 of 15 images could not be read and are skipped" in messages
+    assert len(messages) == MAX_WARNINGS + 2  # and "10 unreadable images skipped so far"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="unclip.data.images"):
+        [dataset[i] for i in range(len(dataset))]  # a second pass: the bad files are known, nothing new
+    assert not caplog.records
+
+
+def test_webdataset_logs_the_skipped_total_per_pass(tmp_path, caplog):
+    samples = [(f"{k:03d}.png", b"garbage") for k in range(7)] + [(f"{k:03d}.txt", b"x") for k in range(7)]
+    samples = sorted(samples) + [("good.png", encode(COLOURS[0])), ("good.txt", b"good")]
+    write_shard(tmp_path / "s.tar", samples)
+    with caplog.at_level("WARNING", logger="unclip.data.images"):
+        items = list(WebDataset(str(tmp_path / "s.tar"), 8, val_size=0, shuffle_buffer=0))
+    assert [item["caption"] for item in items] == ["good"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("skipping unreadable image") for m in messages) == MAX_WARNINGS
+    assert any(m.startswith("7 unreadable samples or shards skipped in a pass") for m in messages)

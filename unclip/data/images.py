@@ -4,10 +4,11 @@
     CsvDataset("train.csv", 64)                # columns image|filepath and caption|text
     WebDataset("shards/{00000..00099}.tar", 64)  # img2dataset layout: key.jpg + key.txt per sample
 
-Every image goes through the same preprocessing (`load_image`): composite transparency onto white, resize the
-short side to `image_size` with Lanczos, centre-crop to a square; items are `{"image": (3, S, S) in [-1, 1],
+Every image goes through the same preprocessing (`load_image`): convert to 8-bit RGB (`to_rgb`: transparency
+composited onto white, 16-bit and float greyscale scaled, not clipped), resize the short side to `image_size` with Lanczos, centre-crop to a square; items are `{"image": (3, S, S) in [-1, 1],
 "caption": str}`, plus `"low_res"` (an area downsample) when `low_res_size` is given, for upsamplers. A file
-that cannot be decoded is skipped and counted in `num_skipped`; it never stops a run. The streaming reader
+that cannot be decoded is skipped and counted in `num_skipped`; it never stops a run. The first few skips
+are logged one by one, and the total at the end of each pass over the data. The streaming reader
 uses only `tarfile`, splitting shards across DataLoader workers and distributed ranks as webdataset does.
 """
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
@@ -40,14 +41,62 @@ MAX_WARNINGS = 5  # warnings logged per dataset for skipped files; later ones ar
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert to RGB, compositing any transparency (RGBA, LA, palette with alpha) onto white."""
-    if image.mode == "RGB":
+    """Convert any PIL mode to 8-bit RGB, compositing transparency onto white.
+
+    Transparency: RGBA, LA, PA, premultiplied RGBa/La, and a palette or greyscale image with a transparent
+    colour. High-bit-depth greyscale is scaled to 8 bits, not clipped: "I;16*" (16-bit PNG, TIFF) and "I" by
+    the 16-bit range when its values fit in 0..65535 (as a 16-bit PNG decodes), else by its own min..max;
+    "F" by 0..1 or 0..255 when its values fit, else by its min..max (NaN as black). CMYK uses PIL's
+    conversion (which undoes Adobe's inverted JPEGs), LAB the CIE conversion to sRGB.
+
+    Raises:
+        ValueError: for a mode that has no conversion to RGB.
+    """
+    mode = image.mode
+    if mode == "RGB":
         return image
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, image).convert("RGB")
-    return image.convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        grey = _grey_to_8bit(image)
+        if "transparency" in image.info and mode.startswith("I"):
+            array = np.asarray(image)
+            opaque = Image.fromarray(((array != image.info["transparency"]) * 255).astype(np.uint8))
+            return _on_white(Image.merge("RGBA", (grey, grey, grey, opaque)))
+        return grey.convert("RGB")
+    if mode == "La":  # premultiplied: composite onto white is L + (1 - alpha) * 255
+        grey, alpha = (np.asarray(band, dtype=np.float32) for band in image.split())
+        return Image.fromarray(np.clip(grey + 255.0 - alpha, 0, 255).round().astype(np.uint8)).convert("RGB")
+    if mode in ("RGBA", "RGBa", "LA", "PA") or "transparency" in image.info:
+        return _on_white(image.convert("RGBA"))
+    if mode == "LAB":
+        lab, srgb = ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB")
+        transform = ImageCms.buildTransform(lab, srgb, "LAB", "RGB")
+        return ImageCms.applyTransform(image, transform)
+    try:
+        return image.convert("RGB")
+    except ValueError as e:
+        raise ValueError(f"cannot convert an image of mode {mode} to RGB: {e}") from e
+
+
+def _on_white(rgba: Image.Image) -> Image.Image:
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _grey_to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float greyscale image as an 8-bit "L" image, scaled to its range."""
+    array = np.asarray(image).astype(np.float64)
+    finite = np.isfinite(array)
+    array = np.where(finite, array, 0.0)
+    low, high = (array.min(), array.max()) if array.size else (0.0, 0.0)
+    if image.mode.startswith("I") and low >= 0 and high <= 65535:
+        scaled = array / 257.0
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        scaled = array * 255.0
+    elif image.mode == "F" and low >= 0 and high <= 255:
+        scaled = array
+    else:  # values outside any fixed range: stretch min..max to 0..255
+        scaled = (array - low) * (255.0 / (high - low)) if high > low else np.zeros_like(array)
+    return Image.fromarray(np.clip(scaled, 0, 255).round().astype(np.uint8))
 
 
 def resize_and_crop(image: Image.Image, size: int) -> Image.Image:
@@ -107,16 +156,20 @@ def check_split(split: str) -> None:
 
 
 class _SkipCounter:
-    """Counts skipped samples and logs the first few (`num_skipped` is per process: each DataLoader worker
-    holds its own copy of the dataset)."""
+    """Counts skipped samples, logs the first few, and logs the total skipped at the end of each pass over the
+    data (`num_skipped` is per process: each DataLoader worker holds its own copy of the dataset, and a worker
+    that never sees a whole pass logs its running total at 10, 100, 1000 ... skips)."""
 
     num_skipped = 0
 
     def _skip(self, what: str, error: BaseException | str) -> None:
         self.num_skipped += 1
-        if self.num_skipped <= MAX_WARNINGS:
-            more = " (further skips are counted, not logged)" if self.num_skipped == MAX_WARNINGS else ""
+        n = self.num_skipped
+        if n <= MAX_WARNINGS:
+            more = " (later ones are counted, and the total logged)" if n == MAX_WARNINGS else ""
             logger.warning("skipping unreadable image %s: %s%s", what, error, more)
+        elif n >= 10 and str(n).rstrip("0") == "1":
+            logger.warning("%d unreadable images skipped so far", n)
 
 
 class _FileImageDataset(_SkipCounter, Dataset):
@@ -139,6 +192,7 @@ class _FileImageDataset(_SkipCounter, Dataset):
         self.image_size = image_size
         self.low_res_size = low_res_size
         self._bad: set[int] = set()
+        self._tried: set[int] | None = set()  # indices tried in this process, until a whole pass is done
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -156,9 +210,27 @@ class _FileImageDataset(_SkipCounter, Dataset):
             except Exception as error:  # any decoder failure (truncated, not an image, bomb) skips the file
                 self._bad.add(i)
                 self._skip(str(path), error)
+                self._tried_one(i)
                 continue
+            self._tried_one(i)
             return image_item(image, caption, self.low_res_size)
         raise ValueError(f"every image in {self.root} failed to load ({len(self._bad)} files)")
+
+    def _tried_one(self, index: int) -> None:
+        """Note a tried index; once every one has been tried, log how many could not be read (bad files are
+        remembered, so the count is then final for this process)."""
+        if self._tried is None:
+            return
+        self._tried.add(index)
+        if len(self._tried) == len(self.entries):
+            self._tried = None
+            if self._bad:
+                logger.warning(
+                    "%s: %d of %d images could not be read and are skipped",
+                    self.root,
+                    len(self._bad),
+                    len(self.entries),
+                )
 
 
 class ImageFolderDataset(_FileImageDataset):
@@ -396,6 +468,7 @@ class WebDataset(_SkipCounter, IterableDataset):
 
     def _decode(self, samples: Iterator[tuple[str, dict]], sees_all: bool) -> Iterator[dict]:
         seen = yielded = 0
+        skipped_before = self.num_skipped
         for key, files in samples:
             seen += 1
             image = next((files[ext] for ext in ("jpg", "jpeg", "png", "webp") if ext in files), None)
@@ -408,6 +481,9 @@ class WebDataset(_SkipCounter, IterableDataset):
                 continue
             yielded += 1
             yield image_item(pil, files.get("txt", b"").decode("utf-8").strip(), self.low_res_size)
+        skipped = self.num_skipped - skipped_before
+        if skipped:
+            logger.warning("%d unreadable samples or shards skipped in a pass over %r", skipped, self.urls)
         if seen and not yielded:
             message = f"no readable image–caption sample in the shards {self.urls!r}"
             if sees_all:  # with several readers, another one may still find good samples
