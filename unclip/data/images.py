@@ -5,11 +5,12 @@
     WebDataset("shards/{00000..00099}.tar", 64)  # img2dataset layout: key.jpg + key.txt per sample
 
 Every image goes through the same preprocessing (`load_image`): convert to 8-bit RGB (`to_rgb`: transparency
-composited onto white, 16-bit and float greyscale scaled, not clipped), resize the short side to `image_size` with Lanczos, centre-crop to a square; items are `{"image": (3, S, S) in [-1, 1],
-"caption": str}`, plus `"low_res"` (an area downsample) when `low_res_size` is given, for upsamplers. A file
-that cannot be decoded is skipped and counted in `num_skipped`; it never stops a run. The first few skips
-are logged one by one, and the total at the end of each pass over the data. The streaming reader
-uses only `tarfile`, splitting shards across DataLoader workers and distributed ranks as webdataset does.
+composited onto white, 16-bit and float greyscale scaled, not clipped), resize the short side to `image_size`
+with Lanczos, centre-crop to a square; items are `{"image": (3, S, S) in [-1, 1], "caption": str}`, plus
+`"low_res"` (an area downsample) when `low_res_size` is given, for upsamplers. A file that cannot be decoded is
+skipped and counted in `num_skipped`; it never stops a run. The first few skips are logged one by one, and the
+total at the end of each pass over the data. The streaming reader uses only `tarfile`, splitting shards across
+DataLoader workers and distributed ranks as webdataset does.
 """
 
 from __future__ import annotations
