@@ -7,7 +7,8 @@ from unclip.checkpoint import load_model
 from unclip.config import load_config
 from unclip.diffusion import GaussianDiffusion
 from unclip.imageio import read_png_metadata
-from unclip.nets.unet import InpaintUNet, UNet
+from unclip.nets.inpaint import InpaintUNet
+from unclip.nets.unet import UNet
 from unclip.sampling import sample_decoder
 from unclip.tasks import build_task
 from unclip.tasks.decoder import random_inpaint_mask

@@ -69,7 +69,7 @@ def test_unconditional_branch(tiny_config):
     x_t, t, cond = random_inputs(tiny_config)
     drop = torch.ones(3, dtype=torch.bool)
     uncond = model(x_t, t, **cond, cond_drop=drop)
-    # still reads x_t (DALLE2-pytorch issue #285 replaced it by a null)
+    # still reads x_t (the bug in https://github.com/lucidrains/DALLE2-pytorch/issues/285 replaced it by a null)
     assert not torch.allclose(uncond, model(torch.randn_like(x_t), t, **cond, cond_drop=drop))
     # ignores every text input, including how many tokens there are
     _, _, other = random_inputs(tiny_config, tokens=9, seed=2)

@@ -41,7 +41,7 @@ FORMAT_VERSION = 1
 MODEL_CLASSES = {
     "PriorTransformer": ("unclip.nets.prior", "PriorTransformer", "PriorConfig"),
     "UNet": ("unclip.nets.unet", "UNet", "UNetConfig"),
-    "InpaintUNet": ("unclip.nets.unet", "InpaintUNet", "UNetConfig"),
+    "InpaintUNet": ("unclip.nets.inpaint", "InpaintUNet", "UNetConfig"),
     "UpsamplerUNet": ("unclip.nets.upsampler", "UpsamplerUNet", "UpsamplerConfig"),
 }
 

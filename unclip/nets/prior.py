@@ -17,11 +17,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from unclip.nets.layers import timestep_embedding
+from unclip.nets.layers import TransformerBlock, timestep_embedding
 
 # tokens after the text tokens: pooled text embedding, timestep, noised image embedding, final query
 NUM_TAIL_TOKENS = 4
@@ -54,38 +53,6 @@ class PriorConfig:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.cond_drop_prob <= 1.0:
             raise ValueError(f"model.cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, width: int, heads: int, dropout: float):
-        super().__init__()
-        self.heads = heads
-        self.dropout = dropout
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        B, S, C = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, S, C/H)
-        dropout = self.dropout if self.training else 0.0
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (B, H, S, C/H)
-        return self.proj(h.transpose(1, 2).reshape(B, S, C))
-
-
-class Block(nn.Module):
-    """Pre-LN Transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
-
-    def __init__(self, width: int, heads: int, dropout: float):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
-        self.attn = SelfAttention(width, heads, dropout)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x), mask))
-        return x + self.drop(self.mlp(self.ln_2(x)))
 
 
 def attention_mask(text_mask: Tensor, tail: int = NUM_TAIL_TOKENS) -> Tensor:
@@ -122,7 +89,7 @@ class PriorTransformer(nn.Module):
         self.embed_x = nn.Linear(D, W)
         self.query = nn.Parameter(torch.zeros(W))
         self.pos_embed = nn.Parameter(torch.zeros(self.text_ctx + NUM_TAIL_TOKENS, W))
-        self.blocks = nn.ModuleList(Block(W, config.heads, config.dropout) for _ in range(config.layers))
+        self.blocks = nn.ModuleList(TransformerBlock(W, config.heads, config.dropout) for _ in range(config.layers))
         self.ln_out = nn.LayerNorm(W)
         self.proj_out = nn.Linear(W, D)
 

@@ -1,47 +1,40 @@
 """The GLIDE-style U-Net decoder of unCLIP (Ramesh et al. 2022, "Hierarchical Text-Conditional Image Generation
-with CLIP Latents", section 2.1), and its inpainting variant.
+with CLIP Latents", section 2.1).
 
-The network is the ADM U-Net (Dhariwal & Nichol 2021): residual blocks whose GroupNorm is modulated by a
-scale and shift from the conditioning embedding, self-attention at low resolutions, skip connections
-between the two halves of the U, and zero-initialised residual branches. The conditioning follows the
-DALL·E 2 decoder, which extends GLIDE (Nichol et al. 2021):
+The network is the ADM U-Net (Dhariwal & Nichol 2021): residual blocks whose GroupNorm is modulated by a scale
+and shift from the conditioning embedding, self-attention at low resolutions, skip connections between the two
+halves of the U, and zero-initialised residual branches. The conditioning follows the DALL·E 2 decoder, which
+extends GLIDE (Nichol et al. 2021):
 
-- the CLIP image embedding is projected and added to the timestep embedding, and projected into
-  `num_image_tokens` extra context tokens;
-- the per-token CLIP text encodings (with the pooled end-of-text feature also added to the timestep
-  embedding, as in GLIDE) are concatenated with the image tokens and given to every attention layer as extra
-  keys and values; each attention layer has its own key/value projection of these context tokens;
-- optionally (`text_layers`), a small Transformer of the decoder's own reads the projected text tokens before
-  the attention layers do, trained with the diffusion model as GLIDE's text encoder is: it can learn from the
-  diffusion loss what the frozen CLIP's per-token outputs do not make easy to read (which colour goes with
-  which shape, which object is on the left);
-- optionally (`text_words`), the caption's CLIP word embeddings (the input of CLIP's text transformer) are
-  projected and added to the projected per-token encodings. CLIP's contrastive objective never needs "above"
-  told from "below", and a CLIP text transformer maps such words to nearly the same final states; their input
-  embeddings stay distinct. The projection is zero-initialised, so a decoder trained without it can be
-  fine-tuned with it from where it was;
-- optionally (`attention_pos`), a learned position embedding per attention layer, added to the normalised
-  pixels before their query/key/value projection. Convolutions see where a pixel is only through the zero
-  padding at the borders, and attention over the pixels not at all; a caption's "above" or "to the left of"
-  is about position, so the layer that reads the caption is told where each pixel is. Zero-initialised, like
-  the text layers, so a decoder trained without it can be fine-tuned with it from where it was;
-- for classifier-free guidance both conditions are dropped at training time (independently, with
-  `cond_drop_image` and `cond_drop_text`), and replaced by learned null embeddings.
+- the CLIP image embedding is added to the timestep embedding and projected into `num_image_tokens` context
+  tokens;
+- the per-token CLIP text encodings join those tokens as extra keys and values of every attention layer (each
+  layer has its own key/value projection), and the pooled end-of-text feature is added to the timestep
+  embedding, as in GLIDE;
+- for classifier-free guidance the image and the text are dropped independently in training
+  (`cond_drop_image`, `cond_drop_text`) and replaced by learned null embeddings.
 
-Cost: a 3x3 conv costs its parameter count times the feature-map area, so at a given size the U-Net is fastest
-with its parameters at low resolution (Imagen's "Efficient U-Net", Saharia et al. 2022). For example
-model_channels 64, channel_mult (1, 2, 3, 6, 8), num_res_blocks 1, resblock_updown and conv_resample off is 51M
-parameters and 78 GFLOP per forward pass of a batch of 8 at 64 px; the ADM-style channel_mult (1, 2, 4, 8) with
-resampling ResBlocks is 52M parameters and 164 GFLOP.
+Three options help the decoder read a caption's relations (which colour goes with which shape, what is above
+what). Each is zero-initialised, so that a decoder trained without it can be fine-tuned with it from where it was:
 
-`InpaintUNet` is GLIDE's `InpaintText2ImUNet` as a thin subclass: the masked image and the mask are extra input
-channels. Written from the papers for this project (MIT licence); no code is taken from guided-diffusion or GLIDE.
+- `text_layers`: a small Transformer of the decoder's own over the projected text tokens, trained with the
+  diffusion loss as GLIDE's text encoder is;
+- `text_words`: the caption's CLIP word embeddings (the input of CLIP's text transformer), projected and added
+  to the projected encodings. CLIP's contrastive objective never needs "above" told from "below", and its text
+  transformer maps such words to nearly the same final states; their input embeddings stay distinct;
+- `attention_pos`: a learned position embedding per attention layer, added to the normalised pixels before
+  their query/key/value projection. Attention over the pixels does not otherwise see where a pixel is, and a
+  caption's "above" or "to the left of" is about position.
+
+At a given size the U-Net is fastest with its parameters at low resolution, since a 3x3 conv costs its parameter
+count times the feature-map area (Imagen's "Efficient U-Net", Saharia et al. 2022).
+
+The blocks are in `unclip.nets.layers`; `InpaintUNet` and `UpsamplerUNet` are thin subclasses. Written from the
+papers for this project (MIT licence); no code is taken from guided-diffusion or GLIDE.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +42,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from unclip.nets.layers import group_norm, timestep_embedding
-from unclip.nets.prior import Block
+from unclip.nets.layers import (
+    AttentionBlock,
+    Downsample,
+    EmbedSequential,
+    ResBlock,
+    TransformerBlock,
+    Upsample,
+    group_norm,
+    timestep_embedding,
+    zero_module,
+)
 
 
 @dataclass
@@ -149,136 +151,6 @@ class UNetConfig:
         return heads
 
 
-def _zero(module: nn.Module) -> nn.Module:
-    """Zero a layer's parameters, so that a residual branch starts as the identity (ADM)."""
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
-
-
-class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, with the conditioning embedding as a scale and shift of the second norm.
-
-    With `resample` "down" or "up" the block also halves or doubles the resolution (BigGAN style), resampling
-    both branches between the first norm and the first conv.
-    """
-
-    def __init__(
-        self,
-        channels: int,
-        emb_dim: int,
-        out_channels: int | None = None,
-        *,
-        dropout: float = 0.0,
-        scale_shift: bool = True,
-        resample: str | None = None,
-    ):
-        super().__init__()
-        out_channels = out_channels or channels
-        self.resample = resample
-        self.scale_shift = scale_shift
-        self.norm_in = group_norm(channels)
-        self.conv_in = nn.Conv2d(channels, out_channels, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, out_channels * (2 if scale_shift else 1))
-        self.norm_out = group_norm(out_channels)
-        self.dropout = nn.Dropout(dropout)
-        self.conv_out = _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1))
-        self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
-
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        """x: (B, C, H, W); emb: (B, E), already passed through SiLU by the U-Net."""
-        h = F.silu(self.norm_in(x))
-        if self.resample == "down":
-            h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
-        elif self.resample == "up":
-            h, x = F.interpolate(h, scale_factor=2.0), F.interpolate(x, scale_factor=2.0)
-        h = self.conv_in(h)
-        e = self.emb_proj(emb)[:, :, None, None]  # (B, 2C or C, 1, 1)
-        if self.scale_shift:
-            scale, shift = e.chunk(2, dim=1)
-            h = torch.addcmul(shift, self.norm_out(h), scale + 1)  # norm(h) * (1 + scale) + shift
-        else:
-            h = self.norm_out(h + e)
-        h = self.conv_out(self.dropout(F.silu(h)))
-        return self.skip(x) + h
-
-
-class Downsample(nn.Module):
-    """Halve the resolution: a strided 3x3 conv, or 2x2 average pooling without a conv."""
-
-    def __init__(self, channels: int, use_conv: bool = True):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(x) if self.conv is not None else F.avg_pool2d(x, 2)
-
-
-class Upsample(nn.Module):
-    """Double the resolution: nearest neighbour, then a 3x3 conv if use_conv."""
-
-    def __init__(self, channels: int, use_conv: bool = True):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1) if use_conv else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = F.interpolate(x, scale_factor=2.0)
-        return self.conv(x) if self.conv is not None else x
-
-
-class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the pixels, with the context tokens as extra keys and values (GLIDE).
-
-    q, k and v come from one fused projection; the context gets this layer's own key/value projection. The
-    attention itself is `F.scaled_dot_product_attention`, which picks a fused kernel on CPU and GPU.
-    """
-
-    def __init__(self, channels: int, heads: int, context_dim: int | None = None, resolution: int | None = None):
-        super().__init__()
-        self.heads = heads
-        self.norm = group_norm(channels)
-        # a position embedding for a `resolution` x `resolution` feature map (resampled for other sizes)
-        self.pos = nn.Parameter(torch.zeros(1, channels, resolution, resolution)) if resolution else None
-        self.qkv = nn.Linear(channels, 3 * channels)
-        self.context_kv = nn.Linear(context_dim, 2 * channels) if context_dim else None
-        self.proj_out = _zero(nn.Linear(channels, channels))
-
-    def forward(self, x: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None) -> Tensor:
-        """x: (B, C, H, W); context: (B, S, Dc) tokens; context_mask: (B, S) bool, True = attend."""
-        B, C, H, W = x.shape
-        d = C // self.heads
-        h = self.norm(x)
-        if self.pos is not None:
-            pos = self.pos if self.pos.shape[-2:] == (H, W) else F.interpolate(self.pos, (H, W), mode="bilinear")
-            h = h + pos.to(h.dtype)
-        tokens = h.flatten(2).transpose(1, 2)  # (B, HW, C); a view for channels_last inputs
-        q, k, v = self.qkv(tokens).view(B, H * W, 3, self.heads, d).permute(2, 0, 3, 1, 4)  # 3 x (B, h, HW, d)
-        mask = None
-        if context is not None and self.context_kv is not None:
-            S = context.shape[1]
-            ck, cv = self.context_kv(context).view(B, S, 2, self.heads, d).permute(2, 0, 3, 1, 4)  # (B, h, S, d)
-            k, v = torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)  # (B, h, S + HW, d)
-            if context_mask is not None:
-                mask = torch.cat([context_mask, context_mask.new_ones(B, H * W)], dim=1)[:, None, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, HW, d)
-        out = self.proj_out(out.transpose(1, 2).reshape(B, H * W, C))  # (B, HW, C)
-        return x + out.transpose(1, 2).view(B, C, H, W)
-
-
-class EmbedSequential(nn.Sequential):
-    """A sequence of layers, each given what it needs: ResBlocks the embedding, attention the context."""
-
-    def forward(self, h: Tensor, emb: Tensor, context: Tensor | None, context_mask: Tensor | None) -> Tensor:
-        for layer in self:
-            if isinstance(layer, ResBlock):
-                h = layer(h, emb)
-            elif isinstance(layer, AttentionBlock):
-                h = layer(h, context, context_mask)
-            else:
-                h = layer(h)
-        return h
-
-
 class UNet(nn.Module):
     """The unCLIP decoder: a conditional ADM U-Net, `model(x_t, t, **cond) -> prediction`."""
 
@@ -300,7 +172,7 @@ class UNet(nn.Module):
         )
         self._make_up_blocks(skip_channels)
         ch, out_channels = c.model_channels * c.channel_mult[0], c.out_channels * (2 if c.learned_variance else 1)
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, out_channels, 3, padding=1)))
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
         if c.channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -330,7 +202,7 @@ class UNet(nn.Module):
             self.words_norm = self.words_proj = None
             if c.text_words:
                 self.words_norm = nn.LayerNorm(c.text_width)
-                self.words_proj = _zero(nn.Linear(c.text_width, emb_dim))
+                self.words_proj = zero_module(nn.Linear(c.text_width, emb_dim))
             self.context_dim = emb_dim
 
     def _res_block(self, channels: int, out_channels: int | None = None, resample: str | None = None) -> ResBlock:
@@ -344,12 +216,12 @@ class UNet(nn.Module):
             resample=resample,
         )
 
-    def _text_block(self) -> Block:
+    def _text_block(self) -> TransformerBlock:
         """A pre-LN Transformer block over the text tokens whose residual branches start at zero, so that a
         decoder trained without text layers can be fine-tuned with them (train.init_from) from where it was."""
-        block = Block(self.emb_dim, self.config.heads_for(self.emb_dim), self.config.dropout)
-        _zero(block.attn.proj)
-        _zero(block.mlp[-1])
+        block = TransformerBlock(self.emb_dim, self.config.heads_for(self.emb_dim), self.config.dropout)
+        zero_module(block.attn.proj)
+        zero_module(block.mlp[-1])
         return block
 
     def _attention(self, channels: int, resolution: int, middle: bool = False) -> list[nn.Module]:
@@ -604,71 +476,3 @@ class UNet(nn.Module):
         text = self.text_norm(torch.cat([null, text_tokens.to(dtype)], dim=1))  # (B, 1 + L, W)
         last = (valid * torch.arange(L + 1, device=valid.device)).argmax(dim=1)  # (B,): 0 = the null token
         return text, valid, text[torch.arange(B, device=text.device), last]
-
-
-class InpaintUNet(UNet):
-    """GLIDE's inpainting decoder: the known part of the image and the mask are extra input channels.
-
-    config.extra_in_channels must be in_channels + 1. Fine-tune it from a trained decoder with `from_unet`.
-    """
-
-    def __init__(self, config: UNetConfig):
-        if config.extra_in_channels != config.in_channels + 1:
-            raise ValueError(
-                f"InpaintUNet needs model.extra_in_channels = in_channels + 1 = {config.in_channels + 1} "
-                f"(the masked image and the mask), got {config.extra_in_channels}"
-            )
-        super().__init__(config)
-
-    def forward(self, x_t: Tensor, t: Tensor, *, inpaint_image: Tensor, inpaint_mask: Tensor, **cond) -> Tensor:
-        """Predict as UNet.forward, seeing the image outside the mask.
-
-        Args:
-            x_t: (B, in_channels, H, W) noised images.
-            inpaint_image: (B, in_channels, H, W) the image to edit, in [-1, 1].
-            inpaint_mask: (B, 1, H, W), 1 = repaint (white in the user's mask), 0 = keep.
-            **cond: image_embed, text_tokens, text_mask, cond_drop as for UNet.forward.
-        """
-        self._check_input(x_t, self.config.in_channels)
-        B, _, H, W = x_t.shape
-        if inpaint_image.shape != x_t.shape:
-            raise ValueError(
-                f"inpaint_image must have x_t's shape {tuple(x_t.shape)}, got {tuple(inpaint_image.shape)}"
-            )
-        if inpaint_mask.shape != (B, 1, H, W):
-            raise ValueError(f"inpaint_mask must have shape ({B}, 1, {H}, {W}), got {tuple(inpaint_mask.shape)}")
-        mask = inpaint_mask.to(x_t.dtype)
-        x = torch.cat([x_t, inpaint_image * (1 - mask), mask], dim=1)  # (B, 2 * in_channels + 1, H, W)
-        return super().forward(x, t, **cond)
-
-    @classmethod
-    def from_unet(cls, unet: UNet, **changes) -> InpaintUNet:
-        """An InpaintUNet that starts from a trained decoder, whatever the masked image (see from_state_dict)."""
-        return cls.from_state_dict(unet.state_dict(), unet.config, **changes)
-
-    @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, Tensor], config: UNetConfig, **changes) -> InpaintUNet:
-        """Build an InpaintUNet from a plain decoder's weights.
-
-        Every tensor is copied; the first conv gets zero weights for the new input channels, so at the start of
-        fine-tuning the model's output equals the decoder's for any masked image and mask.
-
-        Args:
-            state_dict: a `UNet` state dict, e.g. `load_model(path).model.state_dict()`.
-            config: that UNet's config (extra_in_channels 0).
-            **changes: config fields that do not change the weights' shapes, e.g. gradient_checkpointing=True,
-                cond_drop_text=0.2.
-        """
-        if config.extra_in_channels:
-            raise ValueError(
-                f"from_state_dict expects a plain decoder config, got extra_in_channels={config.extra_in_channels}"
-            )
-        config = dataclasses.replace(config, **changes, extra_in_channels=config.in_channels + 1)
-        model = cls(config)
-        state = dict(state_dict)
-        weight = state["input_conv.weight"]  # (C, in_channels, 3, 3)
-        extra = weight.new_zeros(weight.shape[0], config.extra_in_channels, *weight.shape[2:])
-        state["input_conv.weight"] = torch.cat([weight, extra], dim=1)
-        model.load_state_dict(state)
-        return model
-

@@ -26,7 +26,8 @@ from unclip.config import RunConfig
 from unclip.data import build_dataset, collate
 from unclip.diffusion import GaussianDiffusion
 from unclip.imageio import save_grid
-from unclip.nets.unet import InpaintUNet, UNet
+from unclip.nets.inpaint import InpaintUNet
+from unclip.nets.unet import UNet
 from unclip.sampling import decoder_cond, sample_decoder
 from unclip.tasks.conditioning import check_clip_dims, encode_batch, load_clip
 
