@@ -16,7 +16,6 @@ name is kept (the new one is NAME-2.png) unless --overwrite; Ctrl-C keeps the im
 from pathlib import Path
 
 from unclip.cli import run_batches, sample_parser, whole_number
-from unclip.diffusion import SAMPLERS
 
 
 def parse_args(argv=None):
@@ -35,7 +34,7 @@ def parse_args(argv=None):
         help="extra decoder guidance along what the caption adds to the image embedding, 0 = none (default: the "
         "pipeline's)",
     )
-    p.add_argument("--sampler", choices=SAMPLERS, help="decoder sampler (default: the pipeline's)")
+    p.add_argument("--sampler", help="decoder sampler: ddpm, ddim or dpm++ (default: the pipeline's)")
     p.add_argument("--prior-steps", type=int, help="prior sampling steps (default: the pipeline's)")
     p.add_argument("--prior-guidance", type=float, help="prior guidance scale (default: the pipeline's)")
     p.add_argument(
@@ -73,12 +72,13 @@ def main(argv=None):
         "text_guidance_scale": args.text_guidance,
         "sampler": args.sampler,
     }
+    prompts = [prompt for prompt in args.prompt for _ in range(args.n)]
     return run_batches(
         args,
         lambda pipe: (
             out
             for _, out in pipe.batches(
-                [prompt for prompt in args.prompt for _ in range(args.n)],
+                prompts,
                 batch_size=args.batch_size,
                 size=args.size,
                 seed=args.seed,
@@ -88,6 +88,7 @@ def main(argv=None):
                 decoder=decoder,
             )
         ),
+        total=len(prompts),
     )
 
 

@@ -1,6 +1,9 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +13,8 @@ from pipeline_helpers import make_tiny_pipeline
 
 from unclip.imageio import read_png_metadata
 from unclip.pipeline import UnCLIPPipeline
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -402,3 +407,43 @@ def test_assemble_script_stores_sampling_defaults(tiny_pipeline, tmp_path):
     ]:
         with pytest.raises(SystemExit, match=message):
             main(["--out", str(tmp_path / "bad"), *base, "--default", bad])
+
+
+def test_generate_help_does_not_import_torch():
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['generate.py', '--help']\n"
+        "try:\n    runpy.run_path('sample/generate.py', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported for --help'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "--candidates" in done.stdout and "Traceback" not in done.stderr
+
+
+def test_the_pipeline_reports_each_stage_step(tiny_pipeline):
+    pipe = UnCLIPPipeline.from_pretrained(tiny_pipeline)
+    reports = []
+    pipe.progress = reports.append
+    pipe(["a red circle", "a blue square"], seed=0, candidates=2, size=32)
+    stages = [(r["stage"], r["images"]) for r in reports if r["step"] == r["steps"]]
+    assert stages == [
+        ("prior", 4),
+        ("decoder", 4),
+        ("upsampler_32 (image 1 of 2)", 1),
+        ("upsampler_32 (image 2 of 2)", 1),
+    ]
+    assert [r["step"] for r in reports if r["stage"] == "decoder"] == [1, 2, 3]  # the pipeline's 3 decoder steps
+
+
+def test_generate_prints_one_line_per_image_and_no_progress_off_a_terminal(tiny_pipeline, tmp_path):
+    argv = ["--prompt", "a red circle", "--n", "3", "--batch-size", "2", "--pipeline", str(tiny_pipeline)]
+    done = subprocess.run(
+        [sys.executable, "sample/generate.py", *argv, "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [str(tmp_path / f"a_red_circle_{i:05d}.png") for i in range(3)] + [
+        str(tmp_path / "a_red_circle_grid.png")
+    ]
+    assert "decoder" not in done.stderr and "it/s" not in done.stderr

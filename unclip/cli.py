@@ -19,10 +19,12 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from unclip.pipeline import DEFAULT_PIPELINE, DTYPES, UnCLIPPipeline
-from unclip.sampling import SettingError
+if TYPE_CHECKING:
+    from unclip.pipeline import UnCLIPPipeline
+
+# torch and the pipeline are imported when a script runs, not for --help
 
 # the flag that sets each sampling setting, for error messages
 FLAGS = {
@@ -63,13 +65,16 @@ def sample_parser(doc: str, *, n: str | None = "images to make") -> argparse.Arg
         p.add_argument("--n", type=whole_number(1), default=4, help=f"{n} (default 4)")
     p.add_argument("--seed", type=whole_number(0), default=0, help="image i uses seed + i (default 0)")
     p.add_argument("--size", type=int, help="output size, 64, 256 or 1024 as the pipeline allows (default: largest)")
-    p.add_argument("--pipeline", default=DEFAULT_PIPELINE, help=f"pipeline folder (default {DEFAULT_PIPELINE})")
+    p.add_argument("--pipeline", help="pipeline folder (default: the bundled models/shapes)")
     p.add_argument("--out", default="outputs", help="output folder (default outputs/)")
     p.add_argument(
         "--overwrite", action="store_true", help="replace files of the same name (default: write NAME-2.png, ...)"
     )
+    p.add_argument("--quiet", action="store_true", help="no progress bars (they are shown only on a terminal anyway)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="fp16/bf16 are for GPUs (default fp32)")
+    p.add_argument(
+        "--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="fp16/bf16 are for GPUs (default fp32)"
+    )
     return p
 
 
@@ -109,6 +114,8 @@ def check_out(folder: str | Path) -> Path:
 
 
 def error_message(e: BaseException) -> str:
+    from unclip.sampling import SettingError
+
     if isinstance(e, SettingError):
         flag = FLAGS.get(e.name)
         return f"{flag} ({e.name}) {e.problem}" if flag else str(e)
@@ -127,6 +134,31 @@ def fail(e: BaseException) -> None:
     sys.exit(f"error: {error_message(e)}")
 
 
+class StepProgress:
+    """Progress on stderr: a bar per stage of each batch, "[k/N images] decoder (64 images)", from the
+    pipeline's `progress` reports."""
+
+    def __init__(self, total: int | None = None):
+        self.total, self.done, self.bar = total, 0, None
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        from tqdm.auto import tqdm
+
+        if info["step"] == 1 or self.bar is None:
+            self.close()
+            where = f"[{self.done}/{self.total} images] " if self.total else ""
+            desc = f"{where}{info['stage']} ({info['images']} image{'s' * (info['images'] != 1)})"
+            self.bar = tqdm(total=info["steps"], desc=desc, unit="step", leave=False, file=sys.stderr)
+        self.bar.update(1)
+        if info["step"] >= info["steps"]:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 class Stopped(Exception):
     def __init__(self, signum: int):
         self.signum = signum
@@ -136,12 +168,17 @@ def _raise_stop(signum, frame):
     raise Stopped(signum)
 
 
-def load(args: argparse.Namespace) -> UnCLIPPipeline:
+def load(args: argparse.Namespace, total: int | None = None) -> UnCLIPPipeline:
+    from unclip.pipeline import DEFAULT_PIPELINE, UnCLIPPipeline
+
     args.device = check_device(args.device)
     args.out = check_out(args.out)
+    args.pipeline = args.pipeline or DEFAULT_PIPELINE
     pipe = UnCLIPPipeline.from_pretrained(args.pipeline, device=args.device, dtype=args.dtype)
     args.size = args.size or max(pipe.sizes)
     pipe.check_size(args.size)
+    if not args.quiet and sys.stderr.isatty():
+        pipe.progress = StepProgress(total)
     return pipe
 
 
@@ -160,14 +197,19 @@ def run_sample(args: argparse.Namespace, make: Callable[[UnCLIPPipeline], Any]) 
     return paths
 
 
-def run_batches(args: argparse.Namespace, make: Callable[[UnCLIPPipeline], Iterator[Any]]) -> list[Path]:
+def run_batches(
+    args: argparse.Namespace, make: Callable[[UnCLIPPipeline], Iterator[Any]], total: int | None = None
+) -> list[Path]:
     """Like `run_sample` for an iterator of batch outputs: each batch is written as soon as it is made, and a
     grid of all of them at the end. Ctrl-C or SIGTERM writes the grid of the finished images and exits 130/143."""
     handlers = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     done, paths = [], []
     try:
-        pipe = load(args)
+        pipe = load(args, total)
         for out in make(pipe):
+            if pipe.progress is not None:
+                pipe.progress.close()
+                pipe.progress.done += len(out.prompts)
             written = out.save(args.out, overwrite=args.overwrite, grid=False)
             for path in written:
                 print(path, flush=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,8 @@ class UnCLIPPipeline(PipelineEdits):
         self.upsamplers = list(upsamplers)
         self.candidates = check_count("candidates", candidates)  # the text-to-image call's default reranking
         self.device, self.dtype = torch.device(device), dtype
+        # called after every sampler step with {"stage", "step", "steps", "images"}: a progress display
+        self.progress: Callable[[dict[str, Any]], None] | None = None
 
     # -- loading -----------------------------------------------------------------------------------------
 
@@ -196,8 +198,11 @@ class UnCLIPPipeline(PipelineEdits):
             raise ValueError("this pipeline has no prior; generate with use_prior=False or add a prior/ folder")
         tokens = (text.tokens, text.mask) if self.prior.model.config.text_width else (None, None)
         model, diffusion, kwargs = self.prior.model, self.prior.diffusion, self.prior.settings(settings).kwargs()
+        callback = self.step_callback("prior", len(text.embed))
         with self.autocast():
-            return sample_prior(model, diffusion, text.embed, *tokens, generator=generators, **kwargs)
+            return sample_prior(
+                model, diffusion, text.embed, *tokens, generator=generators, callback=callback, **kwargs
+            )
 
     def decode(self, image_embed, text, generators, settings=None, *, x_T=None, inpaint=None) -> Tensor:
         """2. decoder: CLIP image embeddings (+ caption tokens, or `text` None) -> images at the decoder's size.
@@ -214,6 +219,7 @@ class UnCLIPPipeline(PipelineEdits):
                 x_T=x_T,
                 inpaint=inpaint,
                 generator=generators,
+                callback=self.step_callback("decoder", len(image_embed)),
                 **stage.settings(settings).kwargs(),
             ).float()
 
@@ -226,12 +232,21 @@ class UnCLIPPipeline(PipelineEdits):
             kwargs = stage.settings((settings or {}).get(stage.folder)).kwargs()
             outs = []
             for i, g in enumerate(generators):  # per image, so each image keeps its own random stream
+                callback = self.step_callback(f"{stage.folder} (image {i + 1} of {len(generators)})", 1)
                 with self.autocast():
-                    outs.append(
-                        sample_upsampler(stage.model, stage.diffusion, images[i : i + 1], generator=g, **kwargs)
+                    out = sample_upsampler(
+                        stage.model, stage.diffusion, images[i : i + 1], generator=g, callback=callback, **kwargs
                     )
+                outs.append(out)
             images = torch.cat(outs).float()
         return images
+
+    def step_callback(self, stage: str, images: int) -> Callable[[dict], None] | None:
+        """The sampler callback that reports a stage's steps to `self.progress` (None without one)."""
+        if self.progress is None:
+            return None
+        report = self.progress
+        return lambda info: report({"stage": stage, "step": info["i"] + 1, "steps": info["steps"], "images": images})
 
     def clip_scores(self, images: Tensor, text_embeds: Tensor) -> Tensor:
         """(B,) cosine similarity of each image's CLIP embedding with its (normalised) text embedding."""
@@ -356,6 +371,7 @@ class UnCLIPPipeline(PipelineEdits):
                 text.mask,
                 text_words=text.words,
                 generator=generators,
+                callback=self.step_callback("decoder", len(many)),
                 **call.decoder.kwargs(),
             ).float()
         out = PipelineOutput(images, image_embed, text.embed, many, seeds, call.metadata())
