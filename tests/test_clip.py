@@ -9,7 +9,8 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from PIL import Image
 
-from unclip.clip import CONFIG_NAME, TINY_CLIP_CONFIG, WEIGHTS_NAME, ClipAdapter, save_clip
+from unclip.clip import TINY_CLIP_CONFIG, ClipAdapter
+from unclip.clip_models import CONFIG_NAME, WEIGHTS_NAME, save_clip
 from unclip.config import ClipConfig
 
 PROMPTS = ["a red square", "a small blue circle on a green background", ""]

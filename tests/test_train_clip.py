@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from train.clip import main
-from unclip.clip import CONFIG_NAME, ClipAdapter
+from unclip.clip import ClipAdapter
+from unclip.clip_models import CONFIG_NAME
 from unclip.config import RunConfig, load_config
 from unclip.data import collate
 from unclip.tasks import build_task

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from unclip.clip import (
+from unclip.clip_models import (
     build_clip_model,
     build_tokenizer,
     contrastive_loss,
