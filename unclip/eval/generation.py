@@ -14,16 +14,14 @@ from unclip.eval.metrics import input_size
 from unclip.eval.shapes_checker import render_prompt
 
 
-def default_candidates(pipe, decoder: dict | None = None) -> int:
-    """The reranking a pipeline's call makes by default: its decoder's "candidates" setting (1 for pipelines
-    without one)."""
-    stage = getattr(pipe, "decoder", None)
-    return stage.settings(decoder).get("candidates", 1) if hasattr(stage, "settings") else 1
+def default_candidates(pipe) -> int:
+    """The reranking a pipeline's call makes by default: its `candidates` (1 for a pipeline without one)."""
+    return getattr(pipe, "candidates", 1)
 
 
-def resolve_candidates(pipe, decoder: dict | None, candidates: int | None) -> int:
+def resolve_candidates(pipe, candidates: int | None) -> int:
     """`candidates`, or the pipeline's default when None; a ValueError when it is below 1."""
-    candidates = default_candidates(pipe, decoder) if candidates is None else candidates
+    candidates = default_candidates(pipe) if candidates is None else candidates
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
     return candidates
@@ -54,41 +52,27 @@ def generate(
     candidates: int | None = None,
     skip: Container[int] = (),
 ) -> Iterator[Generated]:
-    """Images for `prompts` from a pipeline, yielded `batch_size` at a time as (b, 3, size, size) in [-1, 1]
-    (with the candidates, where the pipeline returns them); image i uses seed seed + i, as one pipeline call
-    would give it. `prior` and `decoder` override the pipeline's sampler settings ({"sampler", "steps",
-    "guidance_scale"}), as in its call; `image_embeds` (one per prompt) are decoded instead of the prior's;
-    `candidates` > 1 keeps the best of that many images by the pipeline's CLIP (its reranking; default the
-    pipeline's decoder.candidates). Batches whose first index is in `skip` are not made (a resumed run)."""
-    stages = {k: v for k, v in (("prior", prior), ("decoder", decoder)) if v}  # a plain call where none is given
-    default = default_candidates(pipe, decoder)
-    candidates = default if candidates is None else candidates
-    if candidates != default:
-        stages["candidates"] = candidates
+    """Images for `prompts` from `pipe.batches`, yielded `batch_size` prompts at a time as (b, 3, size, size) in
+    [-1, 1] (with the candidates, where the pipeline returns them), each with the seed that one call
+    `pipe(prompts, seed=seed, ...)` gives it. `prior` and `decoder` override the pipeline's sampler settings
+    ({"sampler", "steps", "guidance_scale"}), as in its call; `image_embeds` (one per prompt) are decoded instead
+    of the prior's; `candidates` > 1 keeps the best of that many images by the pipeline's CLIP (its reranking;
+    default the pipeline's). Batches whose first index is in `skip` are not made (a resumed run)."""
     starts = range(0, len(prompts), batch_size)
-    todo = [start for start in starts if start not in skip]
-    bar = tqdm(todo, desc=desc, unit="batch", total=len(starts), initial=len(starts) - len(todo), disable=not progress)
-    for start in bar:
-        chunk = prompts[start : start + batch_size]
-        if image_embeds is not None:
-            stages["image_embeds"] = image_embeds[start : start + batch_size]
-        # seeds as one call gives them: prompt i's candidates have seeds seed + i·candidates + j
-        out = pipe(
-            chunk,
-            size=size,
-            seed=seed + start * candidates,
-            use_prior=use_prior,
-            batch_size=batch_size * candidates,
-            **stages,
-        )
+    skip = frozenset(start for start in starts if start in skip)
+    bar = tqdm(desc=desc, unit="batch", total=len(starts), initial=len(skip), disable=not progress)
+    call = dict(size=size, seed=seed, candidates=candidates, use_prior=use_prior, prior=prior, decoder=decoder)
+    for start, out in pipe.batches(prompts, batch_size=batch_size, skip=skip, image_embeds=image_embeds, **call):
         candidates_out = getattr(out, "candidate_images", None)
         scores = getattr(out, "candidate_scores", None)
+        bar.update()
         yield Generated(
             out.images.float(),
             None if candidates_out is None else candidates_out.float().cpu(),
             None if scores is None else scores.float().cpu(),
             start,
         )
+    bar.close()
 
 
 def oracle_image_embeds(clip, prompts: Sequence[str], *, seed: int, batch_size: int = 64) -> Tensor:

@@ -95,7 +95,7 @@ def probe_decoder_caption(
         x_t = diffusion.q_sample(renders[i].to(pipe.device), tt, noise[i].to(pipe.device))
         cond = decoder_cond(embeds[i], text.tokens[rows], text.mask[rows], config, text_words=text.words[rows])
         drop = torch.tensor([[text_only, False]], device=pipe.device).expand(len(i), 2)  # (image, text)
-        with pipe._autocast():
+        with pipe.autocast():
             out = model(x_t, tt, **cond, cond_drop=drop).float()
         return diffusion.predict_x0(x_t, tt, diffusion.split_output(out, x_t)[0])
 

@@ -141,15 +141,15 @@ def evaluate_shapes(
     """The `shapes` suite: compositional accuracy, CLIP score and retrieval, Fréchet distance in CLIP space.
 
     Prompts come from `prompt_sets(n, seed)`: single objects, two objects with a relation, and held-out
-    (colour, shape) pairs; set k is generated with seeds seed + k·n + i (seed + (k·n + i)·c + j for
-    candidate j of c). Each set is scored by the checker and the evaluator (retrieval among the set's own
-    prompts); "all" pools the three. "real" scores 2n
+    (colour, shape) pairs. Set k is made by the pipeline's `batches` with seed seed + k·n·c (c candidates per
+    prompt), so that the three sets get the seeds of one call of their 3n prompts. Each set is scored by the
+    checker and the evaluator (retrieval among the set's own prompts); "all" pools the three. "real" scores 2n
     ground-truth val renders with their captions, a reference for both (the checker should give ~100%).
     The Fréchet distance compares the single and relational images (2n, no held-out pairs, half one and
     half two objects, like the val split) with those 2n val renders.
 
     Args:
-        pipe: an UnCLIPPipeline, or anything with its call signature.
+        pipe: an UnCLIPPipeline, or anything with its `batches` and `candidates`.
         evaluator: a CLIP independent of the pipeline's (see the module docstring), or None for the
             checker's compositional accuracy alone (no CLIP score, retrieval or Fréchet distance).
         n: prompts per set.
@@ -160,7 +160,7 @@ def evaluate_shapes(
             that satisfies it) instead of the prior's sample: the decoder's accuracy under a perfect prior,
             which tells the two stages' errors apart.
         candidates: keep the best of this many images per prompt by the pipeline's CLIP (its reranking);
-            default the pipeline's decoder.candidates. Above 1, every candidate is checked as well, and
+            default the pipeline's (`pipe.candidates`). Above 1, every candidate is checked as well, and
             "candidate_curve" gives the accuracy reranking reaches among each prompt's first 1, 2, 4, ...
             of them (`candidate_curve`): one run measures every smaller count too.
         sets: evaluate only these of "single", "relational", "held_out" (default all), with the prompts and
@@ -181,7 +181,7 @@ def evaluate_shapes(
     names = list(PromptSets._fields)
     if sets is not None:
         _check_sets(sets)
-    candidates = resolve_candidates(pipe, decoder, candidates)
+    candidates = resolve_candidates(pipe, candidates)
     log = None
     if resume is not None:
         run = dict(n=n, seed=seed, size=size, use_prior=use_prior, oracle=oracle, prior=prior, decoder=decoder)
@@ -205,7 +205,8 @@ def evaluate_shapes(
         if oracle:
             options["image_embeds"] = oracle_image_embeds(pipe.clip, prompts, seed=seed + k * n)
         skip = log.batches(name) if log is not None else ()
-        batches = generate(pipe, prompts, seed=seed + k * n * candidates, desc=name, skip=skip, **options)
+        first = seed + k * n * candidates  # the seed of the set's first image in one call of all the sets
+        batches = generate(pipe, prompts, seed=first, desc=name, skip=skip, **options)
         scored[name] = _score(evaluator, batches, prompts, shapes=True, batch_size=batch_size, log=log, name=name)
     scored["all"] = _pool(scored.values())
     real = ShapesDataset(size, split="val", val_size=2 * n)
@@ -326,7 +327,7 @@ def evaluate_openmoji(
     Returns:
         {"suite", "settings", "sets": {"generated", "real"}, "clip_frechet_distance", ...}; JSON-serialisable.
     """
-    candidates = resolve_candidates(pipe, decoder, candidates)  # before any work
+    candidates = resolve_candidates(pipe, candidates)  # before any work
     if dataset is None:
         dataset = OpenMojiDataset(size, split="val", val_size=val_size)  # renders SVGs into a cache on first use
     else:
