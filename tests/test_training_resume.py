@@ -38,10 +38,10 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def assert_same_tensors(a: dict, b: dict) -> None:
-    assert set(a) == set(b)
+def assert_same_tensors(a: dict, b: dict, context: object = None) -> None:
+    assert set(a) == set(b), context
     for key in a:
-        assert torch.equal(a[key], b[key]), key
+        assert torch.equal(a[key], b[key]), (key, context)
 
 
 # -- safe loading ---------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def resume_equals_uninterrupted(tmp_path: Path, stage: str, steps: int) -> None:
         f"{last}/optimizer.safetensors",
         "export/model.safetensors",
     ):
-        assert_same_tensors(weights(tmp_path / "full" / name), weights(run / name))
+        assert_same_tensors(weights(tmp_path / "full" / name), weights(run / name), f"killed at step {killed}")
 
 
 def test_prior_killed_at_a_random_step_resumes_to_the_same_weights(tmp_path):
