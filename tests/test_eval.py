@@ -489,6 +489,7 @@ def _exit(argv, capsys) -> tuple[int, str]:
         ),
         (["shapes", "--prior-steps", "0"], "argument --prior-steps: must be >= 1, got 0"),
         (["shapes", "--n", "many"], "argument --n: invalid int value: 'many'"),
+        (["shapes", "--seed", "-1"], "argument --seed: must be >= 0, got -1"),
         (["shapes", "--device", "foo"], "argument --device: foo is not a device; use cpu, cuda, cuda:N or mps"),
         (["openmoji", "--evaluator-clip", "e", "--n", "1"], "argument --n: must be >= 2, got 1"),
         (["variations", "--per-image", "0"], "argument --per-image: must be >= 1, got 0"),

@@ -114,7 +114,7 @@ def check_writable(out: str) -> None:
 
 def add_common(p: argparse.ArgumentParser, *, device: bool = True, out: str = "write the results here as JSON"):
     """--seed, --device and --out, which most commands take."""
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=at_least(0), default=0, help="random seed, >= 0 (default 0)")
     if device:
         p.add_argument(
             "--device",
