@@ -18,20 +18,9 @@ How an image is read (`detect`):
 
 `check` then picks the assignment of detected objects to the prompt's objects that satisfies most of it.
 
-Validation on ground-truth renders (`python -m unclip.eval checker --n 1000`: 1000 val scenes of seed 0,
-their true captions, and 6,359 mismatched captions that the scene does not satisfy: one colour, shape or
-size word changed, an object added or dropped, another relation, the two objects swapped or trading
-colours, or another scene's caption):
-
-    images                            true pairs accepted   mismatched pairs rejected
-    32 px                             99.9%                 99.98%
-    64 px                             100%                  100%
-    256 px                            100%                  100%
-    64 px, blur 0.7 px + noise 0.05   100%                  100%
-
-The one miss at 32 px is two same-colour squares 0.6 px apart, read as one object. Harder degradations at
-64 px (300 scenes): blur 1 px + noise 0.1: 99.7% / 99.9%; blur 1.5 px + noise 0.1: 98.3% / 99.9%;
-blur 0.7 px + noise 0.2: 96.7% / 99.8%. Noise is in [-1, 1] units.
+`validate_checker` (`python -m unclip.eval checker`) measures the checker on ground-truth renders: how often it
+accepts their true captions and rejects captions wrong in one thing, at several sizes and blurred and noised;
+docs/evaluation.md gives the rates.
 """
 
 from __future__ import annotations
