@@ -12,7 +12,7 @@ first frame reconstructs the image; --fresh-noise decodes the same random noise 
 Frames are written as PNGs (mode, t or θ, sources, seed and settings in their metadata) with a strip grid.
 """
 
-from unclip.cli import run_sample, sample_parser
+from unclip.cli import finite_number, run_sample, sample_parser, whole_number
 from unclip.edits import INVERSION_STEPS
 
 
@@ -24,8 +24,12 @@ def parse_args(argv=None):
     p.add_argument("--from-caption", help="text diff: a caption of --image ...")
     p.add_argument("--to-caption", help="... and the caption to move it toward")
     p.add_argument("--steps", type=int, default=5, help="frames, ends included (default 5)")
-    p.add_argument("--max-theta", type=float, default=0.5, help="text diff: the last frame's θ (default 0.5)")
-    p.add_argument("--inversion-steps", type=int, default=INVERSION_STEPS, help="DDIM inversion and decoding steps")
+    p.add_argument(
+        "--max-theta", type=finite_number(0), default=0.5, help="text diff: the last frame's θ (default 0.5)"
+    )
+    p.add_argument(
+        "--inversion-steps", type=whole_number(1), default=INVERSION_STEPS, help="DDIM inversion and decoding steps"
+    )
     p.add_argument("--guidance", type=float, help="decoder guidance scale (default 1 inverted, else the pipeline's)")
     p.add_argument("--fresh-noise", action="store_true", help="decode the same random noise in every frame")
     return p.parse_args(argv)

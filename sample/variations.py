@@ -10,7 +10,7 @@ less of it. --fresh-noise decodes new noise with the decoder's own sampler inste
 as a PNG whose metadata holds the source, the seed and every setting, with a grid beside; the paths are printed.
 """
 
-from unclip.cli import run_sample, sample_parser
+from unclip.cli import run_sample, sample_parser, whole_number
 from unclip.edits import INVERSION_STEPS, VARIATION_ETA
 
 
@@ -22,7 +22,7 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--steps",
-        type=int,
+        type=whole_number(1),
         help=f"inversion and decoding steps (default {INVERSION_STEPS}; with --fresh-noise: "
         "decoder steps, default the pipeline's)",
     )
@@ -49,7 +49,7 @@ def main(argv=None):
             eta=args.eta,
             size=args.size,
             decoder={"guidance_scale": args.guidance, "steps": None if invert else args.steps},
-            inversion_steps=args.steps or INVERSION_STEPS,
+            inversion_steps=INVERSION_STEPS if args.steps is None else args.steps,
         ),
     )
 

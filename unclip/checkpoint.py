@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -54,11 +55,15 @@ class LoadedModel:
     meta: dict[str, Any]
 
 
-def _umask_mode() -> int:
-    """0o666 less the process's umask: the mode open() gives a new file (mkstemp's own is 0o600)."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def _umask_mode() -> int:
+    """0o666 less the process's umask: the mode open() gives a new file (mkstemp's own is 0o600)."""
+    return 0o666 & ~_umask()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -225,16 +230,16 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], so
         for k in own
         if k in state and state[k].shape != own[k].shape
     ]
-    if missing or unexpected or shapes:
-        lines = [f"{source} does not match the {type(model).__name__} described by its config.json:"]
+    if missing or unexpected or shapes:  # one line: command lines print it as their error
+        parts = [f"{source} does not match the {type(model).__name__} described by its config.json"]
         if missing:
-            lines.append(f"  missing tensors ({len(missing)}): {missing[:8]}")
+            parts.append(f"missing tensors ({len(missing)}): {', '.join(missing[:4])}")
         if unexpected:
-            lines.append(f"  unexpected tensors ({len(unexpected)}): {unexpected[:8]}")
+            parts.append(f"unexpected tensors ({len(unexpected)}): {', '.join(unexpected[:4])}")
         if shapes:
-            lines.append(f"  shape mismatches ({len(shapes)}): {shapes[:8]}")
-        lines.append("  The checkpoint was written by another version or for another config; re-export it.")
-        raise ValueError("\n".join(lines))
+            parts.append(f"shape mismatches ({len(shapes)}): {', '.join(shapes[:4])}")
+        parts.append("it was written by another version or for another config; re-export it")
+        raise ValueError("; ".join(parts))
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
@@ -298,14 +303,48 @@ def read_pipeline_index(root: str | Path) -> dict[str, Any]:
     return index
 
 
+# the network class each pipeline stage holds
+STAGE_CLASSES = {
+    "prior": "PriorTransformer",
+    "decoder": "UNet",
+    "inpaint": "InpaintUNet",
+    "upsampler": "UpsamplerUNet",
+}
+
+
 def _check_component(name: str, source: Path) -> None:
+    """A ValueError naming the flag, when `source` is not a readable export of the component `name`: no folder,
+    another kind of model (a prior given as the decoder), or a .safetensors file that is empty or truncated."""
     if not source.is_dir():
         raise ValueError(f"--{name} {source} is not a folder: pass the component's export folder (runs/NAME/export)")
     if name == "clip":
         if not any(source.glob("*.safetensors")) and not any(source.glob("*.json")):
             raise ValueError(f"--clip {source} holds no CLIP (no .json or .safetensors files)")
-        return
-    read_meta(source)
+    else:
+        meta = read_meta(source)
+        if meta["class"] != STAGE_CLASSES[name]:
+            raise ValueError(
+                f"--{name} {source} holds a {meta['class']} ({meta.get('kind')}), not a {STAGE_CLASSES[name]}: "
+                f"pass the {name}'s export folder"
+            )
+        if not isinstance(meta.get("model"), dict) or (name == "upsampler" and "image_size" not in meta["model"]):
+            raise ValueError(f"--{name} {source}/config.json has no model settings; re-export it")
+        if not (source / "model.safetensors").is_file():
+            raise ValueError(f"--{name} {source} has config.json but no model.safetensors; the export is incomplete")
+    for weights in sorted(source.glob("*.safetensors")):
+        check_safetensors(weights)
+
+
+def check_safetensors(path: str | Path) -> None:
+    """Read a .safetensors file's header: a ValueError naming the file when it is empty, truncated or not
+    safetensors (the tensors themselves are not read)."""
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+        raise ValueError(
+            f"cannot read weights file {path}: {e}. The file is corrupt or incomplete; copy or export it again"
+        ) from None
 
 
 def build_pipeline_folder(
@@ -341,6 +380,7 @@ def build_pipeline_folder(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is 0700; the pipeline folder follows the umask
         for name, source in parts:
             if name == "upsampler":
                 name = f"upsampler_{read_meta(source)['model']['image_size']}"

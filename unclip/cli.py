@@ -14,6 +14,7 @@ soon as they are made; Ctrl-C or SIGTERM keeps them and exits 130 / 143.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -36,6 +37,9 @@ FLAGS = {
     "prior.guidance_scale": "--prior-guidance",
     "candidates": "--candidates",
     "seed": "--seed",
+    "inpaint.steps": "--steps",
+    "inpaint.guidance_scale": "--guidance",
+    "inpaint.sampler": "--sampler",
     "inversion steps": "--steps",
     "eta": "--eta",
     "resample": "--resample",
@@ -55,6 +59,19 @@ def whole_number(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def finite_number(minimum: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a finite number >= {minimum:g}, got {text}")
+        return value
+
+    return parse
+
+
 def sample_parser(doc: str, *, n: str | None = "images to make") -> argparse.ArgumentParser:
     """A parser whose help is the script's docstring, with the options every sample script takes."""
     lines = doc.strip().splitlines()
@@ -64,7 +81,9 @@ def sample_parser(doc: str, *, n: str | None = "images to make") -> argparse.Arg
     if n:
         p.add_argument("--n", type=whole_number(1), default=4, help=f"{n} (default 4)")
     p.add_argument("--seed", type=whole_number(0), default=0, help="image i uses seed + i (default 0)")
-    p.add_argument("--size", type=int, help="output size, 64, 256 or 1024 as the pipeline allows (default: largest)")
+    p.add_argument(
+        "--size", type=whole_number(1), help="output size, 64, 256 or 1024 as the pipeline allows (default: largest)"
+    )
     p.add_argument("--pipeline", help="pipeline folder (default: the bundled models/shapes)")
     p.add_argument("--out", default="outputs", help="output folder (default outputs/)")
     p.add_argument(

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from unclip.checkpoint import fingerprint
+from unclip.checkpoint import check_safetensors, fingerprint
 from unclip.clip_models import (
     build_clip_model,
     build_tokenizer,
@@ -205,6 +205,8 @@ class ClipAdapter:
         if weights is not None:
             if not os.path.isfile(weights):
                 raise ValueError(f"CLIP weights file {weights} does not exist")
+            if str(weights).endswith(".safetensors"):
+                check_safetensors(weights)  # an empty or truncated file is named, not a traceback
             open_clip.load_checkpoint(model, str(weights))
         preprocess_cfg = {**default_preprocess_cfg(model_config), **(preprocess_cfg or {})}
         set_preprocess_cfg(model, preprocess_cfg)
