@@ -241,14 +241,16 @@ def resume_equals_uninterrupted(tmp_path: Path, stage: str, steps: int) -> None:
     )
     assert resumed.returncode == 0, (killed, resumed.stderr[-2000:])
     assert "resumed from" in resumed.stdout, (killed, resumed.stdout[-2000:])
-    last = f"checkpoints/step_{steps:07d}"
-    for name in (
-        f"{last}/model.safetensors",
-        f"{last}/ema.safetensors",
-        f"{last}/optimizer.safetensors",
-        "export/model.safetensors",
-    ):
+    for name in saved_weights(tmp_path / "full", steps):
         assert_same_tensors(weights(tmp_path / "full" / name), weights(run / name), f"killed at step {killed}")
+
+
+def saved_weights(run: Path, step: int) -> list[str]:
+    """The last checkpoint's tensors and the export's weights (whose file name depends on the stage)."""
+    last = f"checkpoints/step_{step:07d}"
+    export = [f"export/{p.name}" for p in sorted((run / "export").glob("*.safetensors"))]
+    assert export, f"no weights in {run / 'export'}"
+    return [f"{last}/model.safetensors", f"{last}/ema.safetensors", f"{last}/optimizer.safetensors", *export]
 
 
 def test_prior_killed_at_a_random_step_resumes_to_the_same_weights(tmp_path):
@@ -276,7 +278,5 @@ def test_two_runs_of_a_train_script_give_the_same_losses_and_weights(tmp_path, s
         proc = subprocess.run(cmd, cwd=HERE.parent, env=ENV, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert read_losses(tmp_path / "a") == read_losses(tmp_path / "b")
-    assert_same_tensors(
-        weights(tmp_path / "a" / "export" / "model.safetensors"),
-        weights(tmp_path / "b" / "export" / "model.safetensors"),
-    )
+    for name in saved_weights(tmp_path / "a", 6):
+        assert_same_tensors(weights(tmp_path / "a" / name), weights(tmp_path / "b" / name), name)
