@@ -1,0 +1,98 @@
+"""What sample/generate.py leaves in --out: a rerun keeps the earlier images, --overwrite replaces them, and
+Ctrl-C in the middle of a run keeps the finished images and a grid of them."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pipeline_helpers import make_tiny_pipeline
+
+from unclip.imageio import read_png_metadata
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    return make_tiny_pipeline(tmp_path_factory.mktemp("pipe"), upsampler=False)
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_a_rerun_keeps_the_earlier_images_and_overwrite_replaces_them(tiny_pipeline, tmp_path):
+    from sample.generate import main
+
+    args = ["--prompt", "a red circle", "--n", "2", "--pipeline", str(tiny_pipeline), "--out", str(tmp_path)]
+    first = main(args)
+    names = ["a_red_circle_00000.png", "a_red_circle_00001.png", "a_red_circle_grid.png"]
+    assert [p.name for p in first] == names
+    stats = {p: p.stat() for p in first}
+    second = main(args)  # the same command again
+    assert [p.name for p in second] == [
+        "a_red_circle_00000-2.png",
+        "a_red_circle_00001-2.png",
+        "a_red_circle_grid-2.png",
+    ]
+    for path, stat in stats.items():  # the first run's files are untouched
+        assert (path.stat().st_ino, path.stat().st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
+    for a, b in zip(first, second, strict=True):
+        assert np.array_equal(pixels(a), pixels(b))  # the same seeds: the same images, kept twice
+
+    Image.new("RGB", (16, 16), "white").save(first[0])  # stands in for an older image of that name
+    replaced = main([*args, "--overwrite"])
+    assert replaced == first  # the first names, written again
+    assert np.array_equal(pixels(first[0]), pixels(second[0]))
+    assert read_png_metadata(first[0])["prompt"] == "a red circle"
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    assert listing == sorted(p.name for p in first + second)  # no -3 files, nothing left from the atomic writes
+
+
+def test_ctrl_c_keeps_the_finished_images_and_a_grid(tiny_pipeline, tmp_path):
+    prompts = [f"a red circle number {i}" for i in range(12)]
+    command = [sys.executable, "sample/generate.py", "--pipeline", str(tiny_pipeline), "--out", str(tmp_path)]
+    command += ["--n", "1", "--batch-size", "1", "--steps", "25", "--prior-steps", "10"]
+    command += [a for prompt in prompts for a in ("--prompt", prompt)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1
+    )
+    try:
+        first = proc.stdout.readline().strip()  # the first image is written
+        assert first.endswith(".png"), first + proc.stderr.read()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    printed = [Path(first), *(Path(line) for line in out.splitlines() if line.strip())]
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("stopped: kept the"), err
+    images = sorted(p for p in tmp_path.glob("*.png") if "grid" not in p.name)
+    grids = list(tmp_path.glob("*grid*.png"))
+    kept = int(err.strip().splitlines()[-1].split()[3])  # "stopped: kept the K finished images"
+    assert 1 <= kept < len(prompts) and len(images) == kept  # stopped in the middle, every finished image kept
+    assert set(images) <= set(printed) and len(grids) == 1 and grids[0] in printed
+    assert json.loads(read_png_metadata(grids[0])["prompts"]) == prompts[:kept]  # a grid of the kept images
+    assert not list(tmp_path.glob(".*"))  # no temporary files left
+
+
+def test_an_assembled_pipeline_folder_follows_the_umask(tiny_pipeline, tmp_path):
+    from train.pipeline import main
+
+    parts = tiny_pipeline.parent / "parts"
+    old = os.umask(0o022)
+    try:
+        out = main(["--out", str(tmp_path / "p"), "--clip", str(parts / "clip"), "--decoder", str(parts / "decoder")])
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()} == {0o644}
