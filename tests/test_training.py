@@ -184,7 +184,8 @@ def test_fp16_on_cpu_is_a_clear_error(tmp_path):
 
 
 def test_two_gloo_ranks_equal_one_process_with_accumulation(tmp_path):
-    """2 data-parallel ranks × batch 4 give the same weights as 1 process with 2 accumulation steps."""
+    """2 data-parallel ranks × batch 4 give the same weights as 1 process with 2 accumulation steps, input noise
+    included: each micro-batch's random stream is keyed by its global index, not by the process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     cmd = [
         sys.executable,
@@ -203,14 +204,14 @@ def test_two_gloo_ranks_equal_one_process_with_accumulation(tmp_path):
     assert (tmp_path / "ddp" / "world_size.txt").read_text() == "2"
     assert (tmp_path / "ddp" / "stopped_1.txt").read_text() == "12 None"
 
-    trainer = Trainer(ToyTask(noisy=False), toy_config(tmp_path / "single", grad_accum=2, checkpoint_every=1000))
+    trainer = Trainer(ToyTask(), toy_config(tmp_path / "single", grad_accum=2, checkpoint_every=1000))
     trainer.fit()
     single = trainer.accelerator.unwrap_model(trainer.model).state_dict()
     ddp = load_file(str(tmp_path / "ddp" / "final.safetensors"))
     for k, v in single.items():
         torch.testing.assert_close(ddp[k], v, atol=1e-6, rtol=1e-5)
     # and it really differs from a run that sees only half the data per step
-    half = Trainer(ToyTask(noisy=False), toy_config(tmp_path / "half", checkpoint_every=1000))
+    half = Trainer(ToyTask(), toy_config(tmp_path / "half", checkpoint_every=1000))
     half.fit()
     assert not torch.allclose(half.accelerator.unwrap_model(half.model).state_dict()["0.weight"], single["0.weight"])
 

@@ -18,13 +18,13 @@ class ToyTask:
     kind = "toy"
     collate_fn = None
 
-    def __init__(self, n: int = 64, noisy: bool = True, fail_after: int | None = None):
+    def __init__(self, n: int = 64, fail_after: int | None = None):
         torch.manual_seed(0)
         self.model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
         gen = torch.Generator().manual_seed(1)
         x = torch.randn(n, 4, generator=gen)
         self.train_dataset = TensorDataset(x, torch.sin(x).sum(1))
-        self.noisy, self.fail_after, self.calls = noisy, fail_after, 0
+        self.fail_after, self.calls = fail_after, 0
         self.autocast_dtypes = []  # dtype of the first layer's output, seen by a forward hook
         self.model[0].register_forward_hook(self._record_dtype)
 
@@ -38,8 +38,7 @@ class ToyTask:
     def loss(self, model, batch):
         self.calls += 1
         x, y = batch
-        if self.noisy:  # uses the global RNG, whose state a resume must restore
-            x = x + 0.05 * torch.randn_like(x)
+        x = x + 0.05 * torch.randn_like(x)  # from the global RNG, which the trainer seeds per micro-batch
         out = model(x).squeeze(-1)
         loss = F.mse_loss(out.float(), y)
         if self.fail_after is not None and self.calls > self.fail_after:
@@ -109,7 +108,7 @@ if __name__ == "__main__":
 
     out, accum = Path(sys.argv[1]), int(sys.argv[2])
     signalled = len(sys.argv) > 3 and os.environ["RANK"] == "1"  # "signal": only rank 1 gets SIGTERM, in step 5
-    task = SignalledTask(at=5 if signalled else None, noisy=False)
+    task = SignalledTask(at=5 if signalled else None)
     trainer = Trainer(task, toy_config(out, grad_accum=accum, checkpoint_every=1000))
     acc = trainer.accelerator
     world_size = torch.distributed.get_world_size()
