@@ -200,6 +200,23 @@ def test_train_script_refuses_a_used_folder_and_bad_yaml(tmp_path, capsys):
     )
 
 
+def test_embed_script_errors_are_one_line(tmp_path, capsys):
+    from train.embed import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: prior\ntrain: [\n")
+    for argv, message in (
+        ([str(bad)], f"error: {bad} or an override is not valid YAML"),
+        ([str(tmp_path / "none.yaml")], "error: config file"),
+        (["configs/prior/tiny.yaml", "data.dataset=nothing"], "error: "),
+    ):
+        with pytest.raises(SystemExit) as exit:
+            main([*argv, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.startswith(message) and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 # -- exact resume across real processes -----------------------------------------------------------------
 
 

@@ -14,9 +14,11 @@ L2-normalised float16 embeddings as clip-retrieval stores them; --tokens adds th
 
 import argparse
 import logging
+import sys
 from dataclasses import asdict
 
 import torch
+import yaml
 
 from unclip.clip import ClipAdapter
 from unclip.config import load_config
@@ -43,20 +45,33 @@ def main(argv=None):
     args = parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    config = load_config(args.config, args.overrides)
-    clip = ClipAdapter.from_config(config.clip, device=args.device)
-    dataset = build_dataset(config.data, split=args.split)
-    rows = embed_dataset(
-        clip,
-        dataset,
-        args.out,
-        text_tokens=args.tokens,
-        shard_size=args.shard_size,
-        batch_size=args.batch_size,
-        num_workers=config.data.num_workers,
-        info={"clip": asdict(config.clip), "data": asdict(config.data), "split": args.split},
-    )
+    try:
+        config = load_config(args.config, args.overrides)
+        clip = ClipAdapter.from_config(config.clip, device=args.device)
+        dataset = build_dataset(config.data, split=args.split)
+    except yaml.YAMLError as e:
+        fail(2, f"{args.config} or an override is not valid YAML ({e})")
+    except (ValueError, OSError) as e:
+        fail(2, e)
+    try:
+        rows = embed_dataset(
+            clip,
+            dataset,
+            args.out,
+            text_tokens=args.tokens,
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            num_workers=config.data.num_workers,
+            info={"clip": asdict(config.clip), "data": asdict(config.data), "split": args.split},
+        )
+    except (ValueError, OSError) as e:
+        fail(1, e)
     logging.getLogger(__name__).info("wrote %d embeddings to %s", rows, args.out)
+
+
+def fail(status: int, error: BaseException | str) -> None:
+    print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    sys.exit(status)
 
 
 if __name__ == "__main__":
