@@ -109,6 +109,14 @@ def test_no_intact_checkpoint_is_an_error(tmp_path):
         Trainer(ToyTask(), toy_config(tmp_path)).fit(resume="latest")
 
 
+def test_a_checkpoint_of_another_model_is_refused_by_name(tmp_path):
+    Trainer(ToyTask(), toy_config(tmp_path)).fit(stop_at=4)
+    wider = ToyTask()
+    wider.model = torch.nn.Sequential(torch.nn.Linear(4, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    with pytest.raises(CheckpointError, match=r"step_0000004/model.safetensors does not fit this run's model"):
+        Trainer(wider, toy_config(tmp_path)).fit(resume=tmp_path / "checkpoints" / "step_0000004")
+
+
 # -- runs are never mixed -------------------------------------------------------------------------------
 
 
