@@ -14,8 +14,10 @@ import os
 import re
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +90,21 @@ def _truncate_clip(shared, tmp) -> None:
     weights.write_bytes(weights.read_bytes()[:1000])
 
 
+def _edit_config(shared, tmp, edit, stage="decoder") -> None:
+    config = _copy_pipe(shared, tmp) / stage / "config.json"
+    config.write_text(json.dumps(edit(json.loads(config.read_text()))))
+
+
+def _bomb_png() -> bytes:
+    """A PNG whose header claims 60000 x 60000 pixels (a decompression bomb), in 70 bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 60000, 60000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
 SETUPS = {
     "list_index": lambda s, t: (_copy_pipe(s, t) / "pipeline.json").write_text('["clip", "decoder"]'),
     "bad_json": lambda s, t: (_copy_pipe(s, t) / "pipeline.json").write_text('{"clip": "clip",'),
@@ -104,6 +121,19 @@ SETUPS = {
     "empty_weights": lambda s, t: _truncate(s, t, keep=0),
     "truncated_clip": lambda s, t: _truncate_clip(s, t),
     "swapped_weights": _swap_weights,
+    "config_list": lambda s, t: (_copy_pipe(s, t) / "decoder" / "config.json").write_text("[1, 2]"),
+    "config_bad_model": lambda s, t: _edit_config(
+        s, t, lambda m: {**m, "model": {**m["model"], "model_channels": -8}}
+    ),
+    "config_unknown_field": lambda s, t: _edit_config(s, t, lambda m: {**m, "model": {**m["model"], "colour": 1}}),
+    "config_no_model": lambda s, t: _edit_config(s, t, lambda m: {k: v for k, v in m.items() if k != "model"}),
+    "defaults_wrong_type": lambda s, t: _edit_index(s, t, lambda i: {**i, "defaults": {"decoder": {"steps": "x"}}}),
+    "defaults_unknown": lambda s, t: _edit_index(s, t, lambda i: {**i, "defaults": {"decoder": {"colour": 1}}}),
+    "upsamplers_string": lambda s, t: _edit_index(s, t, lambda i: {**i, "upsamplers": "upsampler_32"}),
+    "clip_config_missing": lambda s, t: (_copy_pipe(s, t) / "clip" / "open_clip_config.json").unlink(),
+    "clip_config_bad": lambda s, t: (_copy_pipe(s, t) / "clip" / "open_clip_config.json").write_text("{"),
+    "bomb": lambda s, t: (t / "bomb.png").write_bytes(_bomb_png()),
+    "train_bad_data": lambda s, t: (t / "data").mkdir(),
     "no_config": lambda s, t: (_copy_pipe(s, t) / "decoder" / "config.json").unlink(),
     "bad_config": lambda s, t: (_copy_pipe(s, t) / "decoder" / "config.json").write_text("{not json"),
     "bad_yaml": lambda s, t: (t / "bad.yaml").write_text("kind: prior\ntrain: [\n"),
@@ -204,12 +234,28 @@ CASES = [
     Case("gen-weights-swapped", GEN + " --pipeline {tmp}/pipe", "decoder", setup="swapped_weights"),
     Case("gen-config-missing", GEN + " --pipeline {tmp}/pipe", "config.json", setup="no_config"),
     Case("gen-config-bad", GEN + " --pipeline {tmp}/pipe", "config.json", setup="bad_config"),
+    Case("gen-config-list", GEN + " --pipeline {tmp}/pipe", "config.json", setup="config_list"),
+    Case(
+        "gen-config-bad-model", GEN + " --pipeline {tmp}/pipe", "config.json|model_channels", setup="config_bad_model"
+    ),
+    Case("gen-config-unknown-field", GEN + " --pipeline {tmp}/pipe", "colour", setup="config_unknown_field"),
+    Case("gen-config-no-model", GEN + " --pipeline {tmp}/pipe", "config.json|model", setup="config_no_model"),
+    Case("gen-defaults-wrong-type", GEN + " --pipeline {tmp}/pipe", "steps", setup="defaults_wrong_type"),
+    Case("gen-defaults-unknown", GEN + " --pipeline {tmp}/pipe", "colour", setup="defaults_unknown"),
+    Case("gen-upsamplers-string", GEN + " --pipeline {tmp}/pipe", "upsamplers", setup="upsamplers_string"),
+    Case("gen-clip-config-missing", GEN + " --pipeline {tmp}/pipe", "clip", setup="clip_config_missing"),
+    Case("gen-clip-config-bad", GEN + " --pipeline {tmp}/pipe", "open_clip_config.json", setup="clip_config_bad"),
+    Case("gen-seed-huge", GEN + " --seed 1180591620717411303424", "--seed"),
+    Case("gen-out-empty", GEN + " --out ''", "--out"),
+    Case("gen-prompts-file-folder", GEN + " --prompts-file {inputs}", "prompts-file", status=2),
     # variations
     Case("var-image-missing", VAR + " --image {tmp}/nowhere.png", "nowhere.png"),
     Case("var-image-corrupt", VAR + " --image {inputs}/corrupt.png", "corrupt.png"),
     Case("var-image-truncated", VAR + " --image {inputs}/truncated.png", "truncated.png"),
     Case("var-image-empty", VAR + " --image {inputs}/empty.png", "empty.png"),
     Case("var-image-folder", VAR + " --image {inputs}", "folder"),
+    Case("var-image-bomb", VAR + " --image {tmp}/bomb.png", "bomb.png", setup="bomb"),
+    Case("var-image-text", VAR + " --image configs/prior/tiny.yaml", "tiny.yaml"),
     Case("var-eta-nan", VAR + " --eta nan", "--eta"),
     Case("var-eta-negative", VAR + " --eta -1", "--eta"),
     Case("var-steps-0", VAR + " --steps 0", "--steps", status=2),
@@ -268,6 +314,25 @@ CASES = [
         setup="existing_file",
         status=2,
     ),
+    Case("train-config-folder", "train/prior.py configs", "configs", status=2),
+    Case("train-model-negative", TRAIN + " model.layers=-2", "layers", status=2),
+    Case("train-max-steps-0", TRAIN + " train.max_steps=0", "max_steps", status=2),
+    Case("train-data-path-missing", TRAIN + " data.dataset=folder data.path={tmp}/nowhere", "nowhere", status=2),
+    Case(
+        "train-data-folder-empty", TRAIN + " data.dataset=folder data.path={tmp}/data", "data", setup="train_bad_data"
+    ),
+    Case(
+        "train-decoder-lr-inf",
+        "train/decoder.py configs/decoder/tiny.yaml train.output_dir={tmp}/run train.lr=inf",
+        "train.lr",
+        status=2,
+    ),
+    Case(
+        "train-decoder-resume-file",
+        "train/decoder.py configs/decoder/tiny.yaml train.output_dir={tmp}/run --resume configs/decoder/tiny.yaml",
+        "--resume",
+        status=2,
+    ),
     # assembling a pipeline
     Case("build-decoder-typo", BUILD + " --decoder {tmp}/typo", "typo"),
     Case(
@@ -297,6 +362,18 @@ CASES = [
     Case("eval-out-read-only", EVAL + " --out {tmp}/ro/results.json", "--out", setup="read_only"),
     Case("eval-decoder-guidance-nan", EVAL + " --decoder-guidance nan", "guidance"),
     Case("eval-decoder-steps-0", EVAL + " --decoder-steps 0", "steps"),
+    Case(
+        "eval-caption-pipeline-list",
+        "-m unclip.eval caption --pipeline {tmp}/pipe --n 2",
+        "pipeline.json",
+        setup="list_index",
+    ),
+    Case(
+        "eval-prior-wrong-kind",
+        "-m unclip.eval prior --prior {pipe}/decoder --clip {pipe}/clip --n 2",
+        "prior|decoder",
+    ),
+    Case("eval-checker-n-0", "-m unclip.eval checker --n 0", "--n", status=2),
     Case("eval-unknown-command", "-m unclip.eval colours", "colours", status=2),
     Case("eval-clip-missing", "-m unclip.eval clip --clip {tmp}/nowhere --n 2", "nowhere"),
 ]
@@ -363,7 +440,7 @@ def subprocess_results(shared, tmp_path_factory) -> dict[str, tuple[int, str, Pa
     """The SUBPROCESS cases and the demo, started together (each costs seconds of imports): case id ->
     (exit status, stderr, the case's folder, its files after the setup); "outside" -> (before, after)."""
     running = {}
-    before = snapshot(*_outside(shared))
+    before = outside_state(shared)
     for case_id in sorted(SUBPROCESS | {DEMO.id}):
         case = CASES_BY_ID[case_id]
         tmp = tmp_path_factory.mktemp(case_id)
@@ -384,7 +461,7 @@ def subprocess_results(shared, tmp_path_factory) -> dict[str, tuple[int, str, Pa
     for case_id, (proc, tmp, setup_state) in running.items():
         _, err = proc.communicate(timeout=300)
         results[case_id] = (proc.returncode, err, tmp, setup_state)
-    results["outside"] = (before, snapshot(*_outside(shared)))
+    results["outside"] = (before, outside_state(shared))
     return results
 
 
@@ -403,10 +480,12 @@ def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
     return state
 
 
-def _outside(shared) -> list[Path]:
-    """What a case may read but never change: the repository's models and default output folders, and the
-    shared pipeline and inputs."""
-    return [ROOT / "models", ROOT / "outputs", ROOT / "runs", shared["root"]]
+def outside_state(shared) -> dict:
+    """What a case may read but never change: the repository's models and default output folders, the names
+    at its top level (a relative --out lands there), and the shared pipeline and inputs."""
+    state = snapshot(ROOT / "models", ROOT / "outputs", ROOT / "runs", shared["root"])
+    state["top level"] = tuple(sorted(p.name for p in ROOT.iterdir()))
+    return state
 
 
 def check_result(case: Case, status: int, err: str, outside: tuple[dict, dict], tmp: Path, setup: dict) -> None:
@@ -432,9 +511,9 @@ def test_bad_input_in_process(case, shared, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     _prepare(case, shared, tmp_path)
     setup = snapshot(tmp_path)
-    before = snapshot(*_outside(shared))
+    before = outside_state(shared)
     status, err = run_in_process(_argv(case, shared, tmp_path), capsys)
-    check_result(case, status, err, (before, snapshot(*_outside(shared))), tmp_path, setup)
+    check_result(case, status, err, (before, outside_state(shared)), tmp_path, setup)
 
 
 @pytest.mark.parametrize("case_id", sorted(SUBPROCESS | {DEMO.id}))

@@ -169,8 +169,10 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         )
     try:
         meta = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{config_path} is not valid JSON ({e}); re-export the model") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(meta).__name__}; re-export the model")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(
@@ -179,6 +181,8 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         )
     if meta.get("class") not in MODEL_CLASSES:
         raise ValueError(f"{config_path}: unknown model class {meta.get('class')!r}; known: {sorted(MODEL_CLASSES)}")
+    if not isinstance(meta.get("model"), dict):
+        raise ValueError(f'{config_path} has no model settings (a "model" object); re-export the model')
     return meta
 
 
@@ -327,8 +331,8 @@ def _check_component(name: str, source: Path) -> None:
                 f"--{name} {source} holds a {meta['class']} ({meta.get('kind')}), not a {STAGE_CLASSES[name]}: "
                 f"pass the {name}'s export folder"
             )
-        if not isinstance(meta.get("model"), dict) or (name == "upsampler" and "image_size" not in meta["model"]):
-            raise ValueError(f"--{name} {source}/config.json has no model settings; re-export it")
+        if name == "upsampler" and "image_size" not in meta["model"]:
+            raise ValueError(f"--{name} {source}/config.json has no model.image_size; re-export it")
         if not (source / "model.safetensors").is_file():
             raise ValueError(f"--{name} {source} has config.json but no model.safetensors; the export is incomplete")
     for weights in sorted(source.glob("*.safetensors")):

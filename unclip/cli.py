@@ -46,7 +46,10 @@ FLAGS = {
 }
 
 
-def whole_number(minimum: int) -> Callable[[str], int]:
+MAX_SEED = 2**62  # torch generators take 64-bit seeds; image i of a run (and its candidates) adds to it
+
+
+def whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -54,6 +57,8 @@ def whole_number(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
         return value
 
     return parse
@@ -80,7 +85,7 @@ def sample_parser(doc: str, *, n: str | None = "images to make") -> argparse.Arg
     )
     if n:
         p.add_argument("--n", type=whole_number(1), default=4, help=f"{n} (default 4)")
-    p.add_argument("--seed", type=whole_number(0), default=0, help="image i uses seed + i (default 0)")
+    p.add_argument("--seed", type=whole_number(0, MAX_SEED), default=0, help="image i uses seed + i (default 0)")
     p.add_argument(
         "--size", type=whole_number(1), help="output size, 64, 256 or 1024 as the pipeline allows (default: largest)"
     )
@@ -120,6 +125,8 @@ def check_device(name: str | None) -> str:
 
 def check_out(folder: str | Path) -> Path:
     """--out as a folder this process can write to (made if missing), checked before any sampling."""
+    if not str(folder).strip():
+        raise ValueError("--out is empty; give a folder (it is made if missing)")
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--out {folder} is a file, not a folder; choose a folder")

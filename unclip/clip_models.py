@@ -104,8 +104,11 @@ def read_clip_checkpoint(directory: str | Path) -> tuple[dict[str, Any], Path, d
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise ValueError(f"{directory} is not a CLIP checkpoint: it has no {CONFIG_NAME}")
-    meta = json.loads(config_path.read_text())
-    if "model_cfg" not in meta:
+    try:
+        meta = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or "model_cfg" not in meta:
         raise ValueError(f"{config_path} has no 'model_cfg' entry; was it written by save_clip?")
     weights = next((directory / n for n in (WEIGHTS_NAME, *WEIGHTS_FALLBACKS) if (directory / n).is_file()), None)
     if weights is None:
