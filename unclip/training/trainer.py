@@ -81,6 +81,8 @@ class Task(Protocol):
 
     def setup(self, device: torch.device) -> None: ...  # move frozen helpers (CLIP) to the device
 
+    # draws its randomness (timesteps, noise, masks, crops) from torch's global RNG, which the trainer seeds
+    # for each micro-batch
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]: ...
 
     def evaluate(self, model: nn.Module, ema_model: nn.Module) -> dict[str, float]: ...
