@@ -606,6 +606,8 @@ def test_candidates_rerank_with_the_seeds_of_one_call(monkeypatch):
     for evaluate in (suites.evaluate_shapes, suites.evaluate_openmoji):
         with pytest.raises(ValueError, match="candidates must be >= 1"):
             evaluate(pipe, None, n=2, candidates=0)
+        with pytest.raises(ValueError, match="batch_size must be >= 1, got (2 and )?0"):
+            evaluate(pipe, None, n=2, batch_size=0)
     # a pipeline that reranks by default: evaluated that way unless told otherwise, and the seeds follow
     pipe.batch_calls.clear()
     pipe.candidates = 3

@@ -174,8 +174,8 @@ def evaluate_shapes(
         "clip_frechet_distance", "clip_frechet_distance_note"} (+ "candidate_curve": {name: {k: {...}}});
         JSON-serialisable.
     """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
     if oracle and not use_prior:
         raise ValueError("oracle decodes true image embeddings instead of the prior's; it excludes use_prior=False")
     names = list(PromptSets._fields)
@@ -327,6 +327,8 @@ def evaluate_openmoji(
     Returns:
         {"suite", "settings", "sets": {"generated", "real"}, "clip_frechet_distance", ...}; JSON-serialisable.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     candidates = resolve_candidates(pipe, candidates)  # before any work
     if dataset is None:
         dataset = OpenMojiDataset(size, split="val", val_size=val_size)  # renders SVGs into a cache on first use
