@@ -43,6 +43,12 @@ def parse_args(argv=None):
         help="make N images per requested image and keep the one the pipeline's CLIP scores highest (DALL·E's "
         "reranking, at the decoder's size: N decoder passes, one upsampling); 1 = none (default: the pipeline's)",
     )
+    p.add_argument(
+        "--preview-steps",
+        type=int,
+        help="rank the candidates by previews of this many decoder steps, then sample only the kept one in full; "
+        "0 = sample every candidate in full (default: the pipeline's)",
+    )
     p.add_argument("--no-prior", action="store_true", help="decode the raw text embedding (the paper's ablation)")
     p.add_argument(
         "--batch-size",
@@ -83,6 +89,7 @@ def main(argv=None):
                 size=args.size,
                 seed=args.seed,
                 candidates=args.candidates,
+                preview_steps=args.preview_steps,
                 use_prior=not args.no_prior,
                 prior={"steps": args.prior_steps, "guidance_scale": args.prior_guidance},
                 decoder=decoder,

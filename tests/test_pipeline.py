@@ -447,3 +447,25 @@ def test_generate_prints_one_line_per_image_and_no_progress_off_a_terminal(tiny_
         str(tmp_path / "a_red_circle_grid.png")
     ]
     assert "decoder" not in done.stderr and "it/s" not in done.stderr
+
+
+def test_previews_rank_the_candidates_and_the_kept_one_is_sampled_in_full(tiny_pipeline):
+    pipe = UnCLIPPipeline.from_pretrained(tiny_pipeline)
+    prompts, steps = ["a red circle", "a green diamond"], {"steps": 4}
+    out = pipe(prompts, seed=3, candidates=4, preview_steps=1, decoder=steps)
+    assert out.settings["preview_steps"] == 1 and out.candidate_images.shape == (2, 4, 3, 16, 16)
+    # the kept candidate is the one whose 1-step preview scored best...
+    best = out.candidate_scores.argmax(dim=1).tolist()
+    assert out.seeds == [3 + i * 4 + j for i, j in enumerate(best)]
+    assert out.clip_scores == pytest.approx(out.candidate_scores.max(dim=1).values.tolist())
+    # ...and the image is that candidate sampled in full: the same as making it alone from its seed
+    for i, (prompt, seed) in enumerate(zip(prompts, out.seeds)):
+        alone = pipe([prompt], seed=seed, candidates=1, decoder=steps).images
+        torch.testing.assert_close(out.images[i : i + 1], alone, atol=1e-5, rtol=0)
+    # the previews are not the full samples, and preview_steps 0 samples every candidate in full
+    assert not torch.allclose(out.candidate_images[0, best[0]], out.images[0], atol=1e-3)
+    full = pipe(prompts, seed=3, candidates=4, preview_steps=0, decoder=steps)
+    assert "preview_steps" not in full.settings
+    torch.testing.assert_close(full.candidate_images[1, 2], pipe(prompts[1:], seed=3 + 6, decoder=steps).images[0])
+    with pytest.raises(ValueError, match="preview_steps must be a whole number >= 0"):
+        pipe(prompts, candidates=2, preview_steps=-1)

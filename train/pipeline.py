@@ -9,7 +9,8 @@ A --default sets a sampling setting the pipeline uses unless the caller override
 upsampler_256, upsampler_1024; settings: sampler and steps, guidance_scale for the prior and decoder,
 text_guidance_scale for the decoder, noise_level for upsamplers; candidates for the prior, the best of that many
 embeddings by similarity to the prompt) and candidates=N, the best of N images by CLIP similarity to the prompt.
-The settings are stored in pipeline.json under "defaults". The folder is built beside --out and swapped in only
+preview_steps=K ranks the candidates by K-step previews and samples only the kept one in full. The settings are
+stored in pipeline.json under "defaults". The folder is built beside --out and swapped in only
 when every component has been checked and copied, so an error leaves an existing --out as it was.
 """
 
@@ -23,6 +24,8 @@ from unclip.checkpoint import build_pipeline_folder
 from unclip.pipeline import UnCLIPPipeline
 from unclip.sampling import DecoderSettings, PriorSettings, UpsamplerSettings, check_count
 
+# settings of the whole call: name -> (minimum, what the minimum means)
+TOP_LEVEL = {"candidates": (1, "1 = no reranking"), "preview_steps": (0, "0 = rank fully sampled candidates")}
 STAGES = {"prior": PriorSettings, "decoder": DecoderSettings, "upsampler": UpsamplerSettings}
 
 
@@ -34,13 +37,12 @@ def parse_default(text: str) -> tuple[str | None, str, float | int | str]:
         raise ValueError(
             f"--default {text!r}: write STAGE.SETTING=VALUE or candidates=N, e.g. decoder.guidance_scale=2"
         )
-    if key == "candidates":
+    if key in TOP_LEVEL:
+        minimum, meaning = TOP_LEVEL[key]
         try:
-            return None, key, check_count("candidates", int(value))
+            return None, key, check_count(key, int(value), minimum)
         except ValueError:
-            raise ValueError(
-                f"--default {text!r}: candidates must be a whole number >= 1 (1 = no reranking)"
-            ) from None
+            raise ValueError(f"--default {text!r}: {key} must be a whole number >= {minimum} ({meaning})") from None
     stage, dot, name = key.partition(".")
     kind = STAGES.get("upsampler" if stage.startswith("upsampler_") else stage)
     if not dot or kind is None:

@@ -36,6 +36,7 @@ FLAGS = {
     "prior.steps": "--prior-steps",
     "prior.guidance_scale": "--prior-guidance",
     "candidates": "--candidates",
+    "preview_steps": "--preview-steps",
     "seed": "--seed",
     "inpaint.steps": "--steps",
     "inpaint.guidance_scale": "--guidance",

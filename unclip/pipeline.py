@@ -30,6 +30,7 @@ from torch import Tensor
 from unclip.checkpoint import fingerprint, load_model, read_pipeline_index
 from unclip.clip import ClipAdapter, TextEmbedding
 from unclip.diffusion import GaussianDiffusion
+from unclip.diffusion.samplers import randn
 from unclip.nets.unet import UNet
 from unclip.outputs import PipelineOutput
 from unclip.pipeline_edits import PipelineEdits
@@ -89,14 +90,20 @@ class GenerateSettings:
     upsamplers: dict[str, UpsamplerSettings] = dataclasses.field(default_factory=dict)  # those run to reach size
     dtype: str = "fp32"
     image_embeds: str | None = None  # "given" when the caller passed the image embeddings
+    # > 0: rank the candidates by previews of this many decoder steps from their starting noise, then sample
+    # only the kept one at the decoder's steps; 0: sample every candidate in full
+    preview_steps: int = 0
 
     def __post_init__(self):
         check_count("seed", self.seed, 0)
         check_count("candidates", self.candidates)
+        check_count("preview_steps", self.preview_steps, 0)
 
     def metadata(self) -> dict[str, Any]:
         """The settings as the PNG metadata records them."""
         meta = {k: getattr(self, k) for k in ("size", "seed", "candidates", "use_prior", "dtype")}
+        if self.preview_steps and self.candidates > 1:
+            meta["preview_steps"] = self.preview_steps
         if self.prior is not None:
             meta["prior"] = self.prior.kwargs()
         meta["decoder"] = self.decoder.kwargs()
@@ -116,12 +123,14 @@ class UnCLIPPipeline(PipelineEdits):
         inpaint: Stage | None = None,
         *,
         candidates: int = 1,
+        preview_steps: int = 0,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
         self.clip, self.prior, self.decoder, self.inpaint_stage = clip, prior, decoder, inpaint
         self.upsamplers = list(upsamplers)
         self.candidates = check_count("candidates", candidates)  # the text-to-image call's default reranking
+        self.preview_steps = check_count("preview_steps", preview_steps, 0)  # and how it ranks (GenerateSettings)
         self.device, self.dtype = torch.device(device), dtype
         # called after every sampler step with {"stage", "step", "steps", "images"}: a progress display
         self.progress: Callable[[dict[str, Any]], None] | None = None
@@ -148,15 +157,17 @@ class UnCLIPPipeline(PipelineEdits):
         inpaint = stage(index["inpaint"], DecoderSettings, "decoder") if index.get("inpaint") else None
         try:
             candidates = check_count("candidates", saved.get("candidates", 1))
+            preview_steps = check_count("preview_steps", saved.get("preview_steps", 0), 0)
         except SettingError as e:
             raise ValueError(f"{root / 'pipeline.json'}: defaults.{e}") from None
-        return cls(clip, prior, decoder, upsamplers, inpaint, candidates=candidates, device=device, dtype=dtype)
+        ranking = {"candidates": candidates, "preview_steps": preview_steps}
+        return cls(clip, prior, decoder, upsamplers, inpaint, **ranking, device=device, dtype=dtype)
 
     def fingerprint(self) -> str:
         """A hash of what this pipeline samples with: every network's weights and every stage's default settings
         (`unclip.checkpoint.fingerprint`), not the folder it was loaded from: a copy has the same one."""
         stages = [s for s in (self.prior, self.decoder, *self.upsamplers, self.inpaint_stage) if s is not None]
-        parts: list[Any] = [{"candidates": self.candidates}]
+        parts: list[Any] = [{"candidates": self.candidates, "preview_steps": self.preview_steps}]
         for s in stages:
             d = s.diffusion
             settings = {"folder": s.folder, "defaults": s.defaults.kwargs(), "prediction": d.prediction}
@@ -261,6 +272,7 @@ class UnCLIPPipeline(PipelineEdits):
         size: int | None = None,
         seed: int = 0,
         candidates: int | None = None,
+        preview_steps: int | None = None,
         use_prior: bool = True,
         prior: Mapping | PriorSettings | None = None,
         decoder: Mapping | DecoderSettings | None = None,
@@ -279,6 +291,7 @@ class UnCLIPPipeline(PipelineEdits):
             size=size,
             seed=seed,
             candidates=self.candidates if candidates is None else candidates,
+            preview_steps=self.preview_steps if preview_steps is None else preview_steps,
             use_prior=use_prior,
             decoder=self.decoder.settings(decoder),
             prior=self.prior.settings(prior) if use_prior else None,
@@ -315,6 +328,10 @@ class UnCLIPPipeline(PipelineEdits):
                     most similar to the prompt's text embedding (DALL·E's reranking; Ramesh et al. 2021, §2.5);
                     default the pipeline's ("candidates" in pipeline.json's defaults, else 1). Candidates are
                     scored at the decoder's size, so only the kept images go through the upsamplers.
+                preview_steps: rank the candidates by previews of this many decoder steps from each one's
+                    starting noise, and sample only the kept one in full: with a deterministic sampler, the image
+                    the kept candidate would have been, at a fraction of the cost. Default the pipeline's
+                    ("preview_steps" in pipeline.json's defaults, else 0: every candidate in full).
                 use_prior: False decodes the raw text embedding (DALL·E 2's ablation, §5.1).
                 prior, decoder: overrides of the stage's settings, as a dict (None values are left out) or a
                     settings object; upsamplers: {folder name: overrides}.
@@ -361,29 +378,36 @@ class UnCLIPPipeline(PipelineEdits):
             image_embed = self.prior_embeds(text, generators, call.prior)
         else:
             image_embed = text.embed
-        decoder = self.decoder
-        with self.autocast():
-            images = sample_decoder(
-                decoder.model,
-                decoder.diffusion,
-                image_embed,
-                text.tokens,
-                text.mask,
-                text_words=text.words,
-                generator=generators,
-                callback=self.step_callback("decoder", len(many)),
-                **call.decoder.kwargs(),
-            ).float()
+        if c > 1 and call.preview_steps:
+            return self._generate_from_previews(many, seeds, text, image_embed, generators, call)
+        images = self.decode(image_embed, text, generators, call.decoder)
         out = PipelineOutput(images, image_embed, text.embed, many, seeds, call.metadata())
         if c > 1:
-            out = self._rerank(out, c, generators)
-            generators = [generators[seeds.index(s)] for s in out.seeds]
+            out, keep = self._rerank(out, c)
+            generators = [generators[i] for i in keep]
         out.images = self.upsample(out.images, call.size, generators, call.upsamplers)
         return out
 
-    def _rerank(self, out: PipelineOutput, c: int, generators) -> PipelineOutput:
+    def _generate_from_previews(self, many, seeds, text: TextEmbedding, image_embed: Tensor, generators, call):
+        """Rank each prompt's candidates by `call.preview_steps`-step previews from their starting noise x_T, then
+        sample the kept ones from the same x_T at the decoder's settings, and upsample them."""
+        s = self.sizes[0]
+        shape = (len(generators), self.decoder.model.config.out_channels, s, s)
+        x_T = randn(shape, generator=generators, device=self.device)
+        previewers = [copy_generator(g) for g in generators]  # a stochastic sampler leaves `generators` as they are
+        preview = dataclasses.replace(call.decoder, steps=call.preview_steps)
+        previews = self.decode(image_embed, text, previewers, preview, x_T=x_T)
+        out = PipelineOutput(previews, image_embed, text.embed, many, seeds, call.metadata())
+        out, keep = self._rerank(out, call.candidates)
+        kept = TextEmbedding(*(field[keep] for field in text))
+        generators = [generators[i] for i in keep]
+        out.images = self.decode(image_embed[keep], kept, generators, call.decoder, x_T=x_T[keep])
+        out.images = self.upsample(out.images, call.size, generators, call.upsamplers)
+        return out
+
+    def _rerank(self, out: PipelineOutput, c: int) -> tuple[PipelineOutput, list[int]]:
         """Keep each prompt's candidate whose image the pipeline's CLIP finds closest to the prompt (scored at the
-        decoder's size, so that only the kept images are upsampled)."""
+        decoder's size, so that only the kept images are upsampled); also the kept rows' indices."""
         B = len(out.prompts) // c
         scores = self.clip_scores(out.images, out.text_embeds).view(B, c)
         best = (scores.argmax(dim=1) + torch.arange(B, device=scores.device) * c).tolist()
@@ -397,7 +421,13 @@ class UnCLIPPipeline(PipelineEdits):
             scores.max(dim=1).values.tolist(),
             out.images.view(B, c, *out.images.shape[1:]),
             scores,
-        )
+        ), best
+
+
+def copy_generator(generator: torch.Generator) -> torch.Generator:
+    copy = torch.Generator(generator.device)
+    copy.set_state(generator.get_state())
+    return copy
 
 
 def check_prompts(prompts: str | list[str]) -> list[str]:
