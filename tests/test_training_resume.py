@@ -305,3 +305,16 @@ def test_two_runs_of_a_train_script_give_the_same_losses_and_weights(tmp_path, s
     assert read_losses(tmp_path / "a") == read_losses(tmp_path / "b")
     for name in saved_weights(tmp_path / "a", 6):
         assert_same_tensors(weights(tmp_path / "a" / name), weights(tmp_path / "b" / name), name)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_stopped_and_resumed_equal_an_uninterrupted_two_rank_run(tmp_path):
+    env = {**ENV, "PYTHONPATH": str(HERE.parent)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521"]
+    for run, extra in (("full", []), ("part", ["--stop-at", "3"]), ("part", ["--resume", "latest"])):
+        cmd = [*torchrun, *stage_command("prior", tmp_path / run, "train.max_steps=6", "train.checkpoint_every=1")[1:]]
+        proc = subprocess.run([*cmd, *extra], cwd=HERE.parent, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "step_0000003" in proc.stdout
+    for name in saved_weights(tmp_path / "full", 6):
+        assert_same_tensors(weights(tmp_path / "full" / name), weights(tmp_path / "part" / name), name)
