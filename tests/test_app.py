@@ -7,6 +7,7 @@ The browser test starts `python -m unclip.app` on a free local port and drives D
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from app_browser import AppProcess, Page, fetch, inpaint, interpolate, missing_b
 from pipeline_helpers import make_tiny_pipeline  # noqa: E402
 
 from unclip.app import App, build_app  # noqa: E402
-from unclip.app.__main__ import parse_args  # noqa: E402
+from unclip.app.__main__ import parse_args, port_problem  # noqa: E402
 from unclip.app.handlers import mask_from_editor, model_card_info  # noqa: E402
 from unclip.app.ui import about_markdown, readable  # noqa: E402
 from unclip.imageio import read_png_metadata  # noqa: E402
@@ -53,6 +54,15 @@ def error_text(call) -> str:
 def test_command_line_defaults():
     args = parse_args([])
     assert (args.host, args.port, args.pipeline, args.share) == ("127.0.0.1", 7860, DEFAULT_PIPELINE, False)
+
+
+def test_a_port_in_use_is_a_message():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert "choose another port with --port" in port_problem("127.0.0.1", port)
+    assert port_problem("127.0.0.1", port) is None
 
 
 def test_about_line_names_model_card_and_licence(app):
@@ -148,7 +158,7 @@ def test_app_in_browser(tiny, tmp_path):
             assert "Traceback" not in page.wait_error("No prompt")
             page.close_toasts()
             page.type("#gen-prompt textarea", "a red circle")
-            page.type("#gen-size input", "48", enter=True)
+            page.choose("#gen-size input", "48")
             page.click("#gen-run")
             page.wait_error("Size 48 is not one this pipeline makes")
             page.close_toasts()

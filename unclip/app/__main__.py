@@ -30,8 +30,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why the app cannot listen on host:port (checked before the pipeline is loaded), or None."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, port))
+    except OSError as e:
+        return f"cannot listen on {host}:{port} ({e.strerror}); choose another port with --port"
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    problem = port_problem(args.host, args.port)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     try:
         import gradio  # noqa: F401
     except ImportError:
