@@ -436,11 +436,11 @@ def _command(argv: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def subprocess_results(shared, tmp_path_factory) -> dict[str, tuple[int, str, Path, dict]]:
-    """The SUBPROCESS cases and the demo, started together (each costs seconds of imports): case id ->
-    (exit status, stderr, the case's folder, its files after the setup); "outside" -> (before, after)."""
-    running = {}
-    before = outside_state(shared)
+def processes(shared, tmp_path_factory) -> dict:
+    """The SUBPROCESS cases and the demo, started together: case id -> (process, the case's folder, its files
+    after the setup, its stderr file); "outside" -> the state before they started."""
+    running = {"outside": outside_state(shared)}
+    logs = tmp_path_factory.mktemp("fuzz_stderr")
     for case_id in sorted(SUBPROCESS | {DEMO.id}):
         case = CASES_BY_ID[case_id]
         tmp = tmp_path_factory.mktemp(case_id)
@@ -448,20 +448,35 @@ def subprocess_results(shared, tmp_path_factory) -> dict[str, tuple[int, str, Pa
             continue
         if case.setup:
             SETUPS[case.setup](shared, tmp)
-        proc = subprocess.Popen(
-            _command(_argv(case, shared, tmp)),
-            cwd=ROOT,
-            env=_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        running[case_id] = (proc, tmp, snapshot(tmp))
+        with open(logs / case_id, "w") as stderr:
+            proc = subprocess.Popen(
+                _command(_argv(case, shared, tmp)), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=stderr
+            )
+        running[case_id] = (proc, tmp, snapshot(tmp), logs / case_id)
+    yield running
+    for entry in running.values():
+        if isinstance(entry, tuple) and entry[0].poll() is None:
+            entry[0].kill()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_processes_first(request):
+    """The processes (seconds of imports each) run while the in-process cases do, when any is selected."""
+    if any(getattr(item, "originalname", "") == "test_bad_input_as_a_process" for item in request.session.items):
+        request.getfixturevalue("processes")
+
+
+@pytest.fixture(scope="module")
+def subprocess_results(processes, shared) -> dict[str, tuple[int, str, Path, dict]]:
+    """case id -> (exit status, stderr, the case's folder, its files after the setup), once every process has
+    ended; "outside" -> the state (before, after)."""
     results = {}
-    for case_id, (proc, tmp, setup_state) in running.items():
-        _, err = proc.communicate(timeout=300)
-        results[case_id] = (proc.returncode, err, tmp, setup_state)
-    results["outside"] = (before, outside_state(shared))
+    for case_id, entry in processes.items():
+        if case_id != "outside":
+            proc, tmp, setup_state, log = entry
+            proc.wait(timeout=300)
+            results[case_id] = (proc.returncode, log.read_text(), tmp, setup_state)
+    results["outside"] = (processes["outside"], outside_state(shared))
     return results
 
 
