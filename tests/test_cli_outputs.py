@@ -96,3 +96,18 @@ def test_an_assembled_pipeline_folder_follows_the_umask(tiny_pipeline, tmp_path)
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o755
     assert {p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()} == {0o644}
+
+
+def test_prompts_whose_names_collide_get_their_own_files(tiny_pipeline, tmp_path):
+    from sample.generate import main
+
+    args = ["--n", "1", "--pipeline", str(tiny_pipeline), "--out", str(tmp_path), "--steps", "2"]
+    first = main([*args, "--prompt", "🔴🔵"])  # no letters: both prompts are named "image"
+    second = main([*args, "--prompt", "/"])
+    assert [p.name for p in first + second] == [
+        "image_00000.png",
+        "image_grid.png",
+        "image_00000-2.png",
+        "image_grid-2.png",
+    ]
+    assert [read_png_metadata(p)["prompt"] for p in (first[0], second[0])] == ["🔴🔵", "/"]
