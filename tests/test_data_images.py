@@ -1,5 +1,6 @@
 import io
 import itertools
+import os
 import tarfile
 
 import numpy as np
@@ -319,3 +320,21 @@ def test_webdataset_logs_the_skipped_total_per_pass(tmp_path, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith("skipping unreadable image") for m in messages) == MAX_WARNINGS
     assert any(m.startswith("7 unreadable samples or shards skipped in a pass") for m in messages)
+
+
+def test_data_files_follow_the_umask(tmp_path):
+    """Files the data code writes (embedding shards, the OpenMoji render cache) get the umask's mode, as any
+    other tool's output, not the 0600 of a temporary file."""
+    from unclip.data.embeddings import write_shard
+    from unclip.data.openmoji import OpenMojiDataset
+
+    old = os.umask(0o022)
+    try:
+        embed = np.ones((2, 4), dtype=np.float16)
+        write_shard(tmp_path / "emb", 0, image_embed=embed, text_embed=embed, captions=["a", "b"])
+        OpenMojiDataset(16, cache_dir=tmp_path / "cache", val_size=8).image(0)
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".npy" for p in files) and any(p.suffix == ".png" for p in files)
+    assert {p.stat().st_mode & 0o777 for p in files} == {0o644}

@@ -18,7 +18,6 @@ import io
 import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import resvg_py
 from PIL import Image
 from torch.utils.data import Dataset
 
+from unclip.checkpoint import atomic_write_bytes
 from unclip.data.images import check_split, held_out, image_item
 
 ATTRIBUTION = "All emojis designed by OpenMoji – the open-source emoji and icon project. License: CC BY-SA 4.0"
@@ -182,10 +182,7 @@ class OpenMojiDataset(Dataset):
         except (OSError, ValueError):  # missing or damaged: (re-)render
             pass
         png = render_emoji(self.emoji[index].code, self.image_size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-            f.write(png)
-        os.replace(f.name, path)  # atomic: concurrent workers never read a half-written file
+        atomic_write_bytes(path, png)  # concurrent workers never read a half-written file
         return Image.open(io.BytesIO(png)).convert("RGB")
 
     def caption(self, index: int) -> str:
