@@ -338,3 +338,18 @@ def test_data_files_follow_the_umask(tmp_path):
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert any(p.suffix == ".npy" for p in files) and any(p.suffix == ".png" for p in files)
     assert {p.stat().st_mode & 0o777 for p in files} == {0o644}
+
+
+@pytest.mark.parametrize(
+    "image, fmt, expected",
+    [
+        (Image.new("CMYK", (64, 48), (0, 255, 255, 0)), "JPEG", (255, 0, 0)),  # decoded at a reduced scale
+        (Image.new("L", (64, 48), 100), "JPEG", (100, 100, 100)),
+        (Image.new("I;16", (64, 48), 30000), "TIFF", (117, 117, 117)),  # 30000 / 257
+        (Image.new("LA", (64, 48), (100, 255)), "PNG", (100, 100, 100)),
+    ],
+)
+def test_training_data_of_other_modes(image, fmt, expected):
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    assert load_image(io.BytesIO(buffer.getvalue()), 8).getpixel((4, 4)) == expected
