@@ -153,18 +153,15 @@ class Page:
         box.send_keys(Keys.DELETE)
         box.send_keys(text + (Keys.ENTER if enter else ""))
         box.send_keys(Keys.TAB)
-        self.click("h1")
         time.sleep(0.2)
 
     def choose(self, css: str, value: str):
-        """Pick `value` in a dropdown (its option, or typed when it is not one)."""
-        self.find(css).click()
-        time.sleep(0.2)
-        options = [li for li in self.find_all("ul.options li") if li.text.strip(" ✓") == value]
-        if not options:
-            return self.type(css, value, enter=True)
-        options[0].click()
-        self.click("h1")  # away from the dropdown, which closes its list
+        """Pick `value` in the dropdown `css` (its option; typed, then Enter, when it is not one)."""
+        self.find(f"{css} input").click()
+        option = self.wait_for(lambda: self.find(f"{css} li[aria-label='{value}']") or "none", 5, "the options")
+        if option == "none":
+            return self.type(f"{css} input", value, enter=True)
+        option.click()
         time.sleep(0.2)
 
     def click(self, css: str):
@@ -231,13 +228,14 @@ def generate(page: Page, prompt: str, size: str, steps: str, timeout: float, n: 
     """Type a prompt, set the size, one candidate and the decoder's steps, generate; the gallery's image URLs."""
     before = page.images("#gen-gallery")
     page.type("#gen-prompt textarea", prompt)
-    page.choose("#gen-size input", size)
+    page.choose("#gen-size", size)
     page.type("#gen-n input[type=number]", n)
     if page.find("#gen-candidates input") is None or not page.find("#gen-candidates input").is_displayed():
         page.click("#gen-advanced button")  # open the advanced fold
         page.wait_for(lambda: page.find("#gen-candidates input"), 10, "the advanced fold to open")
     page.type("#gen-candidates input", "1")
     page.type("#gen-decoder-steps input", steps)
+    page.click("#gen-advanced button")  # close the fold again
     page.click("#gen-run")
     return page.wait_images("#gen-gallery", int(n), timeout, before)
 
@@ -247,7 +245,7 @@ def variations(page: Page, size: str, timeout: float, shots: Path | None = None)
     page.tab("Generate")
     page.click("#to-variations")
     page.wait_images("#var-image", 1, 20)
-    page.choose("#var-size input", size)
+    page.choose("#var-size", size)
     page.click("#var-run")
     srcs = page.wait_images("#var-gallery", 1, timeout)
     if shots:
@@ -262,7 +260,7 @@ def interpolate(page: Page, second_image: Path, size: str, timeout: float, shots
     page.wait_images("#int-image", 1, 20)
     page.upload("#int-image2", second_image)
     page.wait_images("#int-image2", 1, 20)
-    page.choose("#int-size input", size)
+    page.choose("#int-size", size)
     page.click("#int-run")
     srcs = page.wait_images("#int-strip", 1, timeout)
     if shots:
@@ -276,7 +274,7 @@ def inpaint(page: Page, prompt: str, size: str, timeout: float, shots: Path | No
     page.click("#to-inpaint")
     page.paint("#inp-editor", dx=dx)
     page.type("#inp-prompt textarea", prompt)
-    page.choose("#inp-size input", size)
+    page.choose("#inp-size", size)
     page.click("#inp-run")
     srcs = page.wait_images("#inp-gallery", 1, timeout)
     if shots:

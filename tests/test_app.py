@@ -158,7 +158,7 @@ def test_app_in_browser(tiny, tmp_path):
             assert "Traceback" not in page.wait_error("No prompt")
             page.close_toasts()
             page.type("#gen-prompt textarea", "a red circle")
-            page.choose("#gen-size input", "48")
+            page.choose("#gen-size", "48")
             page.click("#gen-run")
             page.wait_error("Size 48 is not one this pipeline makes")
             page.close_toasts()

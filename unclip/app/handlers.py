@@ -61,6 +61,7 @@ def model_card_info(folder: Path) -> dict[str, str | None]:
     text = card.read_text(encoding="utf-8")
     line = re.search(r"^- Licence: (.+)$", text, re.MULTILINE)
     licence = line.group(1).replace("**", "").split(". ")[0].rstrip(".") if line else None
+    licence = re.sub(r"\s*\((?:below|above)\)", "", licence) if licence else None  # pointers within the card
     para = re.search(r"^\*\*Licence: [^*]+\*\*\s*(.+?)(?:\n\s*\n|\Z)", text, re.MULTILINE | re.DOTALL)
     attribution = " ".join(para.group(1).split()) if para else None
     return {"card": str(card), "licence": licence, "attribution": attribution}

@@ -106,13 +106,17 @@ def build_app(app: App) -> gr.Blocks:
                 gallery = gr.Gallery(
                     label="images (click one to select it)",
                     columns=4,
-                    height="auto",
+                    height=360,
+                    object_fit="contain",
+                    fit_columns=False,
+                    interactive=False,
                     buttons=["download", "fullscreen"],
                     elem_id="gen-gallery",
                 )
                 gen_files = gr.File(
                     label="PNG files (prompt, seed and settings in their metadata)",
                     file_count="multiple",
+                    interactive=False,
                     elem_id="gen-files",
                 )
                 with gr.Row():
@@ -123,7 +127,15 @@ def build_app(app: App) -> gr.Blocks:
             with gr.Tab("Variations", id="variations"):
                 with gr.Row():
                     var_image = image_input("image (upload, or use one from Generate)", "var-image")
-                    var_gallery = gr.Gallery(label="variations", columns=4, height="auto", elem_id="var-gallery")
+                    var_gallery = gr.Gallery(
+                        label="variations",
+                        columns=4,
+                        height=360,
+                        object_fit="contain",
+                        fit_columns=False,
+                        interactive=False,
+                        elem_id="var-gallery",
+                    )
                 with gr.Row():
                     var_n = gr.Slider(1, 16, value=4, step=1, label="images", elem_id="var-n")
                     var_seed = gr.Number(0, label="seed", precision=0, minimum=0, elem_id="var-seed")
@@ -141,7 +153,7 @@ def build_app(app: App) -> gr.Blocks:
                             precision=0,
                         )
                         var_guidance = gr.Number(None, label="decoder guidance scale (empty: default)")
-                var_files = gr.File(label="PNG files", file_count="multiple", elem_id="var-files")
+                var_files = gr.File(label="PNG files", file_count="multiple", interactive=False, elem_id="var-files")
 
             with gr.Tab("Inpaint", id="inpaint"):
                 with gr.Row():
@@ -158,8 +170,18 @@ def build_app(app: App) -> gr.Blocks:
                     )
                     readable(editor)
                     with gr.Column():
-                        inp_mask_shown = gr.Image(label="mask used (white = repaint)", height=200, elem_id="inp-mask")
-                        inp_gallery = gr.Gallery(label="results", columns=4, height="auto", elem_id="inp-gallery")
+                        inp_mask_shown = gr.Image(
+                            label="mask used (white = repaint)", height=200, interactive=False, elem_id="inp-mask"
+                        )
+                        inp_gallery = gr.Gallery(
+                            label="results",
+                            columns=4,
+                            height=360,
+                            object_fit="contain",
+                            fit_columns=False,
+                            interactive=False,
+                            elem_id="inp-gallery",
+                        )
                 with gr.Row():
                     inp_prompt = gr.Textbox(label="prompt for the painted region", scale=3, elem_id="inp-prompt")
                     inp_go = gr.Button("Inpaint", variant="primary", elem_id="inp-run")
@@ -175,7 +197,7 @@ def build_app(app: App) -> gr.Blocks:
                         label="method (auto: the inpainting decoder if the pipeline has one, else RePaint)",
                     )
                     inp_boxes = settings_fold(app, "inp", ["prior", "decoder"])
-                inp_files = gr.File(label="PNG files", file_count="multiple", elem_id="inp-files")
+                inp_files = gr.File(label="PNG files", file_count="multiple", interactive=False, elem_id="inp-files")
 
             with gr.Tab("Interpolate", id="interpolate"):
                 with gr.Row():
@@ -194,9 +216,12 @@ def build_app(app: App) -> gr.Blocks:
                     int_size = size_dropdown(app, "int-size")
                     int_fresh = gr.Checkbox(False, label="fresh noise (instead of the inverted latents)")
                     int_go = gr.Button("Interpolate", variant="primary", elem_id="int-run")
-                int_strip = gr.Image(label="strip", elem_id="int-strip")
+                int_strip = gr.Image(label="strip", interactive=False, elem_id="int-strip")
                 int_files = gr.File(
-                    label="PNG files (frames, then the strip)", file_count="multiple", elem_id="int-files"
+                    label="PNG files (frames, then the strip)",
+                    file_count="multiple",
+                    interactive=False,
+                    elem_id="int-files",
                 )
         gr.Markdown(about_markdown(app), elem_id="about")
 
