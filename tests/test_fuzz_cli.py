@@ -50,7 +50,7 @@ def shared(tmp_path_factory) -> dict[str, Path]:
     wide.paste(255, (8, 4, 24, 12))
     wide.save(inputs / "wide_mask.png")
     Image.new("L", (16, 16)).save(inputs / "black_mask.png")
-    (inputs / "corrupt.png").write_bytes(Image.open(inputs / "image.png").tobytes()[:100])  # pixels, no PNG header
+    (inputs / "corrupt.png").write_bytes(gradient.tobytes()[:100])  # raw pixels, no PNG header
     good = (inputs / "image.png").read_bytes()
     (inputs / "truncated.png").write_bytes(good[: len(good) // 2])
     (inputs / "empty.png").write_bytes(b"")
@@ -119,7 +119,7 @@ SETUPS = {
     "bad_defaults": lambda s, t: _edit_index(s, t, lambda i: {**i, "defaults": {"decoder": {"steps": 0}}}),
     "truncated_weights": _truncate,
     "empty_weights": lambda s, t: _truncate(s, t, keep=0),
-    "truncated_clip": lambda s, t: _truncate_clip(s, t),
+    "truncated_clip": _truncate_clip,
     "swapped_weights": _swap_weights,
     "config_list": lambda s, t: (_copy_pipe(s, t) / "decoder" / "config.json").write_text("[1, 2]"),
     "config_bad_model": lambda s, t: _edit_config(
@@ -232,8 +232,10 @@ CASES = [
     Case("gen-stage-no-decoder", GEN + " --pipeline {tmp}/pipe", "decoder", setup="no_decoder_key"),
     Case("gen-pipeline-version", GEN + " --pipeline {tmp}/pipe", "version", setup="future_version"),
     Case("gen-pipeline-defaults", GEN + " --pipeline {tmp}/pipe", "steps", setup="bad_defaults"),
-    Case("gen-weights-truncated", GEN + " --pipeline {tmp}/pipe", "model.safetensors", setup="truncated_weights"),
-    Case("gen-weights-empty", GEN + " --pipeline {tmp}/pipe", "model.safetensors", setup="empty_weights"),
+    Case(
+        "gen-weights-truncated", GEN + " --pipeline {tmp}/pipe", "decoder/model.safetensors", setup="truncated_weights"
+    ),
+    Case("gen-weights-empty", GEN + " --pipeline {tmp}/pipe", "decoder/model.safetensors", setup="empty_weights"),
     Case("gen-clip-truncated", GEN + " --pipeline {tmp}/pipe", "open_clip_model.safetensors", setup="truncated_clip"),
     Case("gen-weights-swapped", GEN + " --pipeline {tmp}/pipe", "decoder", setup="swapped_weights"),
     Case("gen-config-missing", GEN + " --pipeline {tmp}/pipe", "config.json", setup="no_config"),
@@ -268,7 +270,9 @@ CASES = [
     Case("var-n-0", VAR + " --n 0", "--n", status=2),
     Case("var-device-cuda", VAR + " --device cuda", "--device"),
     Case("var-size-48", VAR + " --size 48", "48"),
-    Case("var-weights-truncated", VAR + " --pipeline {tmp}/pipe", "model.safetensors", setup="truncated_weights"),
+    Case(
+        "var-weights-truncated", VAR + " --pipeline {tmp}/pipe", "decoder/model.safetensors", setup="truncated_weights"
+    ),
     # inpainting
     Case("inp-mask-aspect", INP + " --mask {inputs}/wide_mask.png", "mask"),
     Case("inp-mask-black", INP + " --mask {inputs}/black_mask.png", "mask"),
@@ -368,7 +372,7 @@ CASES = [
     Case("eval-device-cuda", EVAL + " --device cuda", "--device|cuda", status=2),
     Case("eval-pipeline-missing", EVAL + " --pipeline {tmp}/nowhere", "nowhere"),
     Case("eval-pipeline-list", EVAL + " --pipeline {tmp}/pipe", "pipeline.json", setup="list_index"),
-    Case("eval-weights-empty", EVAL + " --pipeline {tmp}/pipe", "model.safetensors", setup="empty_weights"),
+    Case("eval-weights-empty", EVAL + " --pipeline {tmp}/pipe", "decoder/model.safetensors", setup="empty_weights"),
     Case("eval-out-folder", EVAL + " --out {tmp}", "--out"),
     Case("eval-out-under-device-file", EVAL + " --out /dev/null/results.json", "--out"),
     Case("eval-out-read-only", EVAL + " --out {tmp}/ro/results.json", "--out", setup="read_only"),
