@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pipeline_helpers import make_tiny_pipeline
 
@@ -538,7 +539,10 @@ def check_result(case: Case, status: int, err: str, outside: tuple[dict, dict], 
 
 
 def _marks(case: Case) -> list:
-    return [pytest.mark.xfail(strict=True, reason=case.xfail)] if case.xfail else []
+    marks = [pytest.mark.xfail(strict=True, reason=case.xfail)] if case.xfail else []
+    if re.search(r"--device cuda( |$)", case.command):
+        marks.append(pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: --device cuda is valid"))
+    return marks
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=_marks(c)) for c in CASES if c.id not in SUBPROCESS])
