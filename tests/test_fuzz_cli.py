@@ -219,6 +219,8 @@ CASES = [
     Case("gen-out-read-only", GEN + " --out {tmp}/ro", "--out", setup="read_only"),
     Case("gen-out-unmakeable", GEN + " --out /proc/unclip-fuzz", "--out"),
     Case("gen-out-device-file", GEN + " --out /dev/null", "--out"),
+    Case("gen-out-name-too-long", GEN + " --out {tmp}/" + "x" * 300, "--out"),
+    Case("var-out-name-too-long", VAR + " --out {tmp}/" + "x" * 300, "--out"),
     # broken pipelines
     Case("gen-pipeline-missing", GEN + " --pipeline {tmp}/nowhere", "nowhere"),
     Case("gen-pipeline-is-file", GEN + " --pipeline {tmp}/file", "file", setup="existing_file"),

@@ -129,11 +129,11 @@ def check_out(folder: str | Path) -> Path:
     if not str(folder).strip():
         raise ValueError("--out is empty; give a folder (it is made if missing)")
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--out {folder} is a file, not a folder; choose a folder")
     try:
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"--out {folder} is a file, not a folder; choose a folder")
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+    except OSError as e:  # a name too long, a file in the path, no permission
         raise ValueError(f"--out {folder}: cannot create the folder ({e.strerror})") from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ValueError(f"--out {folder} is not writable; choose another folder")
