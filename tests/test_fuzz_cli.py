@@ -8,6 +8,7 @@ check what reaches the terminal.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import os
@@ -393,6 +394,11 @@ CASES = [
         "prior|decoder",
     ),
     Case("eval-checker-n-0", "-m unclip.eval checker --n 0", "--n", status=2),
+    Case("eval-size-48", EVAL + " --size 48", "48"),
+    Case("eval-candidates-0", EVAL + " --candidates 0", "candidates"),
+    Case("eval-dtype-unknown", EVAL + " --dtype fp64", "--dtype", status=2),
+    Case("eval-variations-n-0", "-m unclip.eval variations --pipeline {pipe} --n 0", "--n", status=2),
+    Case("eval-caption-device-foo", "-m unclip.eval caption --pipeline {pipe} --device foo", "--device", status=2),
     Case("eval-unknown-command", "-m unclip.eval colours", "colours", status=2),
     Case("eval-clip-missing", "-m unclip.eval clip --clip {tmp}/nowhere --n 2", "nowhere"),
 ]
@@ -436,13 +442,15 @@ def run_in_process(argv: list[str], capsys) -> tuple[int, str]:
     """(exit status, stderr) as the shell would see them; any other exception propagates (a traceback)."""
     main, args = _main(argv)
     capsys.readouterr()
+    code = None
     try:
         main(args)
-        status = 0
     except SystemExit as exit:
-        status = exit.code if isinstance(exit.code, int) else 0 if exit.code is None else 1
-        if isinstance(exit.code, str):
-            print(exit.code, file=sys.stderr)  # what the interpreter prints for sys.exit("...")
+        code = exit.code
+    gc.collect()  # what the exception kept alive (an open progress bar) is closed, as at the interpreter's exit
+    if isinstance(code, str):
+        print(code, file=sys.stderr)  # what the interpreter prints for sys.exit("...")
+    status = code if isinstance(code, int) else 0 if code is None else 1
     return status, capsys.readouterr().err
 
 
