@@ -142,6 +142,22 @@ def test_inpaint_with_a_painted_mask(app, tmp_path):
     assert np.abs(out[:, 8:] - kept[:, 8:]).max() <= 1  # the unpainted half is the input's
 
 
+def test_variations_and_caption_edit(app, tmp_path):
+    source = str(picture(tmp_path / "a.png"))
+    paths = app.variations(source, 2, 3, "16", True, 0.5, 2, 1.0)  # fresh noise, 2 decoder steps
+    assert len(paths) == 3 and [json.loads(read_png_metadata(p)["seed"]) for p in paths[:2]] == [3, 4]
+    assert json.loads(read_png_metadata(paths[0])["settings"])["decoder"]["steps"] == 2
+    frames, strip = app.interpolate(
+        source, "caption edit", None, "a red circle", "a red square", 3, 0.4, 0, "16", True
+    )
+    thetas = [json.loads(read_png_metadata(p)["theta"]) for p in frames]
+    assert thetas == [0.0, 0.2, 0.4] and read_png_metadata(frames[0])["to_caption"] == "a red square"
+    assert Image.open(strip).size[0] > 3 * 16
+    assert "both captions" in error_text(
+        lambda: app.interpolate(source, "caption edit", None, "", "a", 3, 0.4, 0, 16, 1)
+    )
+
+
 def test_app_in_browser(tiny, tmp_path):
     reason = missing_browser()
     if reason:

@@ -211,7 +211,9 @@ def build_app(app: App) -> gr.Blocks:
                         to_caption = gr.Textbox(label="caption edit: to", visible=False)
                 with gr.Row():
                     int_steps = gr.Slider(2, 12, value=5, step=1, label="frames", elem_id="int-steps")
-                    int_theta = gr.Slider(0.05, 1, value=0.5, step=0.05, label="caption edit: how far (max θ)")
+                    int_theta = gr.Slider(
+                        0.05, 1, value=0.5, step=0.05, label="how far (max θ)", visible=False, elem_id="int-theta"
+                    )
                     int_seed = gr.Number(0, label="seed", precision=0, minimum=0)
                     int_size = size_dropdown(app, "int-size")
                     int_fresh = gr.Checkbox(False, label="fresh noise (instead of the inverted latents)")
@@ -290,9 +292,14 @@ def build_app(app: App) -> gr.Blocks:
 
         def show_mode(mode):
             text = mode == "caption edit"
-            return gr.Image(visible=not text), gr.Textbox(visible=text), gr.Textbox(visible=text)
+            return (
+                gr.Image(visible=not text),
+                gr.Textbox(visible=text),
+                gr.Textbox(visible=text),
+                gr.Slider(visible=text),
+            )
 
-        mode.change(show_mode, mode, [int_image2, from_caption, to_caption])
+        mode.change(show_mode, mode, [int_image2, from_caption, to_caption, int_theta])
 
         def run_interpolate(*args):
             frames, strip = app.interpolate(*args)
