@@ -10,12 +10,14 @@ and `chromium-driver` packages).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -111,6 +113,7 @@ class Page:
         options.binary_location = CHROMIUM
         for flag in [*FLAGS, f"--user-data-dir={profile}"]:
             options.add_argument(flag)
+        options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # the page's network requests
         self.driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
         self.driver.get(url)
         self.wait_for(lambda: self.find("#gen-prompt textarea"), 60, "the page to load")
@@ -211,6 +214,18 @@ class Page:
             chain = chain.move_by_offset(0, height // 4)
         chain.release().perform()
         time.sleep(0.5)
+
+    def requests_elsewhere(self) -> list[str]:
+        """The URLs the page has asked for (since the last call) from hosts other than this machine."""
+        urls = []
+        for entry in self.driver.get_log("performance"):
+            message = json.loads(entry["message"])["message"]
+            if message["method"] == "Network.requestWillBeSent":
+                url = message["params"]["request"]["url"]
+                local = urllib.parse.urlparse(url).hostname in ("127.0.0.1", "localhost")
+                if url.startswith(("http:", "https:", "ws:", "wss:")) and not local:
+                    urls.append(url)
+        return urls
 
     def screenshot(self, path: str | Path):
         self.driver.execute_script("window.scrollTo(0, 0)")

@@ -206,6 +206,7 @@ def test_app_in_browser(tiny, tmp_path):
             page.upload("#var-image", broken)
             page.click("#var-run")
             page.wait_error("Cannot read the uploaded image")
+            assert page.requests_elsewhere() == []  # the page asked nothing of the internet
         finally:
             page.close()
 

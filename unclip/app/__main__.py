@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # gradio reaches the internet only for --share
 
 
 def parse_args(argv=None) -> argparse.Namespace:
