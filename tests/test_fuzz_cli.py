@@ -447,7 +447,7 @@ def run_in_process(argv: list[str], capsys) -> tuple[int, str]:
         main(args)
     except SystemExit as exit:
         code = exit.code
-    gc.collect()  # what the exception kept alive (an open progress bar) is closed, as at the interpreter's exit
+    gc.collect(1)  # what the exception kept alive (an open progress bar) is closed, as at the interpreter's exit
     if isinstance(code, str):
         print(code, file=sys.stderr)  # what the interpreter prints for sys.exit("...")
     status = code if isinstance(code, int) else 0 if code is None else 1
