@@ -250,6 +250,12 @@ def palette_with_transparency() -> Image.Image:
     return Image.open(io.BytesIO(png_bytes(image, transparency=1)))  # index 1 (blue, at 0, 0) is transparent
 
 
+def rgb_with_transparent_colour() -> Image.Image:
+    image = Image.new("RGB", (2, 1), (10, 20, 30))
+    image.putpixel((0, 0), (1, 2, 3))
+    return Image.open(io.BytesIO(png_bytes(image, transparency=(1, 2, 3))))  # (1, 2, 3), at 0, 0, is transparent
+
+
 @pytest.mark.parametrize(
     "make, expected",
     [
@@ -258,6 +264,7 @@ def palette_with_transparency() -> Image.Image:
         (lambda: Image.new("RGBA", (2, 1), (0, 0, 0, 128)), (127, 127, 127)),
         (lambda: Image.new("La", (2, 1), (50, 128)), (177, 177, 177)),  # premultiplied: 50 + (255 - 128)
         (palette_with_transparency, (200, 0, 0)),
+        (rgb_with_transparent_colour, (10, 20, 30)),
         (lambda: Image.new("CMYK", (2, 1), (0, 255, 255, 0)), (255, 0, 0)),
         (lambda: Image.new("CMYK", (2, 1), (0, 0, 0, 255)), (0, 0, 0)),
         (lambda: Image.new("CMYK", (2, 1), (128, 0, 0, 128)), (63, 127, 127)),  # (255 - C)(255 - K) / 255

@@ -54,7 +54,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         ValueError: for a mode that has no conversion to RGB.
     """
     mode = image.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in image.info:
         return image
     if mode.startswith("I") or mode == "F":
         grey = _grey_to_8bit(image)
