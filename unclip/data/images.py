@@ -44,7 +44,7 @@ MAX_WARNINGS = 5  # warnings logged per dataset for skipped files; later ones ar
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB, compositing transparency onto white.
 
-    Transparency: RGBA, LA, PA, premultiplied RGBa/La, and a palette or greyscale image with a transparent
+    Transparency: RGBA, LA, PA, premultiplied RGBa/La, and a palette, greyscale or RGB image with a transparent
     colour. High-bit-depth greyscale is scaled to 8 bits, not clipped: "I;16*" (16-bit PNG, TIFF) and "I" by
     the 16-bit range when its values fit in 0..65535 (as a 16-bit PNG decodes), else by its own min..max;
     "F" by 0..1 or 0..255 when its values fit, else by its min..max (NaN as black). CMYK uses PIL's
