@@ -255,9 +255,12 @@ def generate(page: Page, prompt: str, size: str, steps: str, timeout: float, n: 
     return page.wait_images("#gen-gallery", int(n), timeout, before)
 
 
-def variations(page: Page, size: str, timeout: float, shots: Path | None = None) -> list[str]:
-    """Send the Generate gallery's image to Variations and make them."""
+def variations(page: Page, size: str, timeout: float, shots: Path | None = None, pick: int | None = None):
+    """Send the Generate gallery's image (the first, or the `pick`th clicked) to Variations and make them."""
     page.tab("Generate")
+    if pick is not None:
+        page.find_all("#gen-gallery button.thumbnail-item")[pick].click()
+        time.sleep(0.5)
     page.click("#to-variations")
     page.wait_images("#var-image", 1, 20)
     page.choose("#var-size", size)

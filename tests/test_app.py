@@ -195,7 +195,10 @@ def test_app_in_browser(tiny, tmp_path):
             assert meta["mode"] == "inpaint" and meta["prompt"] == "a blue square"
             mask = np.asarray(Image.open(fetch(page.images("#inp-mask")[0], tmp_path / "mask.png")).convert("L"))
             assert 0 < (mask == 255).mean() < 1  # the brush painted part of the image
-            variations(page, "16", 60, shots)
+            # the second generated image, clicked in the gallery, then sent to Variations
+            srcs = variations(page, "16", 60, shots, pick=1)
+            meta = read_png_metadata(fetch(srcs[0], tmp_path / "variation.png"))
+            assert meta["mode"] == "variation" and meta["source"].endswith("a_red_circle_00001.png")
             interpolate(page, picture(tmp_path / "second.png"), "16", 60, shots)
             assert len(page.images("#int-files")) == 0 and len(page.find_all("#int-files a")) >= 5 + 1
             # an unreadable upload

@@ -116,9 +116,11 @@ class App:
         if not path:
             raise gr.Error(f"No {what}: upload one, or send one from the Generate tab", print_exception=False)
         try:
-            return open_image(path)
+            image = open_image(path)
         except ValueError as e:
             raise gr.Error(f"Cannot read the {what}: it is not an image file ({e})", print_exception=False) from None
+        image.filename = Path(path).name  # the source's name in the outputs' metadata and file names
+        return image
 
     def stage_settings(self, advanced: Mapping[str, Any]) -> dict[str, Any]:
         """The advanced fold's values {"decoder.steps": 10, "upsampler_256.steps": 4, ...} -> the call's
