@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 gr = pytest.importorskip("gradio", reason="the web app needs the app extra: pip install -e '.[app]'")
@@ -124,6 +125,14 @@ def test_bad_inputs_get_messages(app, tmp_path):
     assert "no inpainting decoder" in error_text(
         lambda: app.inpaint(editor, str(wide_mask.with_name("a.png")), "a", 1, 0, "16", "model", {})
     )
+
+
+def test_out_of_memory_is_a_message(app, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(app.pipe, "batches", oom)
+    assert "Out of memory" in error_text(lambda: list(app.generate("a red circle", 1, 0, "16", 1, True, {})))
 
 
 def test_inpaint_with_a_painted_mask(app, tmp_path):

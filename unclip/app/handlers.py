@@ -17,6 +17,7 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
+import torch
 from PIL import Image
 
 from unclip.imageio import open_image
@@ -101,13 +102,17 @@ class App:
 
     @contextlib.contextmanager
     def call(self):
-        """The pipeline, locked; ValueErrors become page messages and warnings page warnings."""
+        """The pipeline, locked; ValueErrors and running out of memory become page messages, and warnings page
+        warnings."""
         with self.lock, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
                 yield self.pipe
             except ValueError as e:
                 raise user_error(e) from None
+            except (MemoryError, torch.OutOfMemoryError):
+                message = "Out of memory: lower the number of images, the candidates or the size"
+                raise gr.Error(message, print_exception=False) from None
             finally:
                 for w in dict.fromkeys(str(w.message) for w in caught):
                     gr.Warning(w)
