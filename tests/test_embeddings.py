@@ -94,10 +94,12 @@ def test_embeddings_equal_adapter_outputs(embedded):
     assert "text_tokens" not in EmbeddingDataset(out, val_size=3, text_tokens=False)[0]
 
 
-def test_embed_refuses_a_folder_with_embeddings(embedded):
+def test_embed_refuses_a_folder_with_embeddings(embedded, capsys):
     _, _, script, argv = embedded
-    with pytest.raises(ValueError, match="already holds embeddings"):
+    with pytest.raises(SystemExit) as exit_info:
         script.main(argv)
+    assert exit_info.value.code == 1
+    assert "already holds embeddings" in capsys.readouterr().err
 
 
 def test_embed_help_explains(capsys):

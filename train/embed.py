@@ -17,9 +17,9 @@ import logging
 import sys
 from dataclasses import asdict
 
-import torch
 import yaml
 
+from unclip.cli import check_device
 from unclip.clip import ClipAdapter
 from unclip.config import load_config
 from unclip.data import build_dataset
@@ -39,13 +39,12 @@ def main(argv=None):
     parser.add_argument("--shard-size", type=int, default=10_000, help="rows per shard (default 10000)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per CLIP forward pass (default 256)")
     parser.add_argument("--split", choices=("train", "val"), default="train", help="dataset split (default train)")
-    parser.add_argument(
-        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if available"
-    )
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     args = parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     try:
+        args.device = check_device(args.device)
         config = load_config(args.config, args.overrides)
         clip = ClipAdapter.from_config(config.clip, device=args.device)
         dataset = build_dataset(config.data, split=args.split)
