@@ -157,6 +157,17 @@ def save_model(
     return directory
 
 
+def read_json_object(path: Path, remedy: str = "") -> dict[str, Any]:
+    """The JSON object in `path`; a ValueError naming the file (and `remedy`) if it is not one."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}){remedy}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}{remedy}")
+    return value
+
+
 def read_meta(directory: str | Path) -> dict[str, Any]:
     directory = Path(directory)
     config_path = directory / "config.json"
@@ -167,12 +178,7 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
             f"{directory} has no config.json: it is not an unclip model folder "
             "(export one with the train/ scripts, or point at runs/<name>/export)"
         )
-    try:
-        meta = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON ({e}); re-export the model") from e
-    if not isinstance(meta, dict):
-        raise ValueError(f"{config_path} must hold a JSON object, got {type(meta).__name__}; re-export the model")
+    meta = read_json_object(config_path, "; re-export the model")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(
@@ -271,12 +277,7 @@ def read_pipeline_index(root: str | Path) -> dict[str, Any]:
             f"{root} has no pipeline.json: it is not a pipeline folder. A pipeline folder holds pipeline.json "
             "and the clip/, prior/, decoder/ (and upsampler) folders"
         )
-    try:
-        index = json.loads(index_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{index_path} is not valid JSON ({e})") from e
-    if not isinstance(index, dict):
-        raise ValueError(f"{index_path} must hold a JSON object, got {type(index).__name__}")
+    index = read_json_object(index_path)
     if index.get("format_version") != PIPELINE_FORMAT_VERSION:
         raise ValueError(
             f"{index_path} has format_version {index.get('format_version')!r}; this unclip reads "
