@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,7 +91,6 @@ class StageSettings:
 class PriorSettings(StageSettings):
     """The prior's sampling: `candidates` embeddings per prompt, keeping the one closest to the text."""
 
-    stage: ClassVar[str] = "prior"
     sampler: str = "dpm++"
     steps: int = 25
     guidance_scale: float = 2.0
@@ -107,7 +106,6 @@ class PriorSettings(StageSettings):
 class DecoderSettings(StageSettings):
     """The decoder's sampling (and the inpainting decoder's)."""
 
-    stage: ClassVar[str] = "decoder"
     sampler: str = "dpm++"
     steps: int = 25
     guidance_scale: float = 5.0
@@ -124,7 +122,6 @@ class UpsamplerSettings(StageSettings):
     """An upsampler's sampling; `noise_level` is the augmentation timestep of its low-res input (the pipeline
     takes the default from the model's config, `sample_noise_level`)."""
 
-    stage: ClassVar[str] = "upsampler"
     sampler: str = "ddim"
     steps: int = 8
     noise_level: int = 50
