@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -69,6 +70,7 @@ def main(argv=None) -> int:
     print(f"serving on http://{'127.0.0.1' if args.host == '0.0.0.0' else args.host}:{args.port} ({where})")
     if not args.share and where.endswith("only"):
         print("to share it: --host 0.0.0.0 (your network) or --share (a public gradio.live link)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop as on Ctrl-C: the temporary folder is removed
     allowed = [app.info["card"]] if app.info["card"] else None
     demo.launch(
         server_name=args.host,

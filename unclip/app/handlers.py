@@ -5,8 +5,10 @@ message; a pipeline warning (e.g. a resized mask) is shown as a `gr.Warning`."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -90,6 +92,8 @@ class App:
         self.pipe, self.folder = pipe, Path(folder)
         self.name = self.folder.name
         self.out = Path(out) if out else Path(tempfile.mkdtemp(prefix="unclip-app-"))
+        if not out:  # a temporary folder goes when the process ends (gradio keeps its own copies while it runs)
+            atexit.register(shutil.rmtree, self.out, ignore_errors=True)
         self.lock = threading.Lock()  # one pipeline call at a time, whatever the queue lets through
         self.defaults = pipe.resolve()
         self.info = model_card_info(self.folder)
