@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from unclip.data.images import to_rgb
 from unclip.imageio import open_image
 from unclip.pipeline import UnCLIPPipeline
 
@@ -170,7 +171,7 @@ class App:
         if not use_prior:
             kwargs.pop("prior", None)
         prompt = (prompt or "").strip()
-        folder, paths = self.run_folder("generate"), []
+        paths = []
         with self.call() as pipe:
             pipe.resolve(size=size, seed=seed, candidates=candidates, use_prior=bool(use_prior), **kwargs)
             if not prompt:
@@ -186,7 +187,9 @@ class App:
                 use_prior=bool(use_prior),
                 **kwargs,
             )
+            folder = None
             for start, out in batches:
+                folder = folder or self.run_folder("generate")
                 paths += [str(p) for p in out.save(folder, grid=False)]
                 if progress is not None and start + 1 < n:
                     progress((start + 1, n), desc=f"image {start + 2} of {n}", unit="images")
@@ -204,14 +207,14 @@ class App:
             else:
                 inv = {} if steps in (None, "") else {"inversion_steps": whole("Steps", steps, 1)}
                 out = pipe.variations(source, n=n, seed=seed, eta=float(eta), size=size, decoder=decoder, **inv)
-            return self.save(out, "variations", n)
+            return self.save(out, "variations")
 
     def inpaint(self, editor, mask_upload, prompt, n, seed, size, method, advanced):
         background = editor.get("background") if editor else None
         if background is None:
             message = "No image: upload one to paint on, or send one from the Generate tab"
             raise gr.Error(message, print_exception=False)
-        image = background.convert("RGB")
+        image = to_rgb(background)  # transparency onto white, as the training data
         if mask_upload:
             mask = self.image(mask_upload, "mask")
         else:
@@ -232,7 +235,7 @@ class App:
             folder = self.run_folder("inpaint")
             mask_path = str(folder / "mask.png")
             mask.save(mask_path)
-            paths = self.save(out, "inpaint", n, folder)
+            paths = self.save(out, "inpaint", folder)
             return paths, mask_path
 
     def interpolate(self, image, mode, image2, from_caption, to_caption, steps, max_theta, seed, size, fresh_noise):
@@ -250,9 +253,9 @@ class App:
             target = {"image2": self.image(image2, "second image")}
         with self.call() as pipe:
             out = pipe.interpolate(source, steps=steps, seed=seed, size=size, invert=not fresh_noise, **target)
-            paths = self.save(out, "interpolate", steps)
+            paths = self.save(out, "interpolate")
             return paths[:steps], paths[-1]
 
-    def save(self, out, kind: str, n: int, folder: Path | None = None) -> list[str]:
-        """An EditOutput's PNGs: the n images first, then the decoder-size ones if any, then the grid."""
+    def save(self, out, kind: str, folder: Path | None = None) -> list[str]:
+        """An EditOutput's PNGs: its images first, then the decoder-size ones if any, then the grid."""
         return [str(p) for p in out.save(folder or self.run_folder(kind))]
