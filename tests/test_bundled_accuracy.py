@@ -1,7 +1,7 @@
 """A seeded accuracy check of the bundled shapes pipeline at its defaults: a small run of the evaluation whose
 figures the README and BENCHMARKS.md give (all right on 99.5% / 70.0% / 68.0% of 200 prompts per set).
 
-    pytest -m slow tests/test_bundled_accuracy.py   # 60 prompts x 32 candidates: most of an hour on a CPU
+    pytest -m slow tests/test_bundled_accuracy.py   # 60 prompts x 32 candidates: over an hour on 2 CPU cores
 
 Floors for n = 20 prompts per set. The run is seeded, so on one machine it gives the same verdicts every time;
 the floors allow for its 20 prompts being a draw from the set (and for another machine's arithmetic turning an
