@@ -11,7 +11,6 @@ import torch
 
 from unclip.clip import ClipAdapter
 from unclip.config import ClipConfig
-from unclip.data.embeddings import encode_batch as encode_batch  # the tasks take it from here
 
 
 def load_clip(config: ClipConfig, device: torch.device | str = "cpu") -> ClipAdapter:

@@ -24,12 +24,13 @@ from torch.utils.data import DataLoader, Subset
 from unclip.checkpoint import load_model, save_model
 from unclip.config import RunConfig
 from unclip.data import build_dataset, collate
+from unclip.data.embeddings import encode_batch
 from unclip.diffusion import GaussianDiffusion
 from unclip.imageio import save_grid
 from unclip.nets.inpaint import InpaintUNet
 from unclip.nets.unet import UNet
 from unclip.sampling import decoder_cond, sample_decoder
-from unclip.tasks.conditioning import check_clip_dims, encode_batch, load_clip
+from unclip.tasks.conditioning import check_clip_dims, load_clip
 
 GRID_SIZE = 8  # validation captions in the sample grid
 

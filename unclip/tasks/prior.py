@@ -23,11 +23,12 @@ from torch.utils.data import DataLoader, Subset
 from unclip.checkpoint import save_model
 from unclip.config import RunConfig
 from unclip.data import build_dataset, collate
+from unclip.data.embeddings import encode_batch
 from unclip.diffusion import GaussianDiffusion
 from unclip.eval.metrics import prior_metrics
 from unclip.nets.prior import PriorTransformer
 from unclip.sampling import sample_prior, text_cond
-from unclip.tasks.conditioning import check_clip_dims, encode_batch, load_clip
+from unclip.tasks.conditioning import check_clip_dims, load_clip
 
 logger = logging.getLogger(__name__)
 

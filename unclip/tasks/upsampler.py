@@ -22,11 +22,12 @@ from unclip.checkpoint import save_model
 from unclip.config import RunConfig
 from unclip.data import build_dataset, collate
 from unclip.data.degrade import degrade, random_crop_pair
+from unclip.data.embeddings import encode_batch
 from unclip.diffusion import GaussianDiffusion
 from unclip.imageio import save_grid
 from unclip.nets.upsampler import UpsamplerUNet
 from unclip.sampling import augment_low_res, sample_upsampler
-from unclip.tasks.conditioning import check_clip_dims, encode_batch, load_clip
+from unclip.tasks.conditioning import check_clip_dims, load_clip
 
 VAL_SAMPLES = 4  # validation images upsampled at full size at each evaluation
 
