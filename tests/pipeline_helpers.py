@@ -4,14 +4,13 @@ from pathlib import Path
 
 import torch
 
-from unclip.checkpoint import save_model
+from unclip.checkpoint import build_pipeline_folder, save_model
 from unclip.clip import TINY_CLIP_CONFIG, ClipAdapter
 from unclip.config import DiffusionConfig, load_config
-from unclip.nets.prior import PriorConfig, PriorTransformer
 from unclip.nets.inpaint import InpaintUNet
+from unclip.nets.prior import PriorConfig, PriorTransformer
 from unclip.nets.unet import UNet
 from unclip.nets.upsampler import UpsamplerUNet
-from unclip.checkpoint import build_pipeline_folder
 
 
 def _perturb(model, seed):

@@ -459,7 +459,7 @@ def test_previews_rank_the_candidates_and_the_kept_one_is_sampled_in_full(tiny_p
     assert out.seeds == [3 + i * 4 + j for i, j in enumerate(best)]
     assert out.clip_scores == pytest.approx(out.candidate_scores.max(dim=1).values.tolist())
     # ...and the image is that candidate sampled in full: the same as making it alone from its seed
-    for i, (prompt, seed) in enumerate(zip(prompts, out.seeds)):
+    for i, (prompt, seed) in enumerate(zip(prompts, out.seeds, strict=True)):
         alone = pipe([prompt], seed=seed, candidates=1, decoder=steps).images
         torch.testing.assert_close(out.images[i : i + 1], alone, atol=1e-5, rtol=0)
     # the previews are not the full samples, and preview_steps 0 samples every candidate in full
