@@ -173,7 +173,7 @@ def test_prior_ablation_command(tmp_path, capsys):
 def _text_only_metrics(clip, data, indices) -> dict[str, float]:
     """prior_metrics with the raw text embedding as the prediction, for the val pairs at `indices`."""
     from unclip.data import build_dataset, collate
-    from unclip.tasks.conditioning import encode_batch
+    from unclip.data.embeddings import encode_batch
 
     val = build_dataset(data, split="val")
     c = encode_batch(clip, collate([val[i] for i in indices]), clip.device)
