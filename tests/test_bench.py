@@ -10,6 +10,7 @@ from bench import defaults
 
 def test_defaults_bench_samples_both_ways_and_writes_the_ratio(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(defaults, "THEIR_STEPS", 3)
+    monkeypatch.setattr(defaults.torch, "set_num_threads", lambda n: None)  # keep the suite's thread count
     pipeline = make_tiny_pipeline(tmp_path / "pipe")
     out = tmp_path / "defaults.json"
     argv = ["--pipeline", str(pipeline), "--device", "cpu", "--size", "32", "--repeats", "2", "--out", str(out)]
