@@ -372,20 +372,27 @@ def test_assemble_script_stores_sampling_defaults(tiny_pipeline, tmp_path):
 
     parts = tiny_pipeline.parent / "parts"
     base = ["--clip", str(parts / "clip"), "--prior", str(parts / "prior"), "--decoder", str(parts / "decoder")]
-    defaults = ["decoder.guidance_scale=1", "prior.steps=3", "candidates=3"]
+    defaults = ["decoder.guidance_scale=1", "prior.steps=3", "candidates=3", "preview_steps=2"]
     out = main(["--out", str(tmp_path / "p"), *base, *(a for d in defaults for a in ("--default", d))])
     assert json.loads((out / "pipeline.json").read_text())["defaults"] == {
         "decoder": {"guidance_scale": 1.0},
         "prior": {"steps": 3},
         "candidates": 3,
+        "preview_steps": 2,
     }
     made = UnCLIPPipeline.from_pretrained(out)(["a red circle"], seed=0, decoder={"steps": 2})
     assert made.settings["decoder"]["guidance_scale"] == 1.0 and made.settings["prior"]["steps"] == 3
     assert made.settings["candidates"] == 3 and made.clip_scores is not None
+    assert made.settings["preview_steps"] == 2
     # the same images as the stored settings given by hand to a pipeline without defaults
     plain = main(["--out", str(tmp_path / "plain"), *base])
     by_hand = UnCLIPPipeline.from_pretrained(plain)(
-        ["a red circle"], seed=0, prior={"steps": 3}, decoder={"steps": 2, "guidance_scale": 1.0}, candidates=3
+        ["a red circle"],
+        seed=0,
+        prior={"steps": 3},
+        decoder={"steps": 2, "guidance_scale": 1.0},
+        candidates=3,
+        preview_steps=2,
     )
     assert torch.equal(made.images, by_hand.images) and made.seeds == by_hand.seeds
     one = UnCLIPPipeline.from_pretrained(out)(["a red circle"], seed=0, decoder={"steps": 2}, candidates=1)

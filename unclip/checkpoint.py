@@ -257,6 +257,7 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], so
 
 PIPELINE_FORMAT_VERSION = 1
 PIPELINE_STAGES = ("clip", "prior", "decoder", "inpaint")  # besides the list "upsamplers"
+PIPELINE_CALL_DEFAULTS = ("candidates", "preview_steps")  # "defaults" of the whole call; the others are stages
 
 
 def read_pipeline_index(root: str | Path) -> dict[str, Any]:
@@ -298,7 +299,7 @@ def read_pipeline_index(root: str | Path) -> dict[str, Any]:
             raise ValueError(f"{root} is incomplete: pipeline.json names {name!r}, which is not there")
     defaults = index.setdefault("defaults", {})
     if not isinstance(defaults, dict) or not all(
-        isinstance(v, dict) for k, v in defaults.items() if k != "candidates"
+        isinstance(v, dict) for k, v in defaults.items() if k not in PIPELINE_CALL_DEFAULTS
     ):
         raise ValueError(f'{index_path}: "defaults" must map each stage to a dict of settings')
     decoder = defaults.get("decoder", {})
