@@ -21,8 +21,12 @@ python="${UNCLIP_PYTHON:-.venv/bin/python}"
 if [ -z "${UNCLIP_PYTHON:-}" ] && ! .venv/bin/python -c "import torch, torchvision, unclip" 2>/dev/null; then
     echo "installing into .venv (once; see DEVELOPERS.md for why torch comes first)..." >&2
     [ -x .venv/bin/python ] || python3 -m venv .venv
+    echo "  1/2 torch and torchvision (the largest part)..." >&2
     .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+    echo "  2/2 unclip and its dependencies..." >&2
     .venv/bin/pip install -q -e .
+    echo "installed." >&2
 fi
+echo "generating \"$prompt\" (each image's path is printed when it is written)..." >&2
 # the bundled models are local: never wait on the network for a pretrained tag
 HF_HUB_OFFLINE=1 exec "$python" sample/generate.py --prompt "$prompt" "$@"

@@ -350,6 +350,13 @@ def test_demo_script_reinstalls_after_a_halfway_install(tmp_path):
     calls = log.read_text().splitlines()
     assert calls[0].startswith("pip install -q torch==") and calls[1] == "pip install -q -e ."
     assert calls[2] == "python sample/generate.py --prompt a red circle"
+    said = [line.strip() for line in run.stderr.splitlines()]  # what the demo is doing, as it does it
+    assert said[1:4] == [
+        "1/2 torch and torchvision (the largest part)...",
+        "2/2 unclip and its dependencies...",
+        "installed.",
+    ]
+    assert said[4] == 'generating "a red circle" (each image\'s path is printed when it is written)...'
     log.unlink()
     subprocess.run(demo, env=env, check=True)
     assert log.read_text().splitlines() == ["python sample/generate.py --prompt a red circle"]  # no second install
