@@ -81,6 +81,36 @@ class DataConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021, through the peft library) on a trained stage: `train.lora` fine-tunes
+    only them, from the frozen weights of `train.init_from`, and the export holds only the adapter."""
+
+    rank: int = 8
+    alpha: float = 8.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0
+    # module names (or their last parts, e.g. "qkv"); None: the stage's attention and projection layers
+    # (unclip.lora.DEFAULT_TARGETS)
+    target_modules: list[str] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"train.lora.rank must be a whole number >= 1, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"train.lora.alpha must be > 0, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"train.lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.target_modules is not None and (
+            isinstance(self.target_modules, str)
+            or not self.target_modules
+            or not all(isinstance(m, str) and m for m in self.target_modules)
+        ):
+            raise ValueError(
+                f"train.lora.target_modules must be a list of module names, e.g. [qkv, proj_out], or null for the "
+                f"stage's defaults; got {self.target_modules!r}"
+            )
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
     seed: int = 0
@@ -105,6 +135,7 @@ class TrainConfig:
     max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
     gradient_checkpointing: bool = False
     init_from: str | None = None  # an exported model folder whose weights start this run (fine-tuning)
+    lora: LoraConfig | None = None  # train only low-rank adapters on init_from's frozen weights (e.g. {rank: 8})
 
     def __post_init__(self):
         if self.mixed_precision is False:  # YAML reads a bare `no` (as in train.mixed_precision=no) as false
