@@ -83,7 +83,7 @@ def _load(args: argparse.Namespace, kinds: tuple[str, ...]) -> RunConfig:
         raise ValueError(f"{args.config} or an override is not valid YAML ({e})") from None
     if config.kind not in kinds:
         raise ValueError(f"{args.config} is a '{config.kind}' config; this script trains {' or '.join(kinds)}")
-    check_train_config(config.train)
+    check_train_config(config.train, config.kind)
     run_dir = Path(config.train.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"train.output_dir={run_dir} is a file, not a folder")

@@ -30,8 +30,15 @@ TRAIN_CHECKS = (  # (setting, is it valid, what is valid), for what TrainConfig'
 )
 
 
-def check_train_config(train) -> None:
+def check_train_config(train, kind: str | None = None) -> None:
     """A one-line ValueError for the first invalid training setting."""
+    if train.lora and not train.init_from:
+        raise ValueError(
+            "train.lora trains adapters on a trained stage: set train.init_from to its export folder (a pipeline's "
+            "decoder/ or prior/, or runs/NAME/export)"
+        )
+    if train.lora and kind == "clip":
+        raise ValueError("train.lora adapts the prior, decoder, inpaint and upsampler stages, not a CLIP")
     for name, valid, what in TRAIN_CHECKS:
         value = getattr(train, name)
         try:

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from unclip.checkpoint import atomic_write_bytes
 from unclip.config import RunConfig
+from unclip.lora import add_lora, save_adapter
 from unclip.training.settings import check_train_config, lr_at
 from unclip.training.signals import ignore_sigint, stop_signals
 from unclip.training.state import (
@@ -136,8 +137,9 @@ def _make_ema(model: nn.Module, train) -> EMA:
         update_every=train.ema_update_every,
         include_online_model=False,
         # buffers are copied, not averaged: averaging a -inf attention mask gives NaN, and statistics
-        # such as the prior's embedding normalisation are constants
-        param_or_buffer_names_no_ema={name for name, _ in model.named_buffers()},
+        # such as the prior's embedding normalisation are constants; so are frozen weights (train.lora)
+        param_or_buffer_names_no_ema={name for name, _ in model.named_buffers()}
+        | {name for name, p in model.named_parameters() if not p.requires_grad},
     )
 
 
@@ -145,7 +147,7 @@ class Trainer:
     """Trains `task.model` according to `config.train`; see the module docstring."""
 
     def __init__(self, task: Task, config: RunConfig, accelerator: Accelerator | None = None):
-        check_train_config(config.train)
+        check_train_config(config.train, config.kind)
         self.task, self.config, self.train_config = task, config, config.train
         self.run_dir = Path(config.train.output_dir)
         self.accelerator = accelerator or make_accelerator(config)
@@ -170,6 +172,8 @@ class Trainer:
                     f"train.init_from={train.init_from}: {len(new)} modules or parameters are new in this config and "
                     f"start from their initialisation: {', '.join(new[:8])}{' ...' if len(new) > 8 else ''}"
                 )
+        if train.lora:  # the loaded weights stay frozen; only the adapters train
+            add_lora(model, train.lora)
         self.task.setup(acc.device)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=train.lr, betas=train.adam_betas, weight_decay=train.weight_decay)
@@ -237,7 +241,10 @@ class Trainer:
         """Write the EMA model's inference folder to export/ (built aside, then swapped in)."""
         export, tmp, old = self.run_dir / "export", self.run_dir / ".export.tmp", self.run_dir / ".export.old"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.task.export(self.ema.ema_model, tmp)
+        if self.train_config.lora:  # the adapter alone
+            save_adapter(self.ema.ema_model, tmp, kind=self.task.kind, base=self.train_config.init_from)
+        else:
+            self.task.export(self.ema.ema_model, tmp)
         shutil.rmtree(old, ignore_errors=True)
         if export.exists():
             os.replace(export, old)
