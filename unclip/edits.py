@@ -224,7 +224,7 @@ def repaint_sample(
     """
     if resample < 0:
         raise ValueError(f"resample must be >= 0, got {resample}")
-    timesteps = respace_timesteps(diffusion.num_timesteps, steps)
+    timesteps = respace_timesteps(diffusion.num_timesteps, steps, diffusion.spacing)
     alpha_bars = [float(diffusion.alphas_cumprod[t]) for t in timesteps] + [1.0]
 
     def noise():

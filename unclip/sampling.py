@@ -172,6 +172,10 @@ def sample_prior(
         generator: one for the batch, or one per prompt (that prompt's candidates draw from it, so its
             embedding does not depend on the batch).
 
+    A prior may carry, on its config, a `threshold` for its x_0 (see unclip.diffusion.samplers; default none),
+    and `unit_embeddings = False` when its decoder reads CLIP's raw image embeddings (Karlo's): the embeddings
+    are then returned as the prior makes them, and only the candidates' scores use their directions.
+
     Returns:
         (B, D) L2-normalised image embeddings.
     """
@@ -190,12 +194,16 @@ def sample_prior(
         cond=cond,
         generator=generator,
         device=device,
+        threshold=getattr(prior.config, "threshold", None),
         callback=callback,
     )
-    image_embed = F.normalize(prior.denormalize(x), dim=-1).view(B, candidates, D)
+    image_embed = prior.denormalize(x)
+    if getattr(prior.config, "unit_embeddings", True):
+        image_embed = F.normalize(image_embed, dim=-1)
+    image_embed = image_embed.view(B, candidates, D)
     if candidates == 1:
         return image_embed[:, 0]
-    scores = (image_embed * F.normalize(text_embed, dim=-1)[:, None]).sum(-1)  # (B, candidates)
+    scores = (F.normalize(image_embed, dim=-1) * F.normalize(text_embed, dim=-1)[:, None]).sum(-1)  # (B, candidates)
     return image_embed[torch.arange(B, device=device), scores.argmax(dim=1)]
 
 
@@ -246,13 +254,15 @@ def sample_decoder(
         size: output side, default the decoder's training size.
         text_guidance_scale: extra guidance along what the caption adds to the image embedding
             (unclip.diffusion.guidance); needs caption tokens.
-        threshold: x_0 clipping: "dynamic" (Imagen), "static" ([-1, 1]) or None.
+        threshold: x_0 clipping: "dynamic" (Imagen), "static" ([-1, 1]) or None; a decoder whose config names a
+            `threshold` (one that was trained with another, as Karlo's static clipping) uses its own.
         generator: one for the batch, or one per image (so that an image does not depend on its batch).
 
     Returns:
         (B, 3, size, size) images in [-1, 1].
     """
     config = decoder.config
+    threshold = getattr(config, "threshold", threshold)
     size = size or config.image_size
     B = image_embed.shape[0]
     cond = decoder_cond(image_embed, text_tokens, text_mask, config, text_words=text_words)

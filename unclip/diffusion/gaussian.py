@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from unclip.config import DiffusionConfig
+from unclip.diffusion.respace import SPACINGS
 from unclip.diffusion.schedules import alphas_cumprod_from_betas, make_betas
 
 PREDICTIONS = ("eps", "x0", "v")
@@ -34,6 +35,7 @@ class GaussianDiffusion:
             (its output then has twice the channels of x_t, prediction first).
         vlb_weight: λ of IDDPM's hybrid loss L_simple + λ·L_vlb (with learned variance only).
         min_snr_gamma: if set, weight the MSE by Min-SNR-γ (Hang et al. 2023, eq. 7-9).
+        spacing: the timesteps the samplers visit unless told otherwise (unclip.diffusion.respace).
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class GaussianDiffusion:
         learned_variance: bool = False,
         vlb_weight: float = 0.001,
         min_snr_gamma: float | None = None,
+        spacing: str = "trailing",
     ):
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction type {prediction!r}; valid: {list(PREDICTIONS)}")
@@ -53,6 +56,9 @@ class GaussianDiffusion:
         self.learned_variance = learned_variance
         self.vlb_weight = vlb_weight
         self.min_snr_gamma = min_snr_gamma
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown timestep spacing {spacing!r}; valid spacings: {list(SPACINGS)}")
+        self.spacing = spacing
 
         self._on_device: dict[tuple[str, torch.device], Tensor] = {}
         ac = alphas_cumprod_from_betas(self.betas)

@@ -7,13 +7,14 @@ one, lands on the clean sample (ᾱ = 1). The spacings follow the names in commo
     trailing   round(T, T - T/n, ..., T/n) - 1       starts at T-1 (the default: it starts from pure noise)
     leading    (n-1)·⌊T/n⌋, ..., ⌊T/n⌋, 0            DDIM's original spacing; misses the noisiest steps
     linspace   round(linspace(0, T-1, n+1))[::-1][:-1]   diffusers' DPMSolverMultistepScheduler default
+    unclip     round(linspace(0, T-1, n))[::-1]         both ends: diffusers' UnCLIPScheduler (Karlo, Kandinsky)
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-SPACINGS = ("trailing", "leading", "linspace")
+SPACINGS = ("trailing", "leading", "linspace", "unclip")
 
 
 def respace_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") -> list[int]:
@@ -22,7 +23,7 @@ def respace_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing")
     Args:
         num_timesteps: T, the number of training timesteps.
         steps: how many model evaluations the sampler makes, 1 <= steps <= T.
-        spacing: "trailing" (default), "leading" or "linspace".
+        spacing: "trailing" (default), "leading", "linspace" or "unclip".
 
     Returns:
         a list of `steps` distinct ints in [0, T), decreasing.
@@ -38,6 +39,8 @@ def respace_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing")
         ts = (np.arange(steps) * (T // steps))[::-1]
     elif spacing == "linspace":
         ts = np.linspace(0, T - 1, steps + 1).round().astype(np.int64)[::-1][:-1]
+    elif spacing == "unclip":
+        ts = np.round(np.arange(steps) * ((T - 1) / max(steps - 1, 1)))[::-1].astype(np.int64)
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}; valid spacings: {list(SPACINGS)}")
     ts = [int(t) for t in ts[:steps]]

@@ -5,7 +5,8 @@
     dpm_solver_sample    DPM-Solver++(2M), multistep, data prediction (Lu et al. 2022, algorithm 2)
     ddim_invert          deterministic x_0 -> x_T, the reverse of ddim_sample with eta = 0
 
-They share one signature: a step count, a timestep spacing (see respace.py), a `torch.Generator` or one per
+They share one signature: a step count, a timestep spacing (see respace.py; None: the diffusion's own,
+`GaussianDiffusion.spacing`), a `torch.Generator` or one per
 sample, a progress `callback(info)` called after every step with {"i", "steps", "t", "x", "x0"}, and the same
 treatment of the predicted x_0: `threshold=None | "static" | "dynamic"` (static clipping to [-1, 1], or
 Imagen's dynamic thresholding at `percentile`). Every sampler ends on the clean sample (ᾱ = 1 after its last
@@ -150,7 +151,7 @@ def ddim_sample(
     cond: dict[str, Any] | None = None,
     generator: Generators = None,
     x_T: Tensor | None = None,
-    spacing: str = "trailing",
+    spacing: str | None = None,
     threshold: str | None = None,
     percentile: float = 0.995,
     inpaint: tuple[Tensor, Tensor] | None = None,
@@ -172,7 +173,7 @@ def ddim_sample(
         x_0 samples of `shape`.
     """
     _check_common(diffusion, shape, x_T, threshold)
-    timesteps = respace_timesteps(diffusion.num_timesteps, steps, spacing)
+    timesteps = respace_timesteps(diffusion.num_timesteps, steps, spacing or diffusion.spacing)
     alpha_bars = _alpha_bars(diffusion, timesteps)
     x = _start(shape, x_T, generator, device, dtype)
     for i, t in enumerate(timesteps):
@@ -197,7 +198,7 @@ def ddpm_sample(
     cond: dict[str, Any] | None = None,
     generator: Generators = None,
     x_T: Tensor | None = None,
-    spacing: str = "trailing",
+    spacing: str | None = None,
     threshold: str | None = None,
     percentile: float = 0.995,
     variance: str = "small",
@@ -215,7 +216,7 @@ def ddpm_sample(
     _check_common(diffusion, shape, x_T, threshold)
     if variance not in ("small", "large"):
         raise ValueError(f"unknown variance {variance!r}; valid: ['small', 'large']")
-    timesteps = respace_timesteps(diffusion.num_timesteps, steps, spacing)
+    timesteps = respace_timesteps(diffusion.num_timesteps, steps, spacing or diffusion.spacing)
     alpha_bars = _alpha_bars(diffusion, timesteps)
     x = _start(shape, x_T, generator, device, dtype)
     for i, t in enumerate(timesteps):
@@ -254,7 +255,7 @@ def dpm_solver_sample(
     cond: dict[str, Any] | None = None,
     generator: Generators = None,
     x_T: Tensor | None = None,
-    spacing: str = "trailing",
+    spacing: str | None = None,
     threshold: str | None = None,
     percentile: float = 0.995,
     inpaint: tuple[Tensor, Tensor] | None = None,
@@ -271,7 +272,7 @@ def dpm_solver_sample(
     "lower order final" that keeps few-step sampling stable. Deterministic; `generator` only draws x_T.
     """
     _check_common(diffusion, shape, x_T, threshold)
-    timesteps = respace_timesteps(diffusion.num_timesteps, steps, spacing)
+    timesteps = respace_timesteps(diffusion.num_timesteps, steps, spacing or diffusion.spacing)
     alpha_bars = _alpha_bars(diffusion, timesteps)
     x = _start(shape, x_T, generator, device, dtype)
     x0_prev, h_prev = None, None
@@ -305,7 +306,7 @@ def ddim_invert(
     *,
     steps: int = 50,
     cond: dict[str, Any] | None = None,
-    spacing: str = "trailing",
+    spacing: str | None = None,
     refine: int = 0,
     callback: Callback | None = None,
 ) -> Tensor:
@@ -322,7 +323,7 @@ def ddim_invert(
     """
     if refine < 0:
         raise ValueError(f"refine must be >= 0, got {refine}")
-    timesteps = respace_timesteps(diffusion.num_timesteps, steps, spacing)[::-1]
+    timesteps = respace_timesteps(diffusion.num_timesteps, steps, spacing or diffusion.spacing)[::-1]
     alpha_bars = [1.0] + [float(diffusion.alphas_cumprod[t]) for t in timesteps]
     x = x_0
     for i, t in enumerate(timesteps):
