@@ -38,6 +38,10 @@ COLORS = {
     "purple": (140, 50, 180),
     "cyan": (20, 190, 200),
 }
+# colours the data know (captions, renders, the checker) but draw only when asked (ShapesDataset's
+# extra_colors): a colour a trained model has never seen, to teach it by fine-tuning
+EXTRA_COLORS = {"orange": (245, 130, 30)}
+ALL_COLORS = {**COLORS, **EXTRA_COLORS}
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = {"small": 0.2, "large": 0.4}  # side of the bounding box, as a fraction of the canvas side
 RELATIONS = ("to the left of", "to the right of", "above", "below")
@@ -98,18 +102,18 @@ def check_pairs(pairs) -> frozenset[tuple[str, str]]:
         if isinstance(pair, str) or len(pair) != 2:
             raise ValueError(f"exclude items must be (colour, shape) pairs, got {pair!r}")
         color, shape = pair
-        if color not in COLORS:
-            raise ValueError(f"unknown colour {color!r}; valid colours: {', '.join(COLORS)}")
+        if color not in ALL_COLORS:
+            raise ValueError(f"unknown colour {color!r}; valid colours: {', '.join(ALL_COLORS)}")
         if shape not in SHAPES:
             raise ValueError(f"unknown shape {shape!r}; valid shapes: {', '.join(SHAPES)}")
         out.add((color, shape))
     return frozenset(out)
 
 
-def allowed_pairs(exclude=HELD_OUT_PAIRS) -> list[tuple[str, str]]:
-    """All (colour, shape) pairs not in `exclude`, in a fixed order."""
+def allowed_pairs(exclude=HELD_OUT_PAIRS, colors=tuple(COLORS)) -> list[tuple[str, str]]:
+    """All (colour, shape) pairs of `colors` not in `exclude`, in a fixed order."""
     excluded = check_pairs(exclude)
-    pairs = [p for p in itertools.product(COLORS, SHAPES) if p not in excluded]
+    pairs = [p for p in itertools.product(colors, SHAPES) if p not in excluded]
     if not pairs:
         raise ValueError("exclude leaves no (colour, shape) pair to draw")
     return pairs
@@ -149,7 +153,18 @@ def _place(rng, color: str, shape: str, size: str) -> ShapeObject:
     return ShapeObject(color, shape, size, _uniform(rng, low, high), _uniform(rng, low, high))
 
 
-def sample_scene(rng, exclude=HELD_OUT_PAIRS, two_object_prob: float = 0.5) -> Scene:
+def _pick_pair(rng, pairs, extra_pairs, extra_prob: float | None) -> tuple[str, str]:
+    """A (colour, shape) pair: uniform over both lists, or from `extra_pairs` with chance `extra_prob`."""
+    if not extra_pairs:
+        return _choice(rng, pairs)  # one draw, as the data without extra colours always made
+    if extra_prob is None:
+        return _choice(rng, pairs + extra_pairs)
+    return _choice(rng, extra_pairs if rng.random() < extra_prob else pairs)
+
+
+def sample_scene(
+    rng, exclude=HELD_OUT_PAIRS, two_object_prob: float = 0.5, extra_colors=(), extra_color_prob=None
+) -> Scene:
     """Draw a random scene of one or two objects.
 
     Colour–shape pairs are uniform over `allowed_pairs(exclude)`, sizes and relations uniform; positions
@@ -159,12 +174,17 @@ def sample_scene(rng, exclude=HELD_OUT_PAIRS, two_object_prob: float = 0.5) -> S
         rng: a random.Random or a numpy Generator.
         exclude: (colour, shape) pairs that never appear.
         two_object_prob: chance of a two-object scene.
+        extra_colors: colours of EXTRA_COLORS drawn too (none by default: the scenes are then exactly those
+            drawn without this argument).
+        extra_color_prob: the chance that an object takes one of `extra_colors`; None: each pair is as
+            likely as any other.
 
     Returns:
         a Scene.
     """
     pairs = allowed_pairs(exclude)
-    kinds = [(*_choice(rng, pairs), _choice(rng, list(SIZES))) for _ in range(2)]
+    extra_pairs = allowed_pairs(exclude, extra_colors) if extra_colors else []
+    kinds = [(*_pick_pair(rng, pairs, extra_pairs, extra_color_prob), _choice(rng, list(SIZES))) for _ in range(2)]
     if rng.random() >= two_object_prob:
         return Scene((_place(rng, *kinds[0]),))
     relation = _choice(rng, RELATIONS)
@@ -193,7 +213,7 @@ def _object_svg(obj: ShapeObject, size: int) -> str:
     """SVG element for one object, in pixel units of a `size` px canvas."""
     x0, y0, x1, y1 = (v * size for v in obj.box)
     cx, cy = obj.cx * size, obj.cy * size
-    fill = "rgb({},{},{})".format(*COLORS[obj.color])
+    fill = "rgb({},{},{})".format(*ALL_COLORS[obj.color])
     if obj.shape == "circle":
         return f'<circle cx="{cx}" cy="{cy}" r="{(x1 - x0) / 2}" fill="{fill}"/>'
     if obj.shape == "square":
@@ -230,9 +250,13 @@ def render_scene(scene: Scene, size: int) -> Image.Image:
     return Image.fromarray(canvas, "RGB")
 
 
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def _describe(obj: ShapeObject, rng, size_word_prob: float) -> str:
     size = f"{obj.size} " if rng.random() < size_word_prob else ""
-    return f"a {size}{obj.color} {obj.shape}"
+    return f"{_article(size or obj.color)} {size}{obj.color} {obj.shape}"
 
 
 def caption_scene(scene: Scene, rng, size_word_prob: float = 0.5) -> str:
@@ -247,7 +271,7 @@ def caption_scene(scene: Scene, rng, size_word_prob: float = 0.5) -> str:
     return words[0] if len(words) == 1 else f"{words[0]} {scene.relation} {words[1]}"
 
 
-_OBJECT = rf"an? (?:({'|'.join(SIZES)}) )?({'|'.join(COLORS)}) ({'|'.join(SHAPES)})"
+_OBJECT = rf"an? (?:({'|'.join(SIZES)}) )?({'|'.join(ALL_COLORS)}) ({'|'.join(SHAPES)})"
 _CAPTION = re.compile(rf"{_OBJECT}(?: ({'|'.join(RELATIONS)}) {_OBJECT})?")
 
 
@@ -266,7 +290,7 @@ def parse_caption(text: str) -> SceneSpec:
         raise ValueError(
             f"cannot parse shapes caption {text!r}; expected 'a [small|large] <colour> <shape>' optionally "
             f"followed by a relation ({', '.join(RELATIONS)}) and a second object; "
-            f"colours: {', '.join(COLORS)}; shapes: {', '.join(SHAPES)}"
+            f"colours: {', '.join(ALL_COLORS)}; shapes: {', '.join(SHAPES)}"
         )
     size0, color0, shape0, relation, size1, color1, shape1 = match.groups()
     objects = [ObjectSpec(color0, shape0, size0)]
@@ -275,9 +299,20 @@ def parse_caption(text: str) -> SceneSpec:
     return SceneSpec(tuple(objects), relation)
 
 
+def _check_extra_colors(colors, prob) -> tuple[list[str], float | None]:
+    if isinstance(colors, str) or any(c not in EXTRA_COLORS for c in colors):
+        raise ValueError(
+            f"extra_colors must be a list of colours from {', '.join(EXTRA_COLORS)} (the base colours are always "
+            f"drawn), got {colors!r}"
+        )
+    if prob is not None and not (colors and 0 <= prob <= 1):
+        raise ValueError(f"extra_color_prob needs extra_colors and must be in [0, 1], got {prob!r}")
+    return list(colors), prob
+
+
 def format_spec(spec: SceneSpec) -> str:
     """The caption of a SceneSpec, as `caption_scene` writes it."""
-    words = [" ".join(w for w in ("a", o.size, o.color, o.shape) if w) for o in spec.objects]
+    words = [" ".join(w for w in (_article(o.size or o.color), o.size, o.color, o.shape) if w) for o in spec.objects]
     return words[0] if len(words) == 1 else f"{words[0]} {spec.relation} {words[1]}"
 
 
@@ -354,7 +389,7 @@ class PromptSets(NamedTuple):
 
 
 def _phrase(color: str, shape: str, size: str | None) -> str:
-    return f"a {size} {color} {shape}" if size else f"a {color} {shape}"
+    return f"a {size} {color} {shape}" if size else f"{_article(color)} {color} {shape}"
 
 
 def _take(captions: list[str], n: int, rng: random.Random) -> list[str]:
@@ -395,6 +430,17 @@ def prompt_sets(n: int, seed: int = 0) -> PromptSets:
     )
 
 
+def single_object_prompts(colors, n: int, seed: int = 0) -> list[str]:
+    """n prompts of one object in one of `colors` ("an orange circle", "a small orange square"): every shape,
+    with each size word or none, in shuffled passes, deterministic by seed. The evaluation of a colour taught
+    to a trained model (`python -m unclip.eval shapes --new-colors orange`)."""
+    if isinstance(colors, str) or not colors:
+        raise ValueError(f"colors must be a list of colour names, got {colors!r}")
+    check_pairs([(c, SHAPES[0]) for c in colors])
+    variants = [(c, s, z) for c, s in itertools.product(colors, SHAPES) for z in (*SIZES, None)]
+    return _take([_phrase(*v) for v in variants], n, random.Random(f"single_object_prompts/{seed}"))
+
+
 class ShapesDataset(Dataset):
     """Map-style dataset of procedural scenes, generated on demand: item i is always the same scene.
 
@@ -414,6 +460,10 @@ class ShapesDataset(Dataset):
         hard_negatives: kinds of wrong caption (CORRUPTIONS but "other", e.g. ["relation", "swap"]); items then
             hold "negatives", one caption per kind, None where it does not apply (`hard_negatives`). A CLIP
             trained against them must tell the scene from one that differs only there (`train/clip.py`).
+        extra_colors: colours of EXTRA_COLORS (e.g. ["orange"]) that objects take too; none by default, and then
+            every item is the one drawn without this option.
+        extra_color_prob: the chance that an object takes one of `extra_colors` (None: every colour-shape
+            pair is equally likely), to fine-tune a trained model on mostly the new colour.
     """
 
     def __init__(
@@ -429,8 +479,11 @@ class ShapesDataset(Dataset):
         split: str = "train",
         val_size: int = 64,
         hard_negatives=(),
+        extra_colors=(),
+        extra_color_prob: float | None = None,
     ):
         check_split(split)
+        self.extra_colors, self.extra_color_prob = _check_extra_colors(extra_colors, extra_color_prob)
         unknown = [k for k in hard_negatives if k not in CORRUPTIONS[:-1]]
         if isinstance(hard_negatives, str) or unknown:
             raise ValueError(
@@ -458,7 +511,7 @@ class ShapesDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} scenes")
         rng = random.Random(f"shapes/{self.split}/{self.seed}/{index}")  # str seeds hash stably (SHA-512)
-        scene = sample_scene(rng, self.exclude, self.two_object_prob)
+        scene = sample_scene(rng, self.exclude, self.two_object_prob, self.extra_colors, self.extra_color_prob)
         return scene, caption_scene(scene, rng, self.size_word_prob)
 
     def __getitem__(self, index: int) -> dict:
