@@ -134,6 +134,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_nonfinite: int = 20  # consecutive non-finite losses before the run stops
     gradient_checkpointing: bool = False
+    # how several processes train: "ddp" keeps a whole copy of the model on each; "fsdp" shards the weights,
+    # gradients, optimizer state and EMA over them (PyTorch FSDP2 through Accelerate; docs/training.md)
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     init_from: str | None = None  # an exported model folder whose weights start this run (fine-tuning)
     lora: LoraConfig | None = None  # train only low-rank adapters on init_from's frozen weights (e.g. {rank: 8})
 
@@ -142,6 +145,7 @@ class TrainConfig:
             self.mixed_precision = "no"
         _check_choice("train.mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
         _check_choice("train.lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        _check_choice("train.distributed", self.distributed, ("ddp", "fsdp"))
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
