@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from unclip.data.degrade import gaussian_blur
 from unclip.data.shapes import (
-    COLORS,
+    ALL_COLORS,
     CORRUPTIONS,
     MAX_TRIES,
     SIZES,
@@ -58,7 +58,8 @@ from unclip.data.shapes import (
 )
 
 WORK_SIZE = 128  # larger images are area-downsampled to this side first: faster, and as accurate
-MAX_ANGLE = 15.0  # degrees between a pixel's ink and its colour's; the closest two colours are 23° apart
+MAX_ANGLE = 15.0  # degrees between a pixel's ink and its colour's; the closest two colours (orange and yellow,
+# orange and red) are 16° apart, and a pixel takes the nearest
 MIN_ALPHA = 0.5  # least ink, as a fraction of the colour's, of a foreground pixel
 MIN_AREA = 0.004  # specks below this fraction of the canvas are ignored (the smallest object covers 0.02)
 MAX_OBJECTS = 6  # only the largest objects are matched to the prompt
@@ -67,7 +68,7 @@ SHAPE_FILL = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5, "diamond": 
 SQUARE_FILL, TRIANGLE_SKEW, DIAMOND_CORNERS = 0.92, 0.25, 0.2  # decision thresholds (see `_classify`)
 LARGE_SIDE = sum(SIZES.values()) / 2  # sides above this fraction of the canvas are "large"
 
-_INK = np.array([[255.0 - v for v in rgb] for rgb in COLORS.values()])  # (6, 3)
+_INK = np.array([[255.0 - v for v in rgb] for rgb in ALL_COLORS.values()])  # (7, 3): the data's colours and orange
 _INK_UNIT = _INK / np.linalg.norm(_INK, axis=1, keepdims=True)
 _INK_NORM = np.linalg.norm(_INK, axis=1)
 
@@ -229,7 +230,7 @@ def detect(image: Image.Image | Tensor) -> tuple[DetectedObject, ...]:
     rgb = _to_array(image)
     size = rgb.shape[0]
     ink = np.clip(255.0 - rgb, 0, None)  # (H, W, 3)
-    proj = ink @ _INK_UNIT.T  # (H, W, 6)
+    proj = ink @ _INK_UNIT.T  # (H, W, 7)
     cos = proj / np.maximum(np.linalg.norm(ink, axis=-1, keepdims=True), 1e-6)
     alpha = proj / _INK_NORM  # fraction of each colour's full ink
     nearest = cos.argmax(-1)  # (H, W)
@@ -249,7 +250,7 @@ def detect(image: Image.Image | Tensor) -> tuple[DetectedObject, ...]:
         region = _grow(component, GROW) & (nearest == k) & ~(foreground & ~component)
         weights = np.where(region, np.clip(alpha[..., k], 0, 1), 0.0)
         if weights.sum() >= MIN_AREA * size * size:
-            found.append((weights.sum(), _measure(weights, list(COLORS)[k], size)))
+            found.append((weights.sum(), _measure(weights, list(ALL_COLORS)[k], size)))
     return tuple(obj for _, obj in sorted(found, key=lambda f: -f[0]))
 
 
@@ -337,11 +338,15 @@ def degrade(image: Image.Image, sigma: float, noise: float, generator: torch.Gen
     return x[0].clamp(-1, 1)
 
 
-def mismatched_captions(n: int, seed: int = 0) -> tuple[list[tuple[Scene, str]], list[tuple[int, str, str]]]:
+def mismatched_captions(
+    n: int, seed: int = 0, extra_colors: Sequence[str] = ()
+) -> tuple[list[tuple[Scene, str]], list[tuple[int, str, str]]]:
     """`n` val scenes with their captions, and for each scene one wrong caption of each kind in CORRUPTIONS
     (where the kind applies): (scene index, kind, caption). A caption the scene happens to satisfy (e.g. another
-    scene's "a red circle") is left out."""
-    dataset = ShapesDataset(split="val", val_size=n, seed=seed)
+    scene's "a red circle") is left out. With `extra_colors` (e.g. ["orange"]), each object of the scenes takes
+    one of them with chance 1/2."""
+    extra = {"extra_colors": list(extra_colors), "extra_color_prob": 0.5} if extra_colors else {}
+    dataset = ShapesDataset(split="val", val_size=n, seed=seed, **extra)
     scenes = [dataset.scene(i) for i in range(n)]
     rng = random.Random(seed)
     mismatches = []
@@ -362,9 +367,11 @@ def validate_checker(
     *,
     seed: int = 0,
     degraded: tuple[float, float] | None = (0.7, 0.05),
+    extra_colors: Sequence[str] = (),
     progress: bool = False,
 ) -> dict[str, dict]:
-    """Measure the checker on ground-truth renders of `n` val scenes.
+    """Measure the checker on ground-truth renders of `n` val scenes (half of whose objects take one of
+    `extra_colors`, when given: `mismatched_captions`).
 
     For each size (and, with `degraded` = (blur sigma px, noise std), at 64 px degraded): the fraction of
     true (image, caption) pairs accepted, and the fraction of mismatched captions rejected, overall and per
@@ -377,7 +384,7 @@ def validate_checker(
     """
     if n < 1 or not sizes or min(sizes) < 1:
         raise ValueError(f"need n >= 1 and sizes >= 1, got n={n} and sizes={list(sizes)}")
-    scenes, mismatches = mismatched_captions(n, seed)
+    scenes, mismatches = mismatched_captions(n, seed, extra_colors)
     settings = [(str(s), s, None) for s in sizes]
     if degraded is not None:
         settings.append(("64_degraded", 64, degraded))
