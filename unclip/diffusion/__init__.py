@@ -17,7 +17,7 @@ Vocabulary used across the repository:
 """
 
 from unclip.diffusion.gaussian import GaussianDiffusion
-from unclip.diffusion.guidance import classifier_free_guidance
+from unclip.diffusion.guidance import classifier_free_guidance, classifier_guidance
 from unclip.diffusion.respace import SPACINGS, respace_timesteps
 from unclip.diffusion.samplers import (
     DEFAULT_STEPS,
@@ -37,6 +37,7 @@ __all__ = [
     "SPACINGS",
     "GaussianDiffusion",
     "classifier_free_guidance",
+    "classifier_guidance",
     "ddim_invert",
     "ddim_sample",
     "ddpm_sample",

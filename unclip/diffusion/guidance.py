@@ -18,6 +18,15 @@ second direction, what the caption adds to the image embedding, as InstructPix2P
 
 where image_only keeps the image embedding and drops the caption. The network is told which condition a row
 drops through `cond_drop` of shape (B, 2) (image, text); three branches run in one pass.
+
+Classifier guidance (`classifier_guidance`; Dhariwal & Nichol 2021, §4; GLIDE's CLIP guidance when the
+classifier is a noise-aware CLIP, Nichol et al. 2022, §2.3) adds s·∇ log p(y | x_t) to the score, that is, it
+shifts the predicted noise:
+
+    eps' = eps - sqrt(1 - ᾱ_t) · s · ∇_{x_t} log p(y | x_t)
+
+and every sampler then steps with eps' (for DDPM this moves the step's mean by about s·Σ_t·∇ log p, GLIDE's
+mean form, Σ_t the step's variance). It wraps any denoiser, a classifier-free guided one included.
 """
 
 from __future__ import annotations
@@ -76,3 +85,45 @@ def _repeat(value, n: int):
     if isinstance(value, Tensor):
         return torch.cat([value] * n)
     return value
+
+
+def classifier_guidance(
+    model: Callable[..., Tensor],
+    diffusion,
+    grad_fn: Callable[[Tensor, Tensor], Tensor],
+    scale: float,
+) -> Callable[..., Tensor]:
+    """Wrap a denoiser `model(x_t, t, **cond)` so that its prediction follows eps' = eps - sqrt(1-ᾱ_t)·s·grad.
+
+    Args:
+        model: the denoiser (a network, or a classifier_free_guidance wrapper).
+        diffusion: its GaussianDiffusion: ᾱ_t and what the network predicts (eps, x0 or v; the shift is made in
+            that target, at the same x_t).
+        grad_fn: grad_fn(x_t, t) -> ∇_{x_t} log p(y | x_t), same shape as x_t (e.g. NoisedClip.guide(prompts)).
+        scale: s >= 0; 0 returns `model` unchanged.
+    """
+    scale = float(scale)
+    if scale < 0:
+        raise ValueError(f"the classifier guidance scale must be >= 0, got {scale}")
+    if scale == 0.0:
+        return model
+
+    def guided(x_t: Tensor, t: Tensor, **cond) -> Tensor:
+        out = model(x_t, t, **cond)
+        channels = x_t.shape[1]
+        pred = out[:, :channels]
+        grad = grad_fn(x_t, t).to(device=pred.device, dtype=torch.float32)
+        alpha_bar = diffusion.alpha_bar(t, grad)
+        d_eps = -(1 - alpha_bar).sqrt() * scale * grad
+        if diffusion.prediction == "eps":
+            shift = d_eps
+        elif diffusion.prediction == "v":  # v = (eps - sqrt(1-ᾱ)·x_t) / sqrt(ᾱ)
+            shift = d_eps / alpha_bar.sqrt()
+        else:  # x0 = (x_t - sqrt(1-ᾱ)·eps) / sqrt(ᾱ)
+            shift = -(1 - alpha_bar).sqrt() / alpha_bar.sqrt() * d_eps
+        pred = (pred.float() + shift).to(pred.dtype)
+        return pred if out.shape[1] == channels else torch.cat([pred, out[:, channels:]], dim=1)
+
+    guided.scale = scale
+    guided.model = model
+    return guided

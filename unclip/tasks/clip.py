@@ -45,6 +45,7 @@ from unclip.clip_models import (
 )
 from unclip.config import RunConfig
 from unclip.data import build_dataset, collate
+from unclip.noised_clip import clip_model_config
 
 MAX_LOGIT_SCALE = 100.0  # Radford et al. 2021, section 2.5: the learned 1/temperature is clipped at 100
 EVAL_BATCH = 256
@@ -54,6 +55,14 @@ class ClipTask:
     """The `Task` for `kind: clip` runs: a randomly initialised open_clip CLIP and its contrastive loss."""
 
     kind = "clip"
+
+    def __new__(cls, config: RunConfig):
+        # `model.noise_aware: true` makes the run a noise-aware CLIP's (unclip.tasks.noised_clip)
+        if cls is ClipTask and clip_model_config(config.model).noise_aware:
+            from unclip.tasks.noised_clip import NoisedClipTask
+
+            return super().__new__(NoisedClipTask)
+        return super().__new__(cls)
 
     def __init__(self, config: RunConfig):
         _check_config(config)
@@ -87,14 +96,18 @@ class ClipTask:
         """Model inputs: preprocessed pixels (B, 3, S, S) from images in [-1, 1], and (B, L) token ids."""
         return self.pixels(images), self.tokenizer(list(captions)).to(self.device)
 
+    def features(self, model: nn.Module, images: Tensor, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The model's (image features, text features, exp(logit scale)) for images in [-1, 1] and token ids."""
+        return model(image=self.pixels(images), text=ids)[:3]
+
     def loss(self, model: nn.Module, batch: dict) -> tuple[Tensor, dict[str, float]]:
-        pixels, ids = self.inputs(batch["image"], batch["caption"])
+        ids = self.tokenizer(list(batch["caption"])).to(self.device)
         rows, slots, negatives = _flatten_negatives(batch.get("negatives"))
         if negatives:  # one forward for captions and negatives, so that a DDP-wrapped model sees one call
             ids = torch.cat([ids, self.tokenizer(negatives).to(self.device)])
-        image_features, text_features, logit_scale = model(image=pixels, text=ids)[:3]  # (B, D), (B + N, D), ()
+        image_features, text_features, logit_scale = self.features(model, batch["image"], ids)  # (B, D), (B+N, D)
         logit_scale = logit_scale.clamp(max=MAX_LOGIT_SCALE)
-        b = len(pixels)
+        b = len(batch["image"])
         loss = self.contrastive_loss(image_features, text_features[:b], logit_scale)
         logs = {"logit_scale": logit_scale.item()}
         if negatives:
