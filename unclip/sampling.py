@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unclip.diffusion import SAMPLERS, GaussianDiffusion, classifier_free_guidance, sample
+from unclip.diffusion import SAMPLERS, GaussianDiffusion, classifier_free_guidance, classifier_guidance, sample
 from unclip.diffusion.samplers import Generators
 
 
@@ -110,11 +110,13 @@ class DecoderSettings(StageSettings):
     steps: int = 25
     guidance_scale: float = 5.0
     text_guidance_scale: float = 0.0
+    clip_guidance_scale: float = 0.0  # GLIDE's CLIP guidance, with the pipeline's noise-aware CLIP; 0 = none
 
     def check(self) -> None:
         super().check()
         check_scale("guidance_scale", self.guidance_scale)
         check_scale("text_guidance_scale", self.text_guidance_scale)
+        check_scale("clip_guidance_scale", self.clip_guidance_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +241,8 @@ def sample_decoder(
     steps: int = DECODER_DEFAULTS.steps,
     guidance_scale: float = DECODER_DEFAULTS.guidance_scale,
     text_guidance_scale: float = DECODER_DEFAULTS.text_guidance_scale,
+    clip_guidance_scale: float = DECODER_DEFAULTS.clip_guidance_scale,
+    clip_guide: Callable[[Tensor, Tensor], Tensor] | None = None,
     threshold: str | None = "dynamic",
     generator: Generators = None,
     x_T: Tensor | None = None,
@@ -254,6 +258,9 @@ def sample_decoder(
         size: output side, default the decoder's training size.
         text_guidance_scale: extra guidance along what the caption adds to the image embedding
             (unclip.diffusion.guidance); needs caption tokens.
+        clip_guidance_scale: GLIDE's CLIP guidance, s in eps - sqrt(1-ᾱ_t)·s·∇ log p(caption | x_t)
+            (unclip.diffusion.guidance.classifier_guidance), with or without classifier-free guidance; 0 = none.
+        clip_guide: clip_guide(x_t, t) -> ∇ log p(caption_i | x_t) per row, e.g. `NoisedClip.guide(prompts)`.
         threshold: x_0 clipping: "dynamic" (Imagen), "static" ([-1, 1]) or None; a decoder whose config names a
             `threshold` (one that was trained with another, as Karlo's static clipping) uses its own.
         generator: one for the batch, or one per image (so that an image does not depend on its batch).
@@ -274,6 +281,12 @@ def sample_decoder(
     if text_guidance_scale and "text_tokens" not in cond:
         raise ValueError("text_guidance_scale needs a decoder conditioned on text and the caption's tokens")
     model = classifier_free_guidance(decoder, guidance_scale, text_guidance_scale)
+    if clip_guidance_scale:
+        if clip_guide is None:
+            raise ValueError(
+                "clip_guidance_scale > 0 needs clip_guide, the gradient of a noise-aware CLIP (NoisedClip.guide)"
+            )
+        model = classifier_guidance(model, diffusion, clip_guide, clip_guidance_scale)
     x = sample(
         sampler,
         model,
