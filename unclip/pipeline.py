@@ -141,10 +141,15 @@ class UnCLIPPipeline(PipelineEdits):
     def from_pretrained(
         cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: str | torch.dtype = "fp32"
     ) -> UnCLIPPipeline:
-        """Load the pipeline folder at `path` (see unclip.checkpoint) onto `device` in `dtype`."""
+        """Load the pipeline folder at `path` (see unclip.checkpoint) onto `device` in `dtype`; a diffusers
+        UnCLIPPipeline folder (Karlo) loads through unclip.diffusers_format."""
         root = Path(path)
-        index = read_pipeline_index(root)
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        if (root / "model_index.json").is_file() and not (root / "pipeline.json").is_file():
+            from unclip.diffusers_format import load_karlo  # diffusers and transformers: an optional extra
+
+            return cls(**load_karlo(root, device=device, dtype=dtype), device=device, dtype=dtype)
+        index = read_pipeline_index(root)
         saved = index["defaults"]  # per-stage settings that override the toolkit's defaults
 
         def stage(folder: str, kind: type[StageSettings], key: str | None = None) -> Stage:

@@ -36,6 +36,8 @@ class GaussianDiffusion:
         vlb_weight: λ of IDDPM's hybrid loss L_simple + λ·L_vlb (with learned variance only).
         min_snr_gamma: if set, weight the MSE by Min-SNR-γ (Hang et al. 2023, eq. 7-9).
         spacing: the timesteps the samplers visit unless told otherwise (unclip.diffusion.respace).
+        clamp_variance: keep the learned variance between β̃_t and β_t (IDDPM's interpolation weight clamped to
+            [0, 1]) when sampling; False interpolates beyond them as guided-diffusion (and so Karlo) does.
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class GaussianDiffusion:
         vlb_weight: float = 0.001,
         min_snr_gamma: float | None = None,
         spacing: str = "trailing",
+        clamp_variance: bool = True,
     ):
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction type {prediction!r}; valid: {list(PREDICTIONS)}")
@@ -59,6 +62,7 @@ class GaussianDiffusion:
         if spacing not in SPACINGS:
             raise ValueError(f"unknown timestep spacing {spacing!r}; valid spacings: {list(SPACINGS)}")
         self.spacing = spacing
+        self.clamp_variance = clamp_variance
 
         self._on_device: dict[tuple[str, torch.device], Tensor] = {}
         ac = alphas_cumprod_from_betas(self.betas)

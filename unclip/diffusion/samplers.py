@@ -229,7 +229,7 @@ def ddpm_sample(
         if i == len(timesteps) - 1:  # the last step lands on ᾱ = 1: no noise
             x = mean
         else:
-            log_var = _ddpm_log_variance(beta, a, a_prev, var_values, variance, x)
+            log_var = _ddpm_log_variance(beta, a, a_prev, var_values, variance, x, diffusion.clamp_variance)
             noise = randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = mean + torch.exp(0.5 * log_var) * noise
         x = _replace_known(x, inpaint, a_prev, generator)
@@ -237,11 +237,12 @@ def ddpm_sample(
     return x
 
 
-def _ddpm_log_variance(beta, a, a_prev, var_values, variance, x) -> Tensor | float:
+def _ddpm_log_variance(beta, a, a_prev, var_values, variance, x, clamp: bool = True) -> Tensor | float:
     small = beta * (1 - a_prev) / (1 - a)
     if var_values is None:
         return torch.tensor(math.log(small if variance == "small" else beta), dtype=x.dtype, device=x.device)
-    frac = ((var_values.float() + 1) / 2).clamp(0, 1)
+    frac = (var_values.float() + 1) / 2
+    frac = frac.clamp(0, 1) if clamp else frac
     return (frac * math.log(beta) + (1 - frac) * math.log(small)).to(x.dtype)
 
 
