@@ -290,7 +290,8 @@ def read_pipeline_index(root: str | Path) -> dict[str, Any]:
     upsamplers = index.setdefault("upsamplers", [])
     if not isinstance(upsamplers, list):
         raise ValueError(f'{index_path}: "upsamplers" must be a list of folder names')
-    for name in [index.get(k) for k in PIPELINE_STAGES] + upsamplers:
+    adapters = _check_adapters(index, index_path)
+    for name in [index.get(k) for k in PIPELINE_STAGES] + upsamplers + list(adapters.values()):
         if name is None:
             continue
         if not isinstance(name, str) or Path(name).is_absolute() or Path(name).name != name or name in ("", ".", ".."):
@@ -307,6 +308,24 @@ def read_pipeline_index(root: str | Path) -> dict[str, Any]:
         defaults["candidates"] = decoder["candidates"]
         defaults["decoder"] = {k: v for k, v in decoder.items() if k != "candidates"}
     return index
+
+
+def _check_adapters(index: dict[str, Any], index_path: Path) -> dict[str, str]:
+    """pipeline.json's optional "adapters": {stage: adapter folder}, a LoRA adapter (unclip.lora) to apply to
+    the stage when the pipeline loads; the stages are "prior", "decoder", "inpaint" and upsamplers' folders."""
+    adapters = index.setdefault("adapters", {})
+    if not isinstance(adapters, dict) or not all(isinstance(v, str) for v in adapters.values()):
+        raise ValueError(
+            f'{index_path}: "adapters" must map stages to adapter folders, e.g. {{"decoder": "decoder_lora"}}'
+        )
+    stages = [k for k in ("prior", "decoder", "inpaint") if index.get(k)] + index["upsamplers"]
+    for stage in adapters:
+        if stage not in stages:
+            raise ValueError(
+                f'{index_path}: "adapters" names the stage {stage!r}, which this pipeline does not have; its stages '
+                f"are {', '.join(stages)}"
+            )
+    return adapters
 
 
 # the network class each pipeline stage holds

@@ -81,7 +81,7 @@ def has_lora(model: nn.Module) -> bool:
 
 def adapter_state(model: nn.Module) -> dict:
     """The adapter's tensors (peft's names, e.g. "image_proj.lora_A.weight"), without the frozen base."""
-    return peft.get_peft_model_state_dict(model)
+    return peft.get_peft_model_state_dict(model, save_embedding_layers=False)  # peft guesses them by name
 
 
 def save_adapter(model: nn.Module, directory: str | Path, *, kind: str, base: str | None = None) -> Path:

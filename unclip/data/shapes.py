@@ -250,6 +250,20 @@ def render_scene(scene: Scene, size: int) -> Image.Image:
     return Image.fromarray(canvas, "RGB")
 
 
+def box_mask(box: tuple[float, float, float, float], size: int, margin: float = 0.0) -> np.ndarray:
+    """(size, size) bool mask of a box (x0, y0, x1, y1) in canvas units, grown by `margin` on each side.
+
+    A pixel is in the mask when any part of it is inside the grown box, so the mask of an object's box covers
+    every pixel `render_scene` draws for it.
+    """
+    x0, y0, x1, y1 = box
+    lo = [max(0, int(np.floor((v - margin) * size))) for v in (x0, y0)]
+    hi = [min(size, int(np.ceil((v + margin) * size))) for v in (x1, y1)]
+    mask = np.zeros((size, size), dtype=bool)
+    mask[lo[1] : hi[1], lo[0] : hi[0]] = True
+    return mask
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 

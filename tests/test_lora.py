@@ -1,0 +1,150 @@
+"""LoRA through peft (train.lora, unclip.lora): only the adapters train, the export is the adapter alone, and a
+pipeline folder that names adapters applies them at load time while one that does not is the base, exactly."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.pipeline_helpers import make_tiny_pipeline
+from unclip.checkpoint import load_model, save_model
+from unclip.config import load_config
+from unclip.lora import ADAPTER_CONFIG, ADAPTER_META, ADAPTER_WEIGHTS, add_lora, load_adapter, save_adapter
+from unclip.nets.prior import PriorTransformer
+from unclip.nets.unet import UNet
+from unclip.pipeline import UnCLIPPipeline
+from unclip.tasks import build_task
+from unclip.training import Trainer
+
+TRAIN = ["train.max_steps=3", "train.batch_size=4", "train.lr=1e-2", "train.warmup_steps=0"]
+TRAIN += ["train.ema_warmup_steps=0", "train.eval_every=100", "train.checkpoint_every=100", "train.log_every=1"]
+
+
+def _perturbed(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def _base_export(kind, tmp_path):
+    """A trained-looking base stage (random weights, the zero-initialised layers included) exported to a folder."""
+    config = load_config(f"configs/{kind}/tiny.yaml")
+    torch.manual_seed(0)
+    if kind == "prior":
+        model = _perturbed(PriorTransformer(config.model), 1)
+        model.set_normalization(torch.zeros(config.model.clip_dim), torch.ones(config.model.clip_dim))
+    else:
+        model = _perturbed(UNet(config.model), 2)
+    return save_model(model, tmp_path / f"{kind}-base", kind=kind, diffusion=config.diffusion)
+
+
+@pytest.mark.parametrize("kind", [pytest.param("prior", marks=pytest.mark.slow), "decoder"])  # prior: 4,096 renders
+def test_lora_trains_only_the_adapter_and_exports_it_alone(kind, tmp_path):
+    base = _base_export(kind, tmp_path)
+    run = tmp_path / "run"
+    overrides = [f"train.output_dir={run}", f"train.init_from={base}", "train.lora={rank: 2, alpha: 4}", *TRAIN]
+    config = load_config(f"configs/{kind}/tiny.yaml", overrides)
+    trainer = Trainer(build_task(config), config)
+    trainer.fit()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+    base_state = load_model(base).model.state_dict()
+    state = model.state_dict()
+    frozen = {k.replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}
+    assert frozen.keys() == base_state.keys()
+    assert all(torch.equal(frozen[k], base_state[k]) for k in base_state)  # the base is unchanged
+    assert any(state[k].abs().sum() > 0 for k in state if "lora_B" in k)  # B starts at zero: it trained
+
+    export = run / "export"
+    assert sorted(p.name for p in export.iterdir()) == sorted([ADAPTER_CONFIG, ADAPTER_META, ADAPTER_WEIGHTS])
+    tensors = load_file(export / ADAPTER_WEIGHTS)
+    assert tensors and all("lora_A" in k or "lora_B" in k for k in tensors)
+    assert sum(t.numel() for t in tensors.values()) == sum(
+        p.numel() for n, p in model.named_parameters() if n in trainable
+    )
+    meta = json.loads((export / ADAPTER_META).read_text())
+    assert meta["kind"] == kind and meta["base"] == str(base)
+    assert json.loads((export / ADAPTER_CONFIG).read_text())["r"] == 2
+
+    # the export is the EMA's adapter: loaded onto the base, it computes what the trainer's EMA model computes
+    ema = trainer.ema.ema_model.eval()
+    restored = load_adapter(load_model(base).model, export).eval()
+    ema_state, restored_state = ema.state_dict(), restored.state_dict()
+    assert ema_state.keys() == restored_state.keys()
+    assert all(torch.equal(ema_state[k], restored_state[k]) for k in ema_state)
+
+
+def test_lora_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="train.lora trains adapters on a trained stage: set train.init_from"):
+        config = load_config("configs/decoder/tiny.yaml", ["train.lora={rank: 2}", f"train.output_dir={tmp_path}"])
+        Trainer(build_task(config), config)
+    with pytest.raises(ValueError, match="train.lora.rank must be a whole number >= 1"):
+        load_config("configs/decoder/tiny.yaml", ["train.lora={rank: 0}"])
+    with pytest.raises(ValueError, match="unknown keys in train.lora"):
+        load_config("configs/decoder/tiny.yaml", ["train.lora={ranks: 2}"])
+    model = UNet(load_config("configs/decoder/tiny.yaml").model)
+    config = load_config("configs/decoder/tiny.yaml", ["train.lora={target_modules: [no_such_layer]}"])
+    with pytest.raises(ValueError, match="train.lora.target_modules"):
+        add_lora(model, config.train.lora)
+
+
+def _add_random_adapter(stage_dir, out, kind, seed):
+    """An adapter as a run would export it, with random A and B so that it changes the outputs."""
+    model = load_model(stage_dir).model
+    add_lora(model, load_config("configs/decoder/tiny.yaml", ["train.lora={rank: 2}"]).train.lora)
+    _perturbed(model, seed)  # the frozen base moves too, but only the adapter is saved
+    save_adapter(model, out, kind=kind, base=str(stage_dir))
+
+
+def test_a_pipeline_applies_the_adapters_it_names_and_is_the_base_without_them(tmp_path):
+    root = make_tiny_pipeline(tmp_path, upsampler=False)
+    base_images = UnCLIPPipeline.from_pretrained(root)(["a red circle"], seed=3).images
+    _add_random_adapter(root / "prior", root / "prior_lora", "prior", 5)
+    _add_random_adapter(root / "decoder", root / "decoder_lora", "decoder", 6)
+    index_path = root / "pipeline.json"
+    index = json.loads(index_path.read_text())
+
+    plain = UnCLIPPipeline.from_pretrained(root)  # adapters in the folder but not named: the base, exactly
+    assert torch.equal(plain(["a red circle"], seed=3).images, base_images)
+
+    index_path.write_text(json.dumps({**index, "adapters": {"decoder": "decoder_lora"}}))
+    decoder_only = UnCLIPPipeline.from_pretrained(root)
+    images = decoder_only(["a red circle"], seed=3).images
+    assert not torch.allclose(images, base_images, atol=1e-3)
+    assert torch.equal(decoder_only(["a red circle"], seed=3).images, images)  # deterministic
+    assert decoder_only.fingerprint() != plain.fingerprint()
+
+    index_path.write_text(json.dumps({**index, "adapters": {"prior": "prior_lora", "decoder": "decoder_lora"}}))
+    both = UnCLIPPipeline.from_pretrained(root)
+    assert not torch.allclose(both(["a red circle"], seed=3).images, images, atol=1e-3)
+    expected = load_adapter(load_model(root / "decoder").model, root / "decoder_lora").eval()
+    loaded, wanted = both.decoder.model.state_dict(), expected.state_dict()
+    assert loaded.keys() == wanted.keys() and all(torch.equal(loaded[k], wanted[k]) for k in wanted)
+
+
+@pytest.mark.parametrize(
+    ("adapters", "message"),
+    [
+        ({"upsampler_32": "decoder_lora"}, "names the stage 'upsampler_32', which this pipeline does not have"),
+        ({"decoder": "missing"}, "pipeline.json names 'missing', which is not there"),
+        ({"decoder": "../decoder_lora"}, "it must be a folder inside"),
+        ({"decoder": "prior_lora"}, "was trained on a PriorTransformer, not a UNet"),
+        ({"decoder": "decoder"}, "is not an adapter folder"),
+        (["decoder_lora"], '"adapters" must map stages to adapter folders'),
+    ],
+)
+def test_bad_adapters_in_pipeline_json_are_clear_errors(tmp_path, adapters, message):
+    root = make_tiny_pipeline(tmp_path, upsampler=False)
+    _add_random_adapter(root / "prior", root / "prior_lora", "prior", 5)
+    _add_random_adapter(root / "decoder", root / "decoder_lora", "decoder", 6)
+    shutil.copytree(root / "decoder_lora", tmp_path / "decoder_lora")
+    index = json.loads((root / "pipeline.json").read_text())
+    (root / "pipeline.json").write_text(json.dumps({**index, "adapters": adapters}))
+    with pytest.raises(ValueError, match=message):
+        UnCLIPPipeline.from_pretrained(root)
