@@ -122,6 +122,11 @@ def test_inpaint_keeps_the_known_region_exactly(folders, images, method):
     assert 0 < keep.sum() < 16 * 16
     assert torch.equal(out.low_res[:, :, keep], known[:, :, keep].expand(2, -1, -1))
     assert (out.low_res[:, :, ~keep] - known[:, :, ~keep]).abs().max() > 0.1  # the rest was repainted
+    # the upsampler keeps the known region at its own size too: the input resized to 32, not the upsampled 16
+    known_32 = load_image(images / "a.png", 32)
+    keep_32 = prepare_mask(Image.open(images / "mask.png"), (40, 40), 32)[0, 0] == 0
+    assert torch.equal(out.images[:, :, keep_32], known_32[:, :, keep_32].expand(2, -1, -1))
+    assert (out.images[:, :, ~keep_32] - known_32[:, :, ~keep_32]).abs().max() > 0.1
     again = pipe.inpaint(images / "a.png", images / "mask.png", "a blue square", n=1, seed=2, size=32)
     torch.testing.assert_close(again.images[0], out.images[1], rtol=0, atol=1e-5)
     guided = pipe.inpaint(

@@ -253,8 +253,19 @@ class UnCLIPPipeline(PipelineEdits):
                 **stage.settings(settings).kwargs(),
             ).float()
 
-    def upsample(self, images: Tensor, size: int, generators, settings: Mapping | None = None) -> Tensor:
-        """3. upsamplers: 64 -> 256 (-> 1024), stopping at `size`; `settings` maps folder -> overrides."""
+    def upsample(
+        self,
+        images: Tensor,
+        size: int,
+        generators,
+        settings: Mapping | None = None,
+        known: Callable[[int], dict[str, Tensor]] | None = None,
+    ) -> Tensor:
+        """3. upsamplers: 64 -> 256 (-> 1024), stopping at `size`; `settings` maps folder -> overrides.
+
+        known: for edits, size -> {"image": (1, 3, size, size), "mask": (1, 1, size, size), 1 = repaint}: each
+            upsampler keeps the known image outside the mask at its output size (`sample_upsampler`'s inpaint).
+        """
         size = self.check_size(size)
         for stage in self.upsamplers:
             if images.shape[-1] >= size:
@@ -265,7 +276,13 @@ class UnCLIPPipeline(PipelineEdits):
                 callback = self.step_callback(f"{stage.folder} (image {i + 1} of {len(generators)})", 1)
                 with self.autocast():
                     out = sample_upsampler(
-                        stage.model, stage.diffusion, images[i : i + 1], generator=g, callback=callback, **kwargs
+                        stage.model,
+                        stage.diffusion,
+                        images[i : i + 1],
+                        generator=g,
+                        inpaint=inpaint,
+                        callback=callback,
+                        **kwargs,
                     )
                 outs.append(out)
             images = torch.cat(outs).float()
@@ -279,6 +296,8 @@ class UnCLIPPipeline(PipelineEdits):
         return lambda info: report({"stage": stage, "step": info["i"] + 1, "steps": info["steps"], "images": images})
 
     def clip_scores(self, images: Tensor, text_embeds: Tensor) -> Tensor:
+            config = stage.model.config
+            inpaint = known(images.shape[-1] * config.image_size // config.low_res_size) if known else None
         """(B,) cosine similarity of each image's CLIP embedding with its (normalised) text embedding."""
         image_embed = self.clip.embed_image(images.to(self.device), normalize=True).float()
         return (image_embed * text_embeds.float()).sum(-1)

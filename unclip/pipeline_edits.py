@@ -117,9 +117,12 @@ class PipelineEdits:
     ) -> EditOutput:
         """Repaint the white part of `mask` to fit `prompt`, keeping the rest (GLIDE §3.3, DALL·E 2 figure 1).
 
-        The decoder is conditioned on the prompt's prior embedding and tokens, as in generation. At the
-        decoder's size s the pixels outside the mask (reduced to s, see `prepare_mask`) equal the input's; the
-        upsamplers then re-render the whole image. `EditOutput.low_res` holds the size-s images.
+        The prompt is the caption of the whole desired image, as in GLIDE and DALL·E 2 ("a red circle above a
+        green diamond" to turn the square under a red circle into a green diamond), not of the masked region
+        alone. The decoder is conditioned on the prompt's prior embedding and tokens, as in generation. At every
+        size the pixels outside the mask equal the input's (its centre square resized to that size; the mask
+        reduced as `prepare_mask` does): the decoder and each upsampler replace the known region at every step.
+        `EditOutput.low_res` holds the decoder-size images.
 
         Args:
             mask: white = repaint, black = keep; see `edits.prepare_mask` for sizes and greyscale.
@@ -172,8 +175,12 @@ class PipelineEdits:
         meta = {"mode": "inpaint", "prompt": prompt, "source": name, "mask": mask_name}
         fields = {"names": [f"{stem}_{seed + i:05d}" for i in range(n)], "stem": stem, "low_res": low_res}
         per_image = [{"seed": seed + i} for i in range(n)]
+
+        def known_at(side: int) -> dict[str, Tensor]:  # the upsamplers keep the known region too
+            return {"image": square_tensor(source, side), "mask": edits.prepare_mask(mask, source.size, side)}
+
         return self._edit_output(
-            low_res, image_embed, generators, size, seed, upsamplers, recorded, meta, per_image, fields
+            low_res, image_embed, generators, size, seed, upsamplers, recorded, meta, per_image, fields, known_at
         )
 
     @torch.no_grad()
@@ -286,9 +293,11 @@ class PipelineEdits:
             outs.append(out.float())
         return torch.cat(outs)
 
-    def _edit_output(self, images, embeds, generators, size, seed, upsamplers, recorded, meta, per_image, fields):
+    def _edit_output(
+        self, images, embeds, generators, size, seed, upsamplers, recorded, meta, per_image, fields, known=None
+    ):
         """Upsample the decoder's images to `size` -> EditOutput; each image's metadata is `meta`, its `per_image`
-        entry and the settings (`recorded`, with the upsamplers')."""
+        entry and the settings (`recorded`, with the upsamplers'); `known` as `upsample` takes it."""
         ups = {
             s.folder: s.settings((upsamplers or {}).get(s.folder))
             for s in self.upsamplers
@@ -299,4 +308,4 @@ class PipelineEdits:
         meta = [{**meta, **p, "settings": settings} for p in per_image]
         if fields.get("low_res") is not None and size == images.shape[-1]:
             fields = {**fields, "low_res": None}  # not upsampled: the images are the decoder's
-        return EditOutput(self.upsample(images, size, generators, ups), embeds, metadata=meta, **fields)
+        return EditOutput(self.upsample(images, size, generators, ups, known), embeds, metadata=meta, **fields)

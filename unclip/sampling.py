@@ -322,6 +322,7 @@ def sample_upsampler(
     noise_level: int = UPSAMPLER_DEFAULTS.noise_level,
     guidance_scale: float = 1.0,
     generator: torch.Generator | None = None,
+    inpaint: dict[str, Tensor] | None = None,
     callback=None,
 ) -> Tensor:
     """Low-res images -> high-res images in [-1, 1] (DALL·E 2's 64->256 and 256->1024 stages).
@@ -331,6 +332,9 @@ def sample_upsampler(
     Args:
         low_res: (B, 3, h, w) in [-1, 1].
         noise_level: the augmentation timestep applied to low_res (a small value; 0 = clean).
+        inpaint: {"image": (B, 3, H, W) the known image at the output size, "mask": (B, 1, H, W), 1 = repaint}:
+            after every step the known region is replaced by the known image diffused to the step's noise level,
+            and the result equals the known image there exactly (an edit keeps what it was told to keep).
     """
     config = upsampler.config
     B, C, h, w = low_res.shape
@@ -349,6 +353,15 @@ def sample_upsampler(
     if config.residual:  # x_0 is the detail over the resized low-res image; keep base + x_0 in [-1, 1]
         base = upsampler.resize_low_res(low_res, shape[-2:])
         threshold = lambda x0: torch.maximum(torch.minimum(x0, 1 - base), -1 - base)  # noqa: E731
+    replace = None
+    if inpaint is not None:
+        known, mask = inpaint["image"].to(low_res), inpaint["mask"].to(low_res)
+        if known.shape != shape or mask.shape != (B, 1, *shape[-2:]):
+            raise ValueError(
+                f"inpaint needs an image of shape {shape} and a mask of shape {(B, 1, *shape[-2:])}, "
+                f"got {tuple(known.shape)} and {tuple(mask.shape)}"
+            )
+        replace = (known - base, mask)  # in the sampler's space: the detail over the base when residual
     x = sample(
         sampler,
         model,
@@ -358,7 +371,11 @@ def sample_upsampler(
         cond=cond,
         generator=generator,
         threshold=threshold,
+        inpaint=replace,
         device=low_res.device,
         callback=callback,
     )
-    return (base + x).clamp(-1, 1)
+    x = (base + x).clamp(-1, 1)
+    if replace is not None:  # exactly the known pixels, not base + (known - base) rounded
+        x = torch.where(mask > 0, x, known)
+    return x

@@ -9,6 +9,8 @@
     python -m unclip.eval clip --clip models/shapes/clip   # which caption differences a CLIP can see
     python -m unclip.eval caption --pipeline models/shapes  # which caption differences the decoder reads
     python -m unclip.eval variations --pipeline models/shapes   # do variations keep what the image shows?
+    python -m unclip.eval inpaint --pipeline models/shapes --n 200   # edit one object of a render
+    python -m unclip.eval inpaint --pipeline models/shapes --method repaint --size 256
 
 The evaluator CLIP must be trained separately from the pipeline's own CLIP. A table is printed and, with
 --out, the results are written as JSON.
@@ -246,6 +248,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_common(p, out="write the rates here as JSON")
     p = commands.add_parser(
         "caption",
+    p = commands.add_parser(
+        "inpaint",
+        help="shapes: mask one object of an exact render, ask for it changed or removed, and check the result and "
+        "the pixels outside the mask",
+    )
+    p.add_argument("--pipeline", required=True, help="a shapes pipeline folder (e.g. models/shapes)")
+    p.add_argument("--n", type=at_least(1), default=200, help="edits; the kinds take turns (default 200)")
+    p.add_argument("--size", type=at_least(1), help="size of the render and the result (default: the decoder's)")
+    p.add_argument(
+        "--method",
+        choices=["auto", "model", "repaint"],
+        default="auto",
+        help="the trained inpainting decoder, RePaint with the plain decoder, or the model if the pipeline has "
+        "one (default auto)",
+    )
+    p.add_argument(
+        "--phrasing",
+        choices=["whole", "region"],
+        default="whole",
+        help="prompt with the caption of the whole edited image (default) or the new object's alone (removals "
+        "are then left out)",
+    )
+    p.add_argument("--decoder-guidance", type=at_least(0.0, float), help="decoder guidance (default: the pipeline's)")
+    add_common(p)
         help="shapes: how far the decoder's prediction moves when its caption is wrong in one thing, by kind",
     )
     p.add_argument("--pipeline", required=True, help="a pipeline folder (e.g. models/shapes)")
@@ -378,6 +404,24 @@ def run_suite(args) -> tuple[dict, str]:
         options.update(oracle=args.oracle, sets=args.sets)
         if args.out:  # scored batches are kept until the JSON is written: a rerun resumes
             options["resume"] = resume_log_path(args.out)
+def run_inpaint(args) -> tuple[dict, str]:
+    from unclip.eval.inpaint import evaluate_inpaint
+
+    decoder = None if args.decoder_guidance is None else {"guidance_scale": args.decoder_guidance}
+    results = evaluate_inpaint(
+        load("pipeline", load_pipeline, args.pipeline, args.device),
+        args.n,
+        args.seed,
+        size=args.size,
+        method=args.method,
+        phrasing=args.phrasing,
+        decoder=decoder,
+        progress=True,
+    )
+    results["settings"].update(pipeline=str(args.pipeline), device=args.device)
+    return results, format_table(results)
+
+
             options["resume_settings"] = dict(  # the models, by weights and defaults, not by path
                 pipeline_fingerprint=pipe.fingerprint(),
                 evaluator_fingerprint=evaluator.fingerprint() if evaluator else None,
@@ -438,3 +482,4 @@ COMMANDS = {
 
 if __name__ == "__main__":
     main()
+    "inpaint": run_inpaint,

@@ -14,6 +14,9 @@ COLUMNS = {  # result key -> (header, format); fractions are shown as percentage
     "clip_score": ("clip", "{:.2f}"),
     "retrieval_image_to_text": ("R@1 i->t%", "pct"),
     "retrieval_text_to_image": ("R@1 t->i%", "pct"),
+    "outside_exact": ("kept%", "pct"),
+    "outside_exact_output": ("kept out%", "pct"),
+    "outside_max_error": ("max err", "{:.2f}"),
 }
 
 

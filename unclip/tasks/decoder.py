@@ -6,8 +6,10 @@ tokens; GLIDE: the caption's token encodings are extra keys and values in every 
 drops the image embedding (10%) and the text (50%) itself in training, for classifier-free guidance.
 
 `kind: inpaint` trains GLIDE's inpainting model: the decoder with the masked image and the mask as extra
-input channels, fine-tuned from a trained decoder (`train.init_from`) on random rectangle and brush-stroke
-masks (1 = repaint, white in a user's mask image).
+input channels, fine-tuned from a trained decoder (`train.init_from`) on random masks (1 = repaint, white in a
+user's mask image): rectangles and brush strokes, and, on data that knows where its objects are (shapes), one
+object's box with a margin, or the whole image (`training_masks`). The caption stays the whole image's, so the
+model learns to fill the mask so that the whole image fits the caption (GLIDE's convention).
 
 At every evaluation the task writes a grid of EMA samples for a fixed set of validation captions, next to
 the real images: runs/NAME/samples/step_XXXXXXX.png.
@@ -25,6 +27,7 @@ from unclip.checkpoint import load_model, save_model
 from unclip.config import RunConfig
 from unclip.data import build_dataset, collate
 from unclip.data.embeddings import encode_batch
+from unclip.data.shapes import ShapeObject, box_mask
 from unclip.diffusion import GaussianDiffusion
 from unclip.imageio import save_grid
 from unclip.nets.inpaint import InpaintUNet
@@ -93,6 +96,32 @@ def random_inpaint_mask(batch: int, size: int | tuple[int, int], generator: torc
     return masks
 
 
+OBJECT_BOX_PROB = 0.4  # of training masks: one object's box, with a margin (scenes that list their objects)
+WHOLE_IMAGE_PROB = 0.05  # the whole image: the plain decoder's task
+
+
+def training_masks(scenes: list[dict], size: int, generator: torch.Generator | None = None) -> Tensor:
+    """The inpainting model's training masks, (B, 1, size, size), 1 = repaint.
+
+    With scenes (shapes' `Scene.to_dict()` per item): OBJECT_BOX_PROB of them cover one random object's box
+    with a margin of 0-8% of the side, WHOLE_IMAGE_PROB cover everything, the rest are `random_inpaint_mask`'s
+    rectangles and strokes. Items without objects (an empty dict: data that does not list them) get the whole
+    image or a random mask.
+    """
+    masks = random_inpaint_mask(len(scenes), size, generator)
+    for i, scene in enumerate(scenes):
+        u = torch.rand((), generator=generator).item()
+        objects = scene.get("objects") if isinstance(scene, dict) else None
+        if u < WHOLE_IMAGE_PROB:
+            masks[i] = 1
+        elif u < WHOLE_IMAGE_PROB + OBJECT_BOX_PROB and objects:
+            k = int(torch.randint(len(objects), (), generator=generator))
+            o = objects[k]
+            margin = 0.08 * torch.rand((), generator=generator).item()
+            masks[i, 0] = torch.from_numpy(box_mask(ShapeObject(**o).box, size, margin)).float()
+    return masks
+
+
 class DecoderTask:
     def __init__(self, config: RunConfig, clip=None):
         self.config, self.kind = config, config.kind
@@ -147,7 +176,8 @@ class DecoderTask:
             c["image_embed"], c["text_tokens"], c["text_mask"], self.model.config, text_words=c["text_words"]
         )
         if self.kind == "inpaint":
-            mask = random_inpaint_mask(x_0.shape[0], x_0.shape[-1]).to(self.device)
+            scenes = batch.get("scene", [{}] * x_0.shape[0])
+            mask = training_masks(scenes, x_0.shape[-1]).to(self.device)
             cond.update(inpaint_image=x_0, inpaint_mask=mask)
         return x_0, cond
 
