@@ -3,6 +3,7 @@ and the checker reads orange without confusing it with its neighbours red and ye
 
 import pytest
 
+from tests.test_eval import RenderPipeline, WhitePipeline
 from unclip.data.shapes import (
     COLORS,
     EXTRA_COLORS,
@@ -15,6 +16,8 @@ from unclip.data.shapes import (
     satisfies,
     single_object_prompts,
 )
+from unclip.eval import __main__ as cli
+from unclip.eval import suites
 from unclip.eval.shapes_checker import check, detect, validate_checker
 
 
@@ -94,3 +97,24 @@ def test_the_checker_reads_orange_scenes_as_it_reads_the_others():
     for name, rates in results.items():
         assert rates["accepted"] >= (0.97 if name == "32" else 0.99), name
         assert rates["rejected"] >= 0.99 and rates["rejected_by_kind"]["color"] >= 0.98, name
+
+
+def test_the_shapes_suite_adds_a_set_of_the_new_colours_after_the_others(monkeypatch):
+    pipe = RenderPipeline()
+    options = dict(n=4, seed=2, batch_size=4, sets=["single", "new_colors"], new_colors=["orange"])
+    results = suites.evaluate_shapes(pipe, None, **options)
+    assert set(results["sets"]) == {"single", "new_colors", "all", "real"}
+    assert results["sets"]["new_colors"]["accuracy"] == 1.0 and results["sets"]["new_colors"]["n"] == 4
+    assert results["sets"]["all"]["n"] == 4  # the data's own sets only
+    assert results["settings"]["new_colors"] == ["orange"]
+    assert [c["seed"] for c in pipe.calls] == [2, 2 + 3 * 4]  # after single, relational and held_out
+    white = suites.evaluate_shapes(WhitePipeline(), None, **options)
+    assert white["sets"]["new_colors"]["accuracy"] == 0.0
+    plain = suites.evaluate_shapes(RenderPipeline(), None, n=4, seed=2, batch_size=4, sets=["single"])
+    assert plain["sets"]["single"] == results["sets"]["single"] and "new_colors" not in plain["settings"]
+    with pytest.raises(ValueError, match="the set new_colors needs the colours it is made of"):
+        suites.evaluate_shapes(pipe, None, n=2, sets=["new_colors"])
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda path, device, dtype: RenderPipeline())
+    got = cli.main(["shapes", "--pipeline", "p", "--n", "2", "--sets", "new_colors", "--new-colors", "orange"])
+    assert got["sets"]["new_colors"]["n"] == 2 and "all" not in got["sets"]

@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 
 from unclip.checkpoint import atomic_write_bytes, load_model
 from unclip.config import DataConfig, from_dict, load_config
-from unclip.data.shapes import PromptSets
+from unclip.data.shapes import EXTRA_COLORS, PromptSets
 from unclip.diffusion import SAMPLERS
 from unclip.eval.metrics import input_size
 from unclip.eval.probes import probe_clip, probe_decoder_caption
@@ -161,9 +161,17 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.add_argument(
                 "--sets",
                 nargs="+",
-                choices=PromptSets._fields,
+                choices=[*PromptSets._fields, "new_colors"],
                 help="evaluate only these prompt sets, with the prompts and seeds a full run gives them (default: "
-                "all three; the Fréchet distance needs single and relational)",
+                "all three, and new_colors with --new-colors; the Fréchet distance needs single and relational)",
+            )
+            p.add_argument(
+                "--new-colors",
+                nargs="+",
+                choices=list(EXTRA_COLORS),
+                default=[],
+                help="also evaluate the set new_colors: single objects in these colours, which the data draw only "
+                "when asked, for a pipeline taught them (a LoRA adapter)",
             )
         for stage in ("prior", "decoder"):
             p.add_argument(
@@ -401,7 +409,7 @@ def run_suite(args) -> tuple[dict, str]:
     if args.command == "openmoji":
         options["val_size"] = args.val_size
     else:
-        options.update(oracle=args.oracle, sets=args.sets)
+        options.update(oracle=args.oracle, sets=args.sets, new_colors=args.new_colors)
         if args.out:  # scored batches are kept until the JSON is written: a rerun resumes
             options["resume"] = resume_log_path(args.out)
 def run_inpaint(args) -> tuple[dict, str]:

@@ -13,7 +13,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from unclip.data.openmoji import OpenMojiDataset
-from unclip.data.shapes import PromptSets, ShapesDataset, prompt_sets
+from unclip.data.shapes import PromptSets, ShapesDataset, prompt_sets, single_object_prompts
 from unclip.eval.generation import Generated, generate, oracle_image_embeds, resolve_candidates
 from unclip.eval.metrics import (
     candidate_curve,
@@ -134,6 +134,7 @@ def evaluate_shapes(
     oracle: bool = False,
     candidates: int | None = None,
     sets: Sequence[str] | None = None,
+    new_colors: Sequence[str] = (),
     resume: str | Path | None = None,
     resume_settings: dict | None = None,
     progress: bool = False,
@@ -166,6 +167,9 @@ def evaluate_shapes(
         sets: evaluate only these of "single", "relational", "held_out" (default all), with the prompts and
             seeds a full run gives them, so a set's numbers equal the full run's. The Fréchet distance needs
             both single and relational.
+        new_colors: colours the data draw only when asked (shapes' EXTRA_COLORS, e.g. ["orange"]): adds the set
+            "new_colors", n single objects in them (`single_object_prompts`), made after the other three with
+            the seeds that follow theirs, for a model taught them (LoRA); "all" still pools the three.
         resume: a `ResumeLog` file: each scored batch is added to it, and the batches it already holds (from
             a run with the same settings, and `resume_settings`, that was killed) are not made again.
 
@@ -178,14 +182,19 @@ def evaluate_shapes(
         raise ValueError(f"n and batch_size must be >= 1, got {n} and {batch_size}")
     if oracle and not use_prior:
         raise ValueError("oracle decodes true image embeddings instead of the prior's; it excludes use_prior=False")
-    names = list(PromptSets._fields)
+    prompt_lists = prompt_sets(n, seed)._asdict()
+    if new_colors:
+        prompt_lists["new_colors"] = single_object_prompts(new_colors, n, seed)
+    names = list(prompt_lists)
     if sets is not None:
-        _check_sets(sets)
+        _check_sets(sets, names)
     candidates = resolve_candidates(pipe, candidates)
     log = None
     if resume is not None:
         run = dict(n=n, seed=seed, size=size, use_prior=use_prior, oracle=oracle, prior=prior, decoder=decoder)
         run.update(candidates=candidates, batch_size=batch_size, evaluator=evaluator is not None)
+        if new_colors:
+            run["new_colors"] = list(new_colors)
         log = ResumeLog(resume, {**run, **(resume_settings or {})})
         if len(log) and progress:
             logger.info("resuming from %s: %d batches already scored", resume, len(log))
@@ -199,7 +208,7 @@ def evaluate_shapes(
         candidates=candidates,
     )
     scored = {}
-    for k, (name, prompts) in enumerate(prompt_sets(n, seed)._asdict().items()):
+    for k, (name, prompts) in enumerate(prompt_lists.items()):
         if sets is not None and name not in sets:
             continue
         if oracle:
@@ -208,7 +217,9 @@ def evaluate_shapes(
         first = seed + k * n * candidates  # the seed of the set's first image in one call of all the sets
         batches = generate(pipe, prompts, seed=first, desc=name, skip=skip, **options)
         scored[name] = _score(evaluator, batches, prompts, shapes=True, batch_size=batch_size, log=log, name=name)
-    scored["all"] = _pool(scored.values())
+    base = [s for name, s in scored.items() if name in PromptSets._fields]
+    if base:
+        scored["all"] = _pool(base)
     real = ShapesDataset(size, split="val", val_size=2 * n)
     renders = (
         torch.stack([real[i]["image"] for i in range(start, min(start + batch_size, len(real)))])
@@ -229,6 +240,7 @@ def evaluate_shapes(
             decoder=decoder,
             candidates=candidates,
             **({"sets": [name for name in names if name in sets]} if sets is not None else {}),
+            **({"new_colors": list(new_colors)} if new_colors else {}),
             **({"image_embeds": "oracle: the pipeline CLIP's embeddings of exact renders"} if oracle else {}),
         ),
         "sets": {name: {**summarize_checks(s["checks"]), **_clip_metrics(s)} for name, s in scored.items()},
@@ -246,8 +258,9 @@ def evaluate_shapes(
     return results
 
 
-def _check_sets(sets: Sequence[str]) -> None:
-    names = PromptSets._fields
+def _check_sets(sets: Sequence[str], names: Sequence[str] = PromptSets._fields) -> None:
+    if "new_colors" in sets and "new_colors" not in names:
+        raise ValueError("the set new_colors needs the colours it is made of: pass new_colors (--new-colors orange)")
     if not sets or set(sets) - set(names):
         raise ValueError(f"sets must name some of {', '.join(names)}; got {list(sets)}")
 
