@@ -4,6 +4,10 @@
         --prior runs/prior-shapes/export --decoder runs/decoder-shapes/export \\
         --upsampler runs/upsampler-shapes-256/export --upsampler runs/upsampler-shapes-1024/export \\
         --default decoder.guidance_scale=2 --default candidates=4
+    python train/pipeline.py --out models/mine-b32 --prior runs/prior-b32/export --decoder runs/decoder-b32/export
+
+Without --clip the pipeline's CLIP is the one the decoder was trained with (its config's clip section: an
+open_clip name with a pretrained tag or weights file, a CLIP folder, or a model config), written into the folder.
 
 A --default sets a sampling setting the pipeline uses unless the caller overrides it (stages: prior, decoder,
 upsampler_256, upsampler_1024; settings: sampler and steps, guidance_scale for the prior and decoder,
@@ -17,10 +21,14 @@ when every component has been checked and copied, so an error leaves an existing
 import argparse
 import dataclasses
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
-from unclip.checkpoint import build_pipeline_folder
+from unclip.checkpoint import build_pipeline_folder, read_meta
+from unclip.clip import ClipAdapter
+from unclip.config import ClipConfig, from_dict
 from unclip.pipeline import UnCLIPPipeline
 from unclip.sampling import DecoderSettings, PriorSettings, UpsamplerSettings, check_count
 
@@ -61,6 +69,20 @@ def parse_default(text: str) -> tuple[str | None, str, float | int | str]:
     return stage, name, parsed
 
 
+def decoder_clip(decoder: str, scratch: Path) -> Path:
+    """The CLIP folder of the CLIP that the decoder export's config names, written under `scratch` if need be."""
+    config = from_dict(ClipConfig, read_meta(decoder).get("clip") or {}, "clip")
+    if config.checkpoint is not None:
+        return Path(config.checkpoint)
+    if config.model_name is None and config.model_config is None:
+        raise ValueError(f"the decoder {decoder} names no CLIP in its config.json; pass --clip with a CLIP folder")
+    try:
+        clip = ClipAdapter.from_config(config)
+    except ValueError as e:
+        raise ValueError(f"the CLIP in {decoder}/config.json: {e}; or pass --clip with a CLIP folder") from None
+    return clip.save(scratch / "clip")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -68,11 +90,18 @@ def main(argv=None):
         epilog="\n".join(__doc__.splitlines()[1:]),
     )
     p.add_argument("--out", required=True, help="the pipeline folder to write")
-    p.add_argument("--clip", required=True, help="a CLIP folder written by train/clip.py (runs/NAME/export)")
+    p.add_argument(
+        "--clip",
+        help="a CLIP folder written by train/clip.py (runs/NAME/export); default: the decoder's CLIP (its config's)",
+    )
     p.add_argument("--decoder", required=True, help="the decoder's export folder")
     p.add_argument("--prior", help="the prior's export folder")
     p.add_argument("--upsampler", action="append", default=[], help="an upsampler's export folder, in order (repeat)")
     p.add_argument("--inpaint", help="the inpainting decoder's export folder")
+    p.add_argument(
+        "--noised-clip",
+        help="a noise-aware CLIP for CLIP guidance (a train/clip.py export with model.noise_aware: true)",
+    )
     p.add_argument("--fp16", action="store_true", help="store the weights in fp16 (half the size; for bundling)")
     p.add_argument(
         "--default",
@@ -90,16 +119,18 @@ def main(argv=None):
                 defaults[name] = value
             else:
                 defaults.setdefault(stage, {})[name] = value
-        out = build_pipeline_folder(
-            args.out,
-            clip=args.clip,
-            prior=args.prior,
-            decoder=args.decoder,
-            upsamplers=args.upsampler,
-            inpaint=args.inpaint,
-            defaults=defaults,
-            dtype=torch.float16 if args.fp16 else None,
-        )
+        with tempfile.TemporaryDirectory(prefix="unclip-clip-") as scratch:
+            out = build_pipeline_folder(
+                args.out,
+                clip=args.clip or decoder_clip(args.decoder, Path(scratch)),
+                prior=args.prior,
+                decoder=args.decoder,
+                upsamplers=args.upsampler,
+                inpaint=args.inpaint,
+                noised_clip=args.noised_clip,
+                defaults=defaults,
+                dtype=torch.float16 if args.fp16 else None,
+            )
         pipe = UnCLIPPipeline.from_pretrained(out)  # check that it loads
     except ValueError as e:
         sys.exit(f"error: {e}")

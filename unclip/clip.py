@@ -23,6 +23,7 @@ otherwise retries the network for a while before `from_pretrained` raises its Va
 from __future__ import annotations
 
 import copy
+import difflib
 import logging
 import os
 import warnings
@@ -147,18 +148,28 @@ class ClipAdapter:
             ValueError: for an unknown name or tag, or when the tag's weights are neither cached nor
                 downloadable (e.g. offline).
         """
-        if model_name.replace("/", "-") not in open_clip.list_models():
-            raise ValueError(f"unknown open_clip model {model_name!r}; known: {open_clip.list_models()}")
-        if not os.path.isfile(pretrained) and pretrained not in _known_tags(model_name):
+        name = model_name.replace("/", "-")
+        if name not in open_clip.list_models():
+            close = difflib.get_close_matches(name, open_clip.list_models(), n=4, cutoff=0.6)
+            hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
             raise ValueError(
-                f"clip.pretrained={pretrained!r} is neither a file nor a pretrained tag of {model_name!r}; "
-                f"tags: {_known_tags(model_name)}"
+                f"unknown open_clip model {model_name!r}; {hint}open_clip.list_models() lists the known names "
+                "(e.g. 'ViT-B-32', 'ViT-L-14')"
             )
+        tag = _pretrained_tag(name, pretrained)
+        # open_clip builds a tag's model with the name's activation and only warns when the weights were trained
+        # with QuickGELU (OpenAI's and some LAION-400M tags): the model then computes something else, so use theirs
+        quick_gelu = bool(tag.get("quick_gelu")) and not open_clip.get_model_config(name).get("quick_gelu")
         try:
-            model = open_clip.create_model(model_name, pretrained=pretrained, require_pretrained=True)
-        except RuntimeError as e:
-            if os.path.isfile(pretrained):
-                raise ValueError(f"could not load CLIP weights {pretrained} into {model_name!r}: {e}") from e
+            model = open_clip.create_model(
+                model_name, pretrained=pretrained, require_pretrained=True, force_quick_gelu=quick_gelu
+            )
+        except (RuntimeError, AssertionError, KeyError) as e:  # open_clip asserts on some mismatches
+            if not tag:
+                raise ValueError(
+                    f"could not load CLIP weights {pretrained} into open_clip {model_name!r}: "
+                    f"{_short_load_error(e)} (is the file a checkpoint of this architecture?)"
+                ) from e
             raise ValueError(
                 f"could not find the weights of open_clip {model_name!r} / {pretrained!r} offline: they are "
                 "not in the Hugging Face cache and could not be downloaded. Download them once where there "
@@ -167,7 +178,9 @@ class ClipAdapter:
                 "train/clip.py>. Set HF_HUB_OFFLINE=1 on machines without network to fail at once. "
                 f"open_clip said: {e}"
             ) from e
-        model_config = open_clip.get_model_config(model_name.replace("/", "-"))
+        model_config = open_clip.get_model_config(name)
+        if quick_gelu:
+            model_config["quick_gelu"] = True  # a saved copy rebuilds the same activation
         tokenizer = open_clip.get_tokenizer(model_name)
         return cls(model, tokenizer, model_config, precision=precision, device=device)
 
@@ -366,6 +379,34 @@ class ClipAdapter:
 
 def _known_tags(model_name: str) -> list[str]:
     return open_clip.list_pretrained_tags_by_model(model_name.replace("/", "-"))
+
+
+def _pretrained_tag(name: str, pretrained: str) -> dict[str, Any]:
+    """open_clip's settings of a pretrained tag of `name`; {} for a weights file (a tag wins, as in open_clip).
+
+    Raises:
+        ValueError: when `pretrained` is neither a tag of `name` nor an existing file.
+    """
+    tag = open_clip.get_pretrained_cfg(name, pretrained)
+    if tag or os.path.isfile(pretrained):
+        return tag
+    if os.path.isdir(pretrained):
+        raise ValueError(
+            f"clip.pretrained={pretrained!r} is a folder: give the weights file inside it, or a folder written by "
+            "train/clip.py as clip.checkpoint instead of clip.model_name + clip.pretrained"
+        )
+    if os.sep in pretrained or Path(pretrained).suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"):
+        where = "" if os.path.isabs(pretrained) else f" (relative to the current folder {os.getcwd()})"
+        raise ValueError(f"CLIP weights file {pretrained} does not exist{where}")
+    raise ValueError(
+        f"clip.pretrained={pretrained!r} is neither a file nor a pretrained tag of {name!r}; tags: {_known_tags(name)}"
+    )
+
+
+def _short_load_error(error: Exception) -> str:
+    """open_clip's loading error on one line, cut short: load_state_dict's lists every one of hundreds of keys."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return _shorten(text, 300)
 
 
 def _shorten(text: str, limit: int = 80) -> str:
