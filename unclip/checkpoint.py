@@ -41,6 +41,7 @@ FORMAT_VERSION = 1
 # class name in config.json -> (module, network class, architecture dataclass)
 MODEL_CLASSES = {
     "PriorTransformer": ("unclip.nets.prior", "PriorTransformer", "PriorConfig"),
+    "ARPrior": ("unclip.nets.ar_prior", "ARPrior", "ARPriorConfig"),
     "UNet": ("unclip.nets.unet", "UNet", "UNetConfig"),
     "InpaintUNet": ("unclip.nets.inpaint", "InpaintUNet", "UNetConfig"),
     "UpsamplerUNet": ("unclip.nets.upsampler", "UpsamplerUNet", "UpsamplerConfig"),
@@ -328,12 +329,12 @@ def _check_adapters(index: dict[str, Any], index_path: Path) -> dict[str, str]:
     return adapters
 
 
-# the network class each pipeline stage holds
+# the network classes each pipeline stage may hold
 STAGE_CLASSES = {
-    "prior": "PriorTransformer",
-    "decoder": "UNet",
-    "inpaint": "InpaintUNet",
-    "upsampler": "UpsamplerUNet",
+    "prior": ("PriorTransformer", "ARPrior"),
+    "decoder": ("UNet",),
+    "inpaint": ("InpaintUNet",),
+    "upsampler": ("UpsamplerUNet",),
 }
 
 
@@ -347,9 +348,10 @@ def _check_component(name: str, source: Path) -> None:
             raise ValueError(f"--clip {source} holds no CLIP (no .json or .safetensors files)")
     else:
         meta = read_meta(source)
-        if meta["class"] != STAGE_CLASSES[name]:
+        if meta["class"] not in STAGE_CLASSES[name]:
             raise ValueError(
-                f"--{name} {source} holds a {meta['class']} ({meta.get('kind')}), not a {STAGE_CLASSES[name]}: "
+                f"--{name} {source} holds a {meta['class']} ({meta.get('kind')}), not a "
+                f"{' or '.join(STAGE_CLASSES[name])}: "
                 f"pass the {name}'s export folder"
             )
         if name == "upsampler" and "image_size" not in meta["model"]:

@@ -34,6 +34,11 @@ MODEL_CONFIGS = {
     "inpaint": "unclip.nets.unet:UNetConfig",
     "upsampler": "unclip.nets.upsampler:UpsamplerConfig",
 }
+# a prior's model.kind -> its architecture dataclass (the diffusion prior when model.kind is left out)
+PRIOR_MODEL_CONFIGS = {
+    "diffusion": "unclip.nets.prior:PriorConfig",
+    "autoregressive": "unclip.nets.ar_prior:ARPriorConfig",
+}
 
 
 @dataclass
@@ -195,8 +200,12 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
     unknown = set(raw) - known
     if unknown:
         raise ValueError(f"{source}: unknown top-level keys {sorted(unknown)}; valid: {sorted(known)}")
-    model_cls = model_config_class(kind)
-    model = from_dict(model_cls, raw.get("model") or {}, "model") if model_cls else raw.get("model")
+    model_raw = raw.get("model") or {}
+    model_kind = model_raw.get("kind") if isinstance(model_raw, dict) and kind == "prior" else None
+    model_cls = model_config_class(kind, model_kind)
+    if model_kind == "diffusion":  # the default, which PriorConfig does not store
+        model_raw = {k: v for k, v in model_raw.items() if k != "kind"}
+    model = from_dict(model_cls, model_raw, "model") if model_cls else raw.get("model")
     return RunConfig(
         kind=kind,
         model=model,
@@ -207,8 +216,13 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
     )
 
 
-def model_config_class(kind: str) -> type | None:
+def model_config_class(kind: str, model_kind: str | None = None) -> type | None:
+    """The architecture dataclass of a run `kind`; for a prior, of its `model.kind` (diffusion by default)."""
     target = MODEL_CONFIGS[kind]
+    if kind == "prior" and model_kind is not None:
+        if model_kind not in PRIOR_MODEL_CONFIGS:
+            raise ValueError(f"model.kind of a prior must be one of {list(PRIOR_MODEL_CONFIGS)}, got {model_kind!r}")
+        target = PRIOR_MODEL_CONFIGS[model_kind]
     if target is None:
         return None
     module, name = target.split(":")

@@ -46,6 +46,7 @@ from unclip.sampling import (
     sample_prior,
     sample_upsampler,
 )
+from unclip.sampling_ar import ARPriorSettings, is_autoregressive, sample_ar_prior
 
 DEFAULT_PIPELINE = str(Path(__file__).resolve().parent.parent / "models" / "shapes")  # the bundled model
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -79,6 +80,8 @@ class Stage:
         if isinstance(model, UNet):  # image stages: NHWC convolutions sample faster (1.9x at 256 px on CPU)
             model.config.channels_last = True
             model.to(memory_format=torch.channels_last)
+        if kind is PriorSettings and is_autoregressive(model):  # its own settings: no sampler or steps
+            kind = ARPriorSettings
         defaults = kind()
         if kind is UpsamplerSettings:
             defaults = defaults.replace({"noise_level": model.config.sample_noise_level}, folder)
@@ -229,6 +232,9 @@ class UnCLIPPipeline(PipelineEdits):
         tokens = (text.tokens, text.mask) if self.prior.model.config.text_width else (None, None)
         model, diffusion, kwargs = self.prior.model, self.prior.diffusion, self.prior.settings(settings).kwargs()
         callback = self.step_callback("prior", len(text.embed))
+        if is_autoregressive(model):
+            with self.autocast():
+                return sample_ar_prior(model, text.embed, *tokens, generator=generators, callback=callback, **kwargs)
         with self.autocast():
             return sample_prior(
                 model, diffusion, text.embed, *tokens, generator=generators, callback=callback, **kwargs
@@ -271,6 +277,8 @@ class UnCLIPPipeline(PipelineEdits):
             if images.shape[-1] >= size:
                 break
             kwargs = stage.settings((settings or {}).get(stage.folder)).kwargs()
+            config = stage.model.config
+            inpaint = known(images.shape[-1] * config.image_size // config.low_res_size) if known else None
             outs = []
             for i, g in enumerate(generators):  # per image, so each image keeps its own random stream
                 callback = self.step_callback(f"{stage.folder} (image {i + 1} of {len(generators)})", 1)
@@ -296,8 +304,6 @@ class UnCLIPPipeline(PipelineEdits):
         return lambda info: report({"stage": stage, "step": info["i"] + 1, "steps": info["steps"], "images": images})
 
     def clip_scores(self, images: Tensor, text_embeds: Tensor) -> Tensor:
-            config = stage.model.config
-            inpaint = known(images.shape[-1] * config.image_size // config.low_res_size) if known else None
         """(B,) cosine similarity of each image's CLIP embedding with its (normalised) text embedding."""
         image_embed = self.clip.embed_image(images.to(self.device), normalize=True).float()
         return (image_embed * text_embeds.float()).sum(-1)

@@ -50,7 +50,7 @@ class PriorTask:
             text_width=model_config.text_width,
             text_ctx=model_config.text_ctx,
         )
-        self.model = PriorTransformer(model_config)
+        self.model = self.build_model(model_config)
         self.diffusion = GaussianDiffusion.from_config(config.diffusion)
         self.train_dataset = build_dataset(config.data, split="train")
         self.val_dataset = build_dataset(config.data, split="val")
@@ -66,6 +66,13 @@ class PriorTask:
             )
         self.collate_fn = collate
         self.device = torch.device("cpu")
+        self.fit_statistics()
+
+    def build_model(self, model_config):
+        return PriorTransformer(model_config)
+
+    def fit_statistics(self) -> None:
+        """The image-embedding statistics the network keeps with its weights, from the training data."""
         self.model.set_normalization(*PriorTransformer.compute_normalization(self._training_image_embeds()))
 
     def setup(self, device: torch.device) -> None:
@@ -79,8 +86,8 @@ class PriorTask:
             yield encode_batch(self.clip, batch, self.device)
 
     @torch.no_grad()
-    def _training_image_embeds(self) -> Tensor:
-        return torch.cat([c["image_embed"] for c in self._batches(self.train_dataset, NORM_SAMPLES)]).cpu()
+    def _training_image_embeds(self, limit: int = NORM_SAMPLES) -> Tensor:
+        return torch.cat([c["image_embed"] for c in self._batches(self.train_dataset, limit)]).cpu()
 
     def _cond(self, c: dict[str, Tensor]) -> dict[str, Tensor]:
         if not self.model.config.text_width:
