@@ -257,7 +257,7 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], so
 # -- pipeline folders -------------------------------------------------------------------------------------
 
 PIPELINE_FORMAT_VERSION = 1
-PIPELINE_STAGES = ("clip", "prior", "decoder", "inpaint")  # besides the list "upsamplers"
+PIPELINE_STAGES = ("clip", "prior", "decoder", "inpaint", "noised_clip")  # besides the list "upsamplers"
 PIPELINE_CALL_DEFAULTS = ("candidates", "preview_steps")  # "defaults" of the whole call; the others are stages
 
 
@@ -346,6 +346,12 @@ def _check_component(name: str, source: Path) -> None:
     if name == "clip":
         if not any(source.glob("*.safetensors")) and not any(source.glob("*.json")):
             raise ValueError(f"--clip {source} holds no CLIP (no .json or .safetensors files)")
+    elif name == "noised_clip":  # unclip.noised_clip's folder: a CLIP folder with a timestep MLP
+        if not (source / "noised_clip.json").is_file():
+            raise ValueError(
+                f"--noised-clip {source} is not a noise-aware CLIP (it has no noised_clip.json): pass the export of a "
+                "train/clip.py run with model.noise_aware: true"
+            )
     else:
         meta = read_meta(source)
         if meta["class"] not in STAGE_CLASSES[name]:
@@ -382,6 +388,7 @@ def build_pipeline_folder(
     prior: str | Path | None = None,
     upsamplers: list[str | Path] = (),
     inpaint: str | Path | None = None,
+    noised_clip: str | Path | None = None,
     defaults: dict[str, Any] | None = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
@@ -396,6 +403,7 @@ def build_pipeline_folder(
     """
     out = Path(out)
     parts = [("clip", clip), ("prior", prior), ("decoder", decoder), ("inpaint", inpaint)]
+    parts += [("noised_clip", noised_clip)]  # GLIDE's noise-aware CLIP, for CLIP guidance
     parts += [("upsampler", p) for p in upsamplers]
     parts = [(name, Path(source)) for name, source in parts if source is not None]
     for name, source in parts:
@@ -415,7 +423,7 @@ def build_pipeline_folder(
             else:
                 index[name] = name
             shutil.copytree(source, tmp / name)
-            if dtype is not None and name == "clip":
+            if dtype is not None and name in ("clip", "noised_clip"):
                 cast_weights(tmp / name, dtype)  # the adapter loads them into its fp32 model
             elif dtype is not None:
                 loaded = load_model(tmp / name)
