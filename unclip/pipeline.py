@@ -33,6 +33,7 @@ from unclip.diffusion import GaussianDiffusion
 from unclip.diffusion.samplers import randn
 from unclip.lora import load_adapter
 from unclip.nets.unet import UNet
+from unclip.noised_clip import NoisedClip, load_noised_clip
 from unclip.outputs import PipelineOutput
 from unclip.pipeline_edits import PipelineEdits
 from unclip.sampling import (
@@ -138,6 +139,7 @@ class UnCLIPPipeline(PipelineEdits):
         upsamplers: list[Stage] = (),
         inpaint: Stage | None = None,
         *,
+        noised_clip: NoisedClip | None = None,
         candidates: int = 1,
         preview_steps: int = 0,
         device: str | torch.device = "cpu",
@@ -145,6 +147,8 @@ class UnCLIPPipeline(PipelineEdits):
     ):
         self.clip, self.prior, self.decoder, self.inpaint_stage = clip, prior, decoder, inpaint
         self.upsamplers = list(upsamplers)
+        # GLIDE's noise-aware CLIP, whose gradient the decoder's clip_guidance_scale follows (None: none here)
+        self.noised_clip = check_noised_clip(noised_clip, decoder)
         self.candidates = check_count("candidates", candidates)  # the text-to-image call's default reranking
         self.preview_steps = check_count("preview_steps", preview_steps, 0)  # and how it ranks (GenerateSettings)
         self.device, self.dtype = torch.device(device), dtype
@@ -173,6 +177,7 @@ class UnCLIPPipeline(PipelineEdits):
             return Stage.load(root, folder, kind, saved.get(key or folder), device, dtype, adapter)
 
         clip = ClipAdapter.from_checkpoint(root / index["clip"], device=device)
+        noised = load_noised_clip(root / index["noised_clip"], device=device) if index.get("noised_clip") else None
         prior = stage(index["prior"], PriorSettings, "prior", "prior") if index.get("prior") else None
         decoder = stage(index["decoder"], DecoderSettings, "decoder", "decoder")
         upsamplers = [stage(name, UpsamplerSettings) for name in index["upsamplers"]]
@@ -183,7 +188,9 @@ class UnCLIPPipeline(PipelineEdits):
         except SettingError as e:
             raise ValueError(f"{root / 'pipeline.json'}: defaults.{e}") from None
         ranking = {"candidates": candidates, "preview_steps": preview_steps}
-        return cls(clip, prior, decoder, upsamplers, inpaint, **ranking, device=device, dtype=dtype)
+        return cls(
+            clip, prior, decoder, upsamplers, inpaint, noised_clip=noised, **ranking, device=device, dtype=dtype
+        )
 
     def fingerprint(self) -> str:
         """A hash of what this pipeline samples with: every network's weights and every stage's default settings
@@ -194,6 +201,8 @@ class UnCLIPPipeline(PipelineEdits):
             d = s.diffusion
             settings = {"folder": s.folder, "defaults": s.defaults.kwargs(), "prediction": d.prediction}
             parts += [s.model, d.betas, {**settings, "learned_variance": d.learned_variance}]
+        if self.noised_clip is not None:
+            parts.append(self.noised_clip)
         return fingerprint(self.clip.fingerprint(), *parts)
 
     @property
@@ -240,11 +249,14 @@ class UnCLIPPipeline(PipelineEdits):
                 model, diffusion, text.embed, *tokens, generator=generators, callback=callback, **kwargs
             )
 
-    def decode(self, image_embed, text, generators, settings=None, *, x_T=None, inpaint=None) -> Tensor:
+    def decode(self, image_embed, text, generators, settings=None, *, x_T=None, inpaint=None, prompts=None) -> Tensor:
         """2. decoder: CLIP image embeddings (+ caption tokens, or `text` None) -> images at the decoder's size.
-        With `inpaint` ({"image", "mask"}), the pipeline's inpainting decoder if it has one."""
+        With `inpaint` ({"image", "mask"}), the pipeline's inpainting decoder if it has one. `prompts`, one per
+        image, are what CLIP guidance (the settings' clip_guidance_scale) steers toward."""
         stage = self.inpaint_stage if (inpaint is not None and self.inpaint_stage is not None) else self.decoder
         tokens = (None, None, None) if text is None else (text.tokens, text.mask, text.words)
+        kwargs = stage.settings(settings).kwargs()
+        guide = self.clip_guide(prompts, kwargs["clip_guidance_scale"])
         with self.autocast():
             return sample_decoder(
                 stage.model,
@@ -256,7 +268,8 @@ class UnCLIPPipeline(PipelineEdits):
                 inpaint=inpaint,
                 generator=generators,
                 callback=self.step_callback("decoder", len(image_embed)),
-                **stage.settings(settings).kwargs(),
+                clip_guide=guide,
+                **kwargs,
             ).float()
 
     def upsample(
@@ -303,6 +316,18 @@ class UnCLIPPipeline(PipelineEdits):
         report = self.progress
         return lambda info: report({"stage": stage, "step": info["i"] + 1, "steps": info["steps"], "images": images})
 
+    def clip_guide(self, prompts: list[str] | None, scale: float):
+        """The noise-aware CLIP's gradient toward each prompt, for CLIP guidance at `scale` (None at 0)."""
+        if not scale:
+            return None
+        check_clip_guidance(self.noised_clip, scale)
+        if prompts is None:
+            raise ValueError(
+                "CLIP guidance steers the decoder toward a caption and this edit has none: set the decoder's "
+                "clip_guidance_scale to 0"
+            )
+        return self.noised_clip.guide(list(prompts))
+
     def clip_scores(self, images: Tensor, text_embeds: Tensor) -> Tensor:
         """(B,) cosine similarity of each image's CLIP embedding with its (normalised) text embedding."""
         image_embed = self.clip.embed_image(images.to(self.device), normalize=True).float()
@@ -329,6 +354,7 @@ class UnCLIPPipeline(PipelineEdits):
         if unknown:
             raise ValueError(f"unknown upsamplers {unknown}; this pipeline has {[s.folder for s in self.upsamplers]}")
         use_prior = use_prior and not image_embeds_given
+        check_clip_guidance(self.noised_clip, self.decoder.settings(decoder).clip_guidance_scale)
         if use_prior and self.prior is None:
             raise ValueError("this pipeline has no prior; generate with use_prior=False or add a prior/ folder")
         return GenerateSettings(
@@ -424,7 +450,7 @@ class UnCLIPPipeline(PipelineEdits):
             image_embed = text.embed
         if c > 1 and call.preview_steps:
             return self._generate_from_previews(many, seeds, text, image_embed, generators, call)
-        images = self.decode(image_embed, text, generators, call.decoder)
+        images = self.decode(image_embed, text, generators, call.decoder, prompts=many)
         out = PipelineOutput(images, image_embed, text.embed, many, seeds, call.metadata())
         if c > 1:
             out, keep = self._rerank(out, c)
@@ -440,12 +466,15 @@ class UnCLIPPipeline(PipelineEdits):
         x_T = randn(shape, generator=generators, device=self.device)
         previewers = [copy_generator(g) for g in generators]  # a stochastic sampler leaves `generators` as they are
         preview = dataclasses.replace(call.decoder, steps=call.preview_steps)
-        previews = self.decode(image_embed, text, previewers, preview, x_T=x_T)
+        previews = self.decode(image_embed, text, previewers, preview, x_T=x_T, prompts=many)
         out = PipelineOutput(previews, image_embed, text.embed, many, seeds, call.metadata())
         out, keep = self._rerank(out, call.candidates)
         kept = TextEmbedding(*(field[keep] for field in text))
         generators = [generators[i] for i in keep]
-        out.images = self.decode(image_embed[keep], kept, generators, call.decoder, x_T=x_T[keep])
+        kept_prompts = [many[i] for i in keep]
+        out.images = self.decode(
+            image_embed[keep], kept, generators, call.decoder, x_T=x_T[keep], prompts=kept_prompts
+        )
         out.images = self.upsample(out.images, call.size, generators, call.upsamplers)
         return out
 
@@ -466,6 +495,30 @@ class UnCLIPPipeline(PipelineEdits):
             out.images.view(B, c, *out.images.shape[1:]),
             scores,
         ), best
+
+
+def check_noised_clip(noised_clip: NoisedClip | None, decoder: Stage) -> NoisedClip | None:
+    """`noised_clip`, when it was trained on the decoder's noise schedule; a ValueError otherwise."""
+    if noised_clip is None:
+        return None
+    ours = GaussianDiffusion.from_config(noised_clip.diffusion).alphas_cumprod
+    theirs = decoder.diffusion.alphas_cumprod
+    if ours.shape != theirs.shape or not torch.allclose(ours, theirs):
+        raise ValueError(
+            "the noise-aware CLIP was trained on another noise schedule than the decoder's "
+            f"({noised_clip.diffusion.schedule}, {noised_clip.num_timesteps} steps): train it with the decoder's "
+            "diffusion section"
+        )
+    return noised_clip
+
+
+def check_clip_guidance(noised_clip: NoisedClip | None, scale: float) -> None:
+    if scale and noised_clip is None:
+        raise ValueError(
+            f"CLIP guidance (decoder clip_guidance_scale={scale:g}, --clip-guidance) needs a noise-aware CLIP and "
+            "this pipeline has none: train one (configs/clip/shapes_noised.yaml) and add it with train/pipeline.py "
+            "--noised-clip FOLDER, or leave CLIP guidance at 0"
+        )
 
 
 def copy_generator(generator: torch.Generator) -> torch.Generator:
