@@ -186,6 +186,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                 help=f"the {stage}'s classifier-free guidance scale, 1 for none (default: the pipeline's)",
             )
         p.add_argument(
+            "--decoder-clip-guidance",
+            type=at_least(0.0, float),
+            help="GLIDE's CLIP guidance scale, with the pipeline's noise-aware CLIP, 0 for none (default: the "
+            "pipeline's)",
+        )
+        p.add_argument(
             "--decoder-text-guidance",
             type=at_least(0.0, float),
             help="the decoder's extra guidance along what the caption adds, 0 for none (default: the pipeline's)",
@@ -331,12 +337,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def stage_overrides(args: argparse.Namespace) -> dict:
     """{"prior": {...}, "decoder": {...}} from the --{prior,decoder}-{sampler,steps,guidance} options (and
-    --decoder-text-guidance)."""
+    --decoder-text-guidance and --decoder-clip-guidance)."""
     out = {}
     for stage in ("prior", "decoder"):
         options = (("sampler", "sampler"), ("steps", "steps"), ("guidance_scale", "guidance"))
         if stage == "decoder":
-            options += (("text_guidance_scale", "text_guidance"),)
+            options += (("text_guidance_scale", "text_guidance"), ("clip_guidance_scale", "clip_guidance"))
         settings = {k: getattr(args, f"{stage}_{a}") for k, a in options if getattr(args, f"{stage}_{a}") is not None}
         if settings:
             out[stage] = settings
