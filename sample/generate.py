@@ -34,6 +34,12 @@ def parse_args(argv=None):
         help="extra decoder guidance along what the caption adds to the image embedding, 0 = none (default: the "
         "pipeline's)",
     )
+    p.add_argument(
+        "--clip-guidance",
+        type=float,
+        help="GLIDE's CLIP guidance scale: steer each decoder step along the gradient of the pipeline's noise-aware "
+        "CLIP, with or without --guidance; 0 = none (default: the pipeline's)",
+    )
     p.add_argument("--sampler", help="decoder sampler: ddpm, ddim or dpm++ (default: the pipeline's)")
     p.add_argument("--prior-steps", type=int, help="prior sampling steps (default: the pipeline's)")
     p.add_argument("--prior-guidance", type=float, help="prior guidance scale (default: the pipeline's)")
@@ -76,6 +82,7 @@ def main(argv=None):
         "steps": args.steps,
         "guidance_scale": args.guidance,
         "text_guidance_scale": args.text_guidance,
+        "clip_guidance_scale": args.clip_guidance,
         "sampler": args.sampler,
     }
     prompts = [prompt for prompt in args.prompt for _ in range(args.n)]

@@ -32,6 +32,7 @@ FLAGS = {
     "decoder.steps": "--steps",
     "decoder.guidance_scale": "--guidance",
     "decoder.text_guidance_scale": "--text-guidance",
+    "decoder.clip_guidance_scale": "--clip-guidance",
     "decoder.sampler": "--sampler",
     "prior.steps": "--prior-steps",
     "prior.guidance_scale": "--prior-guidance",
