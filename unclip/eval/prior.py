@@ -1,7 +1,7 @@
 """Does the prior matter? DALL·E 2's ablation (§5.1), measured as retrieval among held-out images.
 
 For N held-out (caption, image) pairs, the prior's image embedding for each caption should find the caption's
-own image among the N images more often than the raw text embedding does:
+own image among the N images more often than the raw text embedding does (a diffusion or an autoregressive prior):
 
     python -m unclip.eval prior --prior runs/prior-shapes/export --clip models/shapes/clip --n 100
 
@@ -28,6 +28,7 @@ from unclip.data.shapes import parse_caption, render_scene, sample_scene_for
 from unclip.diffusion import GaussianDiffusion
 from unclip.eval.metrics import prior_metrics
 from unclip.sampling import sample_prior
+from unclip.sampling_ar import is_autoregressive, sample_ar_prior
 
 
 @torch.no_grad()
@@ -59,9 +60,11 @@ def evaluate_prior(
     batch = next(iter(DataLoader(Subset(val, range(offset, offset + n)), batch_size=n, collate_fn=collate)))
     c = encode_batch(clip, batch, clip.device)
     tokens = (c["text_tokens"], c["text_mask"]) if prior.config.text_width else (None, None)
-    predicted = sample_prior(
-        prior, diffusion, c["text_embed"], *tokens, generator=torch.Generator().manual_seed(seed), **sampling
-    )
+    generator = torch.Generator().manual_seed(seed)
+    if is_autoregressive(prior):
+        predicted = sample_ar_prior(prior, c["text_embed"], *tokens, generator=generator, **sampling)
+    else:
+        predicted = sample_prior(prior, diffusion, c["text_embed"], *tokens, generator=generator, **sampling)
     return {"n": n, **prior_metrics(predicted, c["text_embed"], c["image_embed"])}
 
 
