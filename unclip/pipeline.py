@@ -279,8 +279,12 @@ class UnCLIPPipeline(PipelineEdits):
         generators,
         settings: Mapping | None = None,
         known: Callable[[int], dict[str, Tensor]] | None = None,
+        image_embeds: Tensor | None = None,
     ) -> Tensor:
         """3. upsamplers: 64 -> 256 (-> 1024), stopping at `size`; `settings` maps folder -> overrides.
+
+        image_embeds: (B, D) the CLIP image embeddings the images were decoded from, which upsamplers conditioned
+            on them (`model.clip_dim`) read.
 
         known: for edits, size -> {"image": (1, 3, size, size), "mask": (1, 1, size, size), 1 = repaint}: each
             upsampler keeps the known image outside the mask at its output size (`sample_upsampler`'s inpaint).
@@ -300,6 +304,7 @@ class UnCLIPPipeline(PipelineEdits):
                         stage.model,
                         stage.diffusion,
                         images[i : i + 1],
+                        image_embed=None if image_embeds is None else image_embeds[i : i + 1],
                         generator=g,
                         inpaint=inpaint,
                         callback=callback,
@@ -455,7 +460,7 @@ class UnCLIPPipeline(PipelineEdits):
         if c > 1:
             out, keep = self._rerank(out, c)
             generators = [generators[i] for i in keep]
-        out.images = self.upsample(out.images, call.size, generators, call.upsamplers)
+        out.images = self.upsample(out.images, call.size, generators, call.upsamplers, image_embeds=out.image_embeds)
         return out
 
     def _generate_from_previews(self, many, seeds, text: TextEmbedding, image_embed: Tensor, generators, call):
@@ -475,7 +480,7 @@ class UnCLIPPipeline(PipelineEdits):
         out.images = self.decode(
             image_embed[keep], kept, generators, call.decoder, x_T=x_T[keep], prompts=kept_prompts
         )
-        out.images = self.upsample(out.images, call.size, generators, call.upsamplers)
+        out.images = self.upsample(out.images, call.size, generators, call.upsamplers, image_embeds=out.image_embeds)
         return out
 
     def _rerank(self, out: PipelineOutput, c: int) -> tuple[PipelineOutput, list[int]]:
