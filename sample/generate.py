@@ -4,6 +4,7 @@
     python sample/generate.py --prompt "a small green diamond" --n 8 --size 256 --seed 3 --out outputs/
     python sample/generate.py --prompt "a red circle" --prompt "a blue square" --n 4   # a row per prompt
     python sample/generate.py --prompts-file prompts.txt --n 1 --pipeline models/openmoji
+    accelerate launch sample/generate.py --prompts-file prompts.txt --n 1   # the batches split over the GPUs
 
 Each image is written as a PNG whose text metadata holds the prompt, the seed and every sampling setting,
 with a grid of all of them beside (a row per prompt when there are several prompts and n > 1);
@@ -11,11 +12,13 @@ the paths are printed as each batch is written. Image i of the whole run uses se
 (--candidates N, or a pipeline that reranks by default) its candidates use seed + i·N ... seed + i·N + N-1, and
 the metadata's seed is the kept one's: --seed SEED --candidates 1 makes that image again. A file of the same
 name is kept (the new one is NAME-2.png) unless --overwrite; Ctrl-C keeps the images written so far.
+Started as N processes (`accelerate launch`, or torchrun), process r makes batches r, r+N, ... on its own GPU and
+writes the same files a single process would (without the grid).
 """
 
 from pathlib import Path
 
-from unclip.cli import run_batches, sample_parser, whole_number
+from unclip.cli import others_batches, run_batches, sample_parser, whole_number
 
 
 def parse_args(argv=None):
@@ -93,6 +96,7 @@ def main(argv=None):
             for _, out in pipe.batches(
                 prompts,
                 batch_size=args.batch_size,
+                skip=others_batches(len(prompts), args.batch_size),
                 size=args.size,
                 seed=args.seed,
                 candidates=args.candidates,

@@ -125,6 +125,21 @@ def check_device(name: str | None) -> str:
     return name
 
 
+def process_share() -> tuple[int, int, int]:
+    """(rank, number of processes, local rank) of a command started by `accelerate launch` or torchrun, which set
+    RANK, WORLD_SIZE and LOCAL_RANK; (0, 1, 0) for a plain `python`."""
+    return tuple(
+        int(os.environ.get(name, default)) for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))
+    )
+
+
+def others_batches(count: int, batch_size: int) -> frozenset[int]:
+    """The starts of the batches of a `count`-image call that the other processes make: batch k goes to process
+    k mod N. Each image keeps the seed (and name) its index gives it, so N processes write what one would."""
+    rank, processes, _ = process_share()
+    return frozenset(start for k, start in enumerate(range(0, count, batch_size)) if k % processes != rank)
+
+
 def check_out(folder: str | Path) -> Path:
     """--out as a folder this process can write to (made if missing), checked before any sampling."""
     if not str(folder).strip():
@@ -200,6 +215,9 @@ def load(args: argparse.Namespace, total: int | None = None) -> UnCLIPPipeline:
     from unclip.pipeline import DEFAULT_PIPELINE, UnCLIPPipeline
 
     args.device = check_device(args.device)
+    _, processes, local_rank = process_share()
+    if processes > 1 and args.device == "cuda":  # one GPU per process
+        args.device = f"cuda:{local_rank}"
     args.out = check_out(args.out)
     args.pipeline = args.pipeline or DEFAULT_PIPELINE
     pipe = UnCLIPPipeline.from_pretrained(args.pipeline, device=args.device, dtype=args.dtype)
@@ -229,7 +247,8 @@ def run_batches(
     args: argparse.Namespace, make: Callable[[UnCLIPPipeline], Iterator[Any]], total: int | None = None
 ) -> list[Path]:
     """Like `run_sample` for an iterator of batch outputs: each batch is written as soon as it is made, and a
-    grid of all of them at the end. Ctrl-C or SIGTERM writes the grid of the finished images and exits 130/143."""
+    grid of all of them at the end. Ctrl-C or SIGTERM writes the grid of the finished images and exits 130/143.
+    Started as several processes (`accelerate launch`, torchrun), each writes its own batches and no grid."""
     handlers = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     done, paths = [], []
     try:
@@ -243,12 +262,12 @@ def run_batches(
                 print(path, flush=True)
             done.append(out)
             paths += written
-        if done:
+        if done and process_share()[1] == 1:
             paths.append(_write_grid(done, args))
             print(paths[-1])
         return paths
     except Stopped as stop:
-        if done:
+        if done and process_share()[1] == 1:
             print(_write_grid(done, args))
         print(f"stopped: kept the {sum(len(o.prompts) for o in done)} finished images", file=sys.stderr)
         sys.exit(128 + stop.signum)
