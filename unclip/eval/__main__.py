@@ -248,20 +248,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="decoder guidance scale (default: 1 inverted, else the pipeline's, as sample/variations.py)",
     )
     add_common(p)
-    p = commands.add_parser("checker", help="validate the shapes checker on ground-truth renders")
-    p.add_argument("--n", type=at_least(1), default=300, help="scenes (default 300)")
-    p.add_argument(
-        "--sizes", type=at_least(1), nargs="+", default=[32, 64, 256], help="image sizes (default 32 64 256)"
-    )
-    add_common(p, device=False, out="write the rates here as JSON")
-    p = commands.add_parser(
-        "clip", help="shapes: how often a CLIP prefers a scene's caption to one wrong in one thing, by kind"
-    )
-    p.add_argument("--clip", required=True, help="CLIP checkpoint folder (a pipeline's clip/ or an evaluator)")
-    p.add_argument("--n", type=at_least(2), default=300, help="val scenes (default 300)")
-    add_common(p, out="write the rates here as JSON")
-    p = commands.add_parser(
-        "caption",
     p = commands.add_parser(
         "inpaint",
         help="shapes: mask one object of an exact render, ask for it changed or removed, and check the result and "
@@ -284,8 +270,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="prompt with the caption of the whole edited image (default) or the new object's alone (removals "
         "are then left out)",
     )
+    p.add_argument(
+        "--candidates", type=at_least(1), help="fills per edit, CLIP's first kept (default: the pipeline's)"
+    )
     p.add_argument("--decoder-guidance", type=at_least(0.0, float), help="decoder guidance (default: the pipeline's)")
     add_common(p)
+    p = commands.add_parser("checker", help="validate the shapes checker on ground-truth renders")
+    p.add_argument("--n", type=at_least(1), default=300, help="scenes (default 300)")
+    p.add_argument(
+        "--sizes", type=at_least(1), nargs="+", default=[32, 64, 256], help="image sizes (default 32 64 256)"
+    )
+    add_common(p, device=False, out="write the rates here as JSON")
+    p = commands.add_parser(
+        "clip", help="shapes: how often a CLIP prefers a scene's caption to one wrong in one thing, by kind"
+    )
+    p.add_argument("--clip", required=True, help="CLIP checkpoint folder (a pipeline's clip/ or an evaluator)")
+    p.add_argument("--n", type=at_least(2), default=300, help="val scenes (default 300)")
+    add_common(p, out="write the rates here as JSON")
+    p = commands.add_parser(
+        "caption",
         help="shapes: how far the decoder's prediction moves when its caption is wrong in one thing, by kind",
     )
     p.add_argument("--pipeline", required=True, help="a pipeline folder (e.g. models/shapes)")
@@ -404,6 +407,25 @@ def run_variations(args) -> tuple[dict, str]:
     return results, format_table(results)
 
 
+def run_inpaint(args) -> tuple[dict, str]:
+    from unclip.eval.inpaint import evaluate_inpaint
+
+    decoder = None if args.decoder_guidance is None else {"guidance_scale": args.decoder_guidance}
+    results = evaluate_inpaint(
+        load("pipeline", load_pipeline, args.pipeline, args.device),
+        args.n,
+        args.seed,
+        size=args.size,
+        method=args.method,
+        phrasing=args.phrasing,
+        candidates=args.candidates,
+        decoder=decoder,
+        progress=True,
+    )
+    results["settings"].update(pipeline=str(args.pipeline), device=args.device)
+    return results, format_table(results)
+
+
 def run_suite(args) -> tuple[dict, str]:
     pipe = load("pipeline", load_pipeline, args.pipeline, args.device, args.dtype)
     evaluator = (
@@ -418,24 +440,6 @@ def run_suite(args) -> tuple[dict, str]:
         options.update(oracle=args.oracle, sets=args.sets, new_colors=args.new_colors)
         if args.out:  # scored batches are kept until the JSON is written: a rerun resumes
             options["resume"] = resume_log_path(args.out)
-def run_inpaint(args) -> tuple[dict, str]:
-    from unclip.eval.inpaint import evaluate_inpaint
-
-    decoder = None if args.decoder_guidance is None else {"guidance_scale": args.decoder_guidance}
-    results = evaluate_inpaint(
-        load("pipeline", load_pipeline, args.pipeline, args.device),
-        args.n,
-        args.seed,
-        size=args.size,
-        method=args.method,
-        phrasing=args.phrasing,
-        decoder=decoder,
-        progress=True,
-    )
-    results["settings"].update(pipeline=str(args.pipeline), device=args.device)
-    return results, format_table(results)
-
-
             options["resume_settings"] = dict(  # the models, by weights and defaults, not by path
                 pipeline_fingerprint=pipe.fingerprint(),
                 evaluator_fingerprint=evaluator.fingerprint() if evaluator else None,
@@ -488,6 +492,7 @@ COMMANDS = {
     "shapes": run_suite,
     "openmoji": run_suite,
     "variations": run_variations,
+    "inpaint": run_inpaint,
     "checker": run_checker,
     "clip": run_clip,
     "caption": run_caption,
@@ -496,4 +501,3 @@ COMMANDS = {
 
 if __name__ == "__main__":
     main()
-    "inpaint": run_inpaint,
