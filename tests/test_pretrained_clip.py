@@ -4,7 +4,7 @@ The stage networks are tiny; the CLIP is the published architecture: 512-d embed
 a context of 77 tokens and a 224 px image tower fed 64 px images. The scripts run as a user runs them, with
 `clip.model_name=ViT-B-32 clip.pretrained=FILE` on the command line. Nothing is downloaded.
 
-    HF_HUB_OFFLINE=1 python -m pytest -q -m slow tests/test_pretrained_clip.py   # about 3 minutes on 2 CPU cores
+    HF_HUB_OFFLINE=1 python -m pytest -q -m slow tests/test_pretrained_clip.py   # about 5 minutes on 2 busy CPU cores
 """
 
 import importlib.util
@@ -16,13 +16,16 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
+from pipeline_helpers import make_tiny_pipeline
 from safetensors.torch import save_file
 
-from unclip.checkpoint import save_model
+from unclip.checkpoint import build_pipeline_folder, save_model
 from unclip.clip import TINY_CLIP_CONFIG, ClipAdapter
 from unclip.config import ClipConfig, load_config
 from unclip.data.embeddings import EmbeddingDataset
 from unclip.nets.unet import UNet
+from unclip.nets.upsampler import UpsamplerUNet
+from unclip.pipeline import UnCLIPPipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["train.max_steps=2", "train.batch_size=4", "train.log_every=1", "train.warmup_steps=1"]
@@ -141,6 +144,12 @@ def test_vit_b_32_trains_every_stage_and_samples(vit_b_32, tmp_path, monkeypatch
     for path in images:
         pixels = np.asarray(Image.open(path))
         assert pixels.shape == (64, 64, 3) and pixels.std() > 0
+    # and through the upsampler, which reads the CLIP image embedding too
+    load_script("sample", "generate").main(
+        ["--pipeline", str(pipe), "--prompt", "a green diamond", "--n", "1", "--size", "128"]
+        + ["--out", str(out), "--device", "cpu", "--quiet"]
+    )
+    assert np.asarray(Image.open(out / "a_green_diamond_00000.png")).shape == (128, 128, 3)
 
 
 @pytest.mark.slow
@@ -205,3 +214,35 @@ def test_pipeline_without_clip_names_what_is_missing(tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit, match=f"error: .*{says}"):
         load_script("train", "pipeline").main(["--out", str(tmp_path / "pipe"), "--decoder", str(decoder)])
     assert not (tmp_path / "pipe").exists()
+
+
+# -- an upsampler conditioned on the CLIP image embedding (model.clip_dim) samples in the pipeline (tiny, fast) --
+
+
+def test_clip_conditioned_upsampler_in_the_pipeline(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    parts = make_tiny_pipeline(tmp_path / "tiny", upsampler=False).parent / "parts"
+    config = load_config("configs/upsampler/tiny.yaml", ["model.clip_dim=32"])
+    torch.manual_seed(0)
+    upsampler = UpsamplerUNet(config.model)
+    with torch.no_grad():  # its output layer starts at zero: perturb it, so that the output depends on the inputs
+        for p in upsampler.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    save_model(upsampler, parts / "up", kind="upsampler", diffusion=config.diffusion)
+    folder = build_pipeline_folder(
+        tmp_path / "pipe",
+        clip=parts / "clip",
+        prior=parts / "prior",
+        decoder=parts / "decoder",
+        upsamplers=[parts / "up"],
+        defaults={"prior": {"steps": 3}, "decoder": {"steps": 3}, "upsampler_32": {"steps": 2}},
+    )
+    pipe = UnCLIPPipeline.from_pretrained(folder)
+    out = pipe(["a red circle", "a blue square"], size=32, seed=0)
+    assert out.images.shape == (2, 3, 32, 32) and torch.isfinite(out.images).all()
+    # the embedding reaches the upsampler: the same low-res image and noise with another embedding differ
+    low = out.images[:1, :, ::2, ::2]
+    a, b = (
+        pipe.upsample(low, 32, [torch.Generator().manual_seed(0)], image_embeds=e) for e in out.image_embeds[:, None]
+    )
+    assert not torch.allclose(a, b)
