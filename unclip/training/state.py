@@ -91,15 +91,25 @@ def clear_run(run_dir: Path) -> None:
 
 
 def write_checkpoint(
-    directory: Path, *, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+    directory: Path,
+    *,
+    model: nn.Module | dict[str, Tensor],
+    ema: nn.Module | dict[str, Tensor],
+    optimizer: torch.optim.Optimizer | dict[str, Any],
+    state: dict[str, Any],
 ) -> None:
-    """Write a checkpoint into the (new, empty) folder `directory`; the state file comes last."""
-    atomic_save_safetensors(_tensors(model.state_dict()), directory / MODEL_FILE)
-    atomic_save_safetensors(_tensors(ema.state_dict()), directory / EMA_FILE)
-    tensors, optimizer_meta = split_optimizer_state(optimizer.state_dict())
+    """Write a checkpoint into the (new, empty) folder `directory`; the state file comes last. The model, EMA and
+    optimizer are given as themselves or as their (gathered) state dicts."""
+    atomic_save_safetensors(_tensors(_state_dict(model)), directory / MODEL_FILE)
+    atomic_save_safetensors(_tensors(_state_dict(ema)), directory / EMA_FILE)
+    tensors, optimizer_meta = split_optimizer_state(_state_dict(optimizer))
     atomic_save_safetensors(_tensors(tensors), directory / OPTIMIZER_FILE)
     state = {**state, "optimizer": optimizer_meta}
     atomic_write_bytes(directory / STATE_FILE, json.dumps(state, indent=2).encode())
+
+
+def _state_dict(holder: Any) -> dict[str, Any]:
+    return holder if isinstance(holder, dict) else holder.state_dict()
 
 
 def _tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:

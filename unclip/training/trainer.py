@@ -11,6 +11,8 @@ A `Task` (unclip/tasks/) says what is trained and how: its model, datasets, `los
 - mixed precision "no" | "fp16" | "bf16", with autocast around the whole loss (fp16 needs CUDA);
 - gradient accumulation through `accelerator.accumulate`, so N processes × batch B equals one process with
   N× accumulation (tests/test_training.py checks the weights);
+- `train.distributed=fsdp`: weights, gradients, optimizer state and EMA sharded over the processes with PyTorch
+  FSDP2 through Accelerate (unclip/training/sharding.py), checkpoints gathered into the same files;
 - AdamW, linear warmup then cosine decay (set by hand each step, so it does not depend on the process count),
   gradient clipping, EMA (ema-pytorch);
 - a guard against non-finite losses and gradients: the step is skipped and counted, and the run stops with a
@@ -54,6 +56,7 @@ from tqdm.auto import tqdm
 from unclip.checkpoint import atomic_write_bytes
 from unclip.config import RunConfig
 from unclip.lora import add_lora, save_adapter
+from unclip.training import sharding
 from unclip.training.settings import check_train_config, lr_at
 from unclip.training.signals import ignore_sigint, stop_signals
 from unclip.training.state import (
@@ -118,7 +121,8 @@ def make_accelerator(config: RunConfig) -> Accelerator:
             "(or 'bf16', which CPUs without bf16 units emulate very slowly)"
         )
     trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") else None
-    return Accelerator(
+    fsdp = sharding.fsdp_plugin() if train.distributed == "fsdp" else None
+    accelerator = Accelerator(
         cpu=not cuda,
         mixed_precision=train.mixed_precision,
         gradient_accumulation_steps=train.grad_accum,
@@ -126,12 +130,17 @@ def make_accelerator(config: RunConfig) -> Accelerator:
         project_dir=train.output_dir,
         # the shuffle order is a function of (seed, epoch): the same for 1 or N processes, and after a resume
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train.seed),
+        fsdp_plugin=fsdp,
     )
+    if fsdp is not None:
+        sharding.enable_on_cpu(accelerator, fsdp, train.mixed_precision)
+    return accelerator
 
 
-def _make_ema(model: nn.Module, train) -> EMA:
+def _make_ema(model: nn.Module, train, ema_model: nn.Module | None = None) -> EMA:
     return EMA(
         model,
+        ema_model=ema_model,
         beta=train.ema_beta,
         update_after_step=train.ema_warmup_steps,
         update_every=train.ema_update_every,
@@ -151,6 +160,8 @@ class Trainer:
         self.task, self.config, self.train_config = task, config, config.train
         self.run_dir = Path(config.train.output_dir)
         self.accelerator = accelerator or make_accelerator(config)
+        self.sharded = sharding.is_sharded(self.accelerator)
+        self.plain: nn.Module | None = None  # sharded: a full copy on the main process's CPU, for export and eval
         self.step = 0  # optimizer steps taken
         self.micro_batches = 0  # micro-batches this process has trained on (the key of its random streams)
         self.epoch = 0
@@ -188,6 +199,11 @@ class Trainer:
             generator=torch.Generator().manual_seed(train.seed),
             worker_init_fn=ignore_sigint,
         )
+        if self.sharded:  # the EMA: a copy sharded like the network (tasks are built under train.seed)
+            prepared = sharding.prepare(acc, model, optimizer, loader)
+            self.model, self.optimizer, self.loader, ema_model, self.plain = prepared
+            self.ema = _make_ema(self.model, train, ema_model)
+            return
         self.model, self.optimizer, self.loader = acc.prepare(model, optimizer, loader)
         # the EMA starts from the prepared model, whose weights every process now shares (DDP broadcasts rank 0's)
         self.ema = _make_ema(acc.unwrap_model(self.model), train).to(acc.device)
@@ -204,21 +220,23 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Save the training state atomically, then export the EMA model for inference.
 
-        Every process holds the same weights and optimizer state, so the main process writes them alone.
+        Every process holds the same weights and optimizer state, so the main process writes them alone; sharded,
+        every process first sends its shards to the main one.
         """
         acc = self.accelerator
         final = self.checkpoint_dir / f"step_{self.step:07d}"
         tmp = self.checkpoint_dir / f".tmp_step_{self.step:07d}"
         acc.wait_for_everyone()
+        model, ema, optimizer = acc.unwrap_model(self.model), self.ema, self.optimizer
+        if self.sharded:
+            model, ema, optimizer = sharding.gather_all(self.model, self.ema, self.optimizer)
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            write_checkpoint(
-                tmp, model=acc.unwrap_model(self.model), ema=self.ema, optimizer=self.optimizer, state=self._state()
-            )
+            write_checkpoint(tmp, model=model, ema=ema, optimizer=optimizer, state=self._state())
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
-            self._export()
+            self._export(ema if self.sharded else None)
             rotate_checkpoints(self.checkpoint_dir, self.train_config.keep_checkpoints)
         acc.wait_for_everyone()
         return final
@@ -237,14 +255,16 @@ class Trainer:
             "config": self.config.to_dict(),
         }
 
-    def _export(self) -> None:
-        """Write the EMA model's inference folder to export/ (built aside, then swapped in)."""
+    def _export(self, gathered_ema: dict[str, Tensor] | None = None) -> None:
+        """Write the EMA model's inference folder to export/ (built aside, then swapped in); sharded, from the
+        gathered EMA state."""
         export, tmp, old = self.run_dir / "export", self.run_dir / ".export.tmp", self.run_dir / ".export.old"
         shutil.rmtree(tmp, ignore_errors=True)
+        ema_model = self.ema.ema_model if gathered_ema is None else sharding.load_ema_into(self.plain, gathered_ema)
         if self.train_config.lora:  # the adapter alone
-            save_adapter(self.ema.ema_model, tmp, kind=self.task.kind, base=self.train_config.init_from)
+            save_adapter(ema_model, tmp, kind=self.task.kind, base=self.train_config.init_from)
         else:
-            self.task.export(self.ema.ema_model, tmp)
+            self.task.export(ema_model, tmp)
         shutil.rmtree(old, ignore_errors=True)
         if export.exists():
             os.replace(export, old)
@@ -273,10 +293,14 @@ class Trainer:
 
     def _load(self, loaded: TrainingState) -> None:
         acc, state = self.accelerator, loaded.state
-        load_into(acc.unwrap_model(self.model), loaded.model, loaded.path / "model.safetensors")
-        load_into(self.ema, loaded.ema, loaded.path / "ema.safetensors")
+        if self.sharded:
+            sharding.load_checkpoint(self.model, self.ema, self.optimizer, loaded)
+        else:
+            load_into(acc.unwrap_model(self.model), loaded.model, loaded.path / "model.safetensors")
+            load_into(self.ema, loaded.ema, loaded.path / "ema.safetensors")
         try:
-            self.optimizer.load_state_dict(loaded.optimizer)
+            if not self.sharded:
+                self.optimizer.load_state_dict(loaded.optimizer)
             if acc.scaler is not None and state.get("scaler"):
                 acc.scaler.load_state_dict(state["scaler"])
             self.step, self.epoch = int(state["step"]), int(state["epoch"])
@@ -416,7 +440,7 @@ class Trainer:
                 losses.append(loss.detach().float())
                 if acc.sync_gradients:
                     break
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), train.grad_clip or float("inf"))
+        grad_norm = sharding.full_value(acc.clip_grad_norm_(self.model.parameters(), train.grad_clip or float("inf")))
         finite = bool(torch.isfinite(grad_norm)) and all(bool(torch.isfinite(v)) for v in losses)
         if finite or train.mixed_precision == "fp16":  # fp16: the grad scaler skips inf steps itself
             self.optimizer.step()
@@ -445,14 +469,22 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         acc = self.accelerator
         metrics: dict[str, float] = {}
+        model, ema_model = acc.unwrap_model(self.model), self.ema.ema_model
+        if self.sharded:  # whole copies on the main process, on its device for the evaluation's duration
+            online, ema = sharding.gather_model(self.model), sharding.gather_ema(self.ema)
+            if acc.is_main_process:
+                ema_model = sharding.load_ema_into(self.plain, ema).to(acc.device)
+                model = sharding.loaded_copy(ema_model, online)
         if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
             model.eval()
-            self.ema.ema_model.eval()
-            metrics = self.task.evaluate(model, self.ema.ema_model)
+            ema_model.eval()
+            metrics = self.task.evaluate(model, ema_model)
             if hasattr(self.task, "save_samples"):
-                self.task.save_samples(self.ema.ema_model, self.run_dir / "samples" / f"step_{self.step:07d}.png")
+                self.task.save_samples(ema_model, self.run_dir / "samples" / f"step_{self.step:07d}.png")
             model.train()
+            if self.sharded:
+                del model
+                self.plain.cpu()
         acc.wait_for_everyone()
         return metrics
 
