@@ -102,10 +102,6 @@ def main(argv=None):
         "--noised-clip",
         help="a noise-aware CLIP for CLIP guidance (a train/clip.py export with model.noise_aware: true)",
     )
-    p.add_argument(
-        "--noised-clip",
-        help="a noise-aware CLIP for CLIP guidance (a train/clip.py export with model.noise_aware: true)",
-    )
     p.add_argument("--fp16", action="store_true", help="store the weights in fp16 (half the size; for bundling)")
     p.add_argument(
         "--default",
@@ -131,7 +127,6 @@ def main(argv=None):
                 decoder=args.decoder,
                 upsamplers=args.upsampler,
                 inpaint=args.inpaint,
-                noised_clip=args.noised_clip,
                 noised_clip=args.noised_clip,
                 defaults=defaults,
                 dtype=torch.float16 if args.fp16 else None,
