@@ -146,6 +146,25 @@ def test_inpaint_keeps_the_known_region_exactly(folders, images, method):
             pipe.inpaint(images / "a.png", images / "mask.png", "a blue square", method="model")
 
 
+def test_inpaint_keeps_the_candidate_clip_ranks_first(folders, images, monkeypatch):
+    pipe = UnCLIPPipeline.from_pretrained(folders["model"])
+    args = (images / "a.png", images / "mask.png", "a blue square")
+    single = pipe.inpaint(*args, n=6, seed=10, size=16, candidates=1)  # the fills of seeds 10..15, one each
+    scores = pipe.clip_scores(single.images, pipe.encode_text(["a blue square"] * 6).embed).view(2, 3)
+    best = (scores.argmax(dim=1) + torch.tensor([0, 3])).tolist()
+    out = pipe.inpaint(*args, n=2, seed=10, size=16, candidates=3)
+    assert [m["seed"] for m in out.metadata] == [10 + i for i in best]
+    assert out.names == [f"a_blue_square_inpaint_{10 + i:05d}" for i in best]
+    assert out.metadata[0]["settings"]["candidates"] == 3
+    torch.testing.assert_close(out.images, single.images[best], rtol=0, atol=1e-5)
+    # the prompt is the whole image's caption: the prior and the decoder read it as given
+    seen = []
+    encode = pipe.encode_text
+    monkeypatch.setattr(pipe, "encode_text", lambda prompts: seen.append(list(prompts)) or encode(prompts))
+    pipe.inpaint(*args, n=1, size=16, candidates=2)
+    assert seen == [["a blue square"] * 2]
+
+
 def test_mask_policy(images, tmp_path):
     mask = Image.open(images / "mask.png")
     with pytest.warns(UserWarning, match="resized the mask"):
@@ -165,7 +184,7 @@ def test_mask_policy(images, tmp_path):
     assert prepare_mask(Image.fromarray(one_pixel), (400, 400), 16).sum() == 1
 
 
-def test_inpaint_script(folders, images, tmp_path):
+def test_inpaint_script(folders, images, tmp_path, capsys):
     from sample.inpaint import main
 
     args = ["--image", str(images / "a.png"), "--pipeline", str(folders["repaint"]), "--steps", "2"]
@@ -179,6 +198,10 @@ def test_inpaint_script(folders, images, tmp_path):
     ]
     meta = read_png_metadata(paths[1])
     assert meta["prompt"] == "a blue square" and meta["mask"] == str(images / "mask.png")
+    assert json.loads(meta["settings"])["candidates"] == 1  # the tiny pipeline's default
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "caption of the whole desired image" in " ".join(capsys.readouterr().out.split())
     settings = json.loads(meta["settings"])
     assert settings["decoder"]["sampler"] == "repaint" and settings["decoder"]["steps"] == 2
     # the written decoder-size PNG keeps the input's pixels outside the mask, to the bit

@@ -51,17 +51,18 @@ class FakeInpainter:
     """A stand-in pipeline: paints each case's target inside the mask ("perfect") or keeps the source."""
 
     sizes = [64]
+    candidates = 1
 
     def __init__(self, perfect: bool):
         self.perfect = perfect
         self.targets = {c.caption: c.target for c in inpaint_cases(8)}
 
-    def inpaint(self, source, mask, prompt, *, n, seed, size, method, decoder):
+    def inpaint(self, source, mask, prompt, *, n, seed, size, method, candidates, decoder):
         x = from_pil(source)
         if self.perfect:
             keep = torch.from_numpy(np.asarray(mask) == 0)
             x = torch.where(keep, x, from_pil(render_scene(self.targets[prompt], size)))
-        meta = [{"settings": {"decoder": {"method": method}}}]
+        meta = [{"settings": {"candidates": candidates, "decoder": {"method": method}}}]
         return EditOutput(x[None], torch.zeros(1, 4), ["x"], meta, "x")
 
 

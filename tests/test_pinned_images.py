@@ -45,7 +45,7 @@ CASES = {
     "inpaint": (
         sample.inpaint.main,
         ["--image", str(SOURCE), "--mask", str(MASK), "--prompt", "a red circle above a green diamond"]
-        + ["--n", "2", "--size", "64", "--steps", "4", "--resample", "1"],
+        + ["--n", "2", "--size", "64", "--steps", "4", "--resample", "1", "--candidates", "2"],
     ),
     "interpolate": (
         sample.interpolate.main,

@@ -109,6 +109,7 @@ class PipelineEdits:
         seed: int = 0,
         size: int | None = None,
         method: str = "auto",
+        candidates: int | None = None,
         resample: int = edits.REPAINT_RESAMPLE,
         use_prior: bool = True,
         prior: dict[str, Any] | None = None,
@@ -129,10 +130,14 @@ class PipelineEdits:
             method: "model" (the trained inpainting decoder, pipeline.json's "inpaint", with known-region
                 replacement), "repaint" (training-free RePaint with the plain decoder, `resample` jumps back
                 per step) or "auto" (the model if the pipeline has one).
+            candidates: fill the mask this many times per image and keep the fill whose whole image the
+                pipeline's CLIP finds closest to the prompt, as text to image does (default: the pipeline's).
+                Image i's candidate j uses seed + i·candidates + j.
             prior, decoder, upsamplers: per-stage overrides as in `__call__`.
         """
         size = self._check_edit(size, n, seed)
         check_count("resample", resample, 0)
+        c = self.candidates if candidates is None else check_count("candidates", candidates)
         use_model = edits.use_inpaint_model(method, self.inpaint_stage is not None)
         stage = self.inpaint_stage if use_model else self.decoder
         settings = stage.settings(decoder)
@@ -141,40 +146,34 @@ class PipelineEdits:
         s = self.sizes[0]
         known = square_tensor(source, s).to(self.device)  # (1, 3, s, s)
         mask_s = edits.prepare_mask(mask, source.size, s).to(self.device)  # (1, 1, s, s), 1 = repaint
-        # 1. prior: the prompt's CLIP image embedding; 2. decoder: fill the mask, image by image; 3. upsamplers
-        text = self.encode_text([prompt] * n)
-        generators = self.generators(seed, n)
+        # 1. prior: the prompt's CLIP image embedding; 2. decoder: fill the mask, c times per image, and keep the
+        # fill CLIP ranks first; 3. upsamplers
+        text = self.encode_text([prompt] * (n * c))
+        generators = self.generators(seed, n * c)
         image_embed = self.prior_embeds(text, generators, prior_settings) if use_prior else text.embed
-        outs = []
-        for i, g in enumerate(generators):
-            z, text_i = image_embed[i : i + 1], TextEmbedding(*(field[i : i + 1] for field in text))
-            if use_model:
-                outs.append(self.decode(z, text_i, [g], settings, inpaint={"image": known, "mask": mask_s}))
-                continue
-            with self.autocast():
-                out = edits.repaint_decode(
-                    stage.model,
-                    stage.diffusion,
-                    z,
-                    text_i,
-                    known,
-                    mask_s,
-                    settings=settings,
-                    resample=resample,
-                    generator=g,
-                )
-            outs.append(out.float())
-        low_res = torch.cat(outs)
+        if use_model:
+            B = n * c
+            fill = {"image": known.expand(B, -1, -1, -1), "mask": mask_s.expand(B, -1, -1, -1)}
+            low_res = self.decode(image_embed, text, generators, settings, inpaint=fill, prompts=[prompt] * B)
+        else:
+            low_res = torch.cat([self._repaint(image_embed, text, i, g, known, mask_s, settings, resample)
+                                 for i, g in enumerate(generators)])  # fmt: skip
+        seeds = list(range(seed, seed + n * c))
+        if c > 1:
+            scores = self.clip_scores(low_res, text.embed).view(n, c)
+            keep = (scores.argmax(dim=1) + torch.arange(n, device=scores.device) * c).tolist()
+            low_res, image_embed = low_res[keep], image_embed[keep]
+            generators, seeds = [generators[i] for i in keep], [seeds[i] for i in keep]
         record = {**settings.kwargs(), "method": "model"}
         if not use_model:  # RePaint is its own ancestral sampler: the `sampler` setting is unused
             record.update(method="repaint", sampler="repaint", resample=resample)
-        recorded = {"use_prior": use_prior, "decoder": record}
+        recorded = {"use_prior": use_prior, "candidates": c, "decoder": record}
         if prior_settings is not None:
             recorded["prior"] = prior_settings.kwargs()
         stem, mask_name = f"{slug(prompt)}_inpaint", str(mask) if isinstance(mask, (str, Path)) else "<mask>"
         meta = {"mode": "inpaint", "prompt": prompt, "source": name, "mask": mask_name}
-        fields = {"names": [f"{stem}_{seed + i:05d}" for i in range(n)], "stem": stem, "low_res": low_res}
-        per_image = [{"seed": seed + i} for i in range(n)]
+        fields = {"names": [f"{stem}_{k:05d}" for k in seeds], "stem": stem, "low_res": low_res}
+        per_image = [{"seed": k} for k in seeds]
 
         def known_at(side: int) -> dict[str, Tensor]:  # the upsamplers keep the known region too
             return {"image": square_tensor(source, side), "mask": edits.prepare_mask(mask, source.size, side)}
@@ -182,6 +181,23 @@ class PipelineEdits:
         return self._edit_output(
             low_res, image_embed, generators, size, seed, upsamplers, recorded, meta, per_image, fields, known_at
         )
+
+    def _repaint(self, image_embed, text, i: int, generator, known, mask, settings, resample: int) -> Tensor:
+        """RePaint with the plain decoder for row i of `image_embed` and `text`."""
+        z, text_i = image_embed[i : i + 1], TextEmbedding(*(field[i : i + 1] for field in text))
+        with self.autocast():
+            out = edits.repaint_decode(
+                self.decoder.model,
+                self.decoder.diffusion,
+                z,
+                text_i,
+                known,
+                mask,
+                settings=settings,
+                resample=resample,
+                generator=generator,
+            )
+        return out.float()
 
     @torch.no_grad()
     def interpolate(

@@ -230,7 +230,9 @@ class App:
         with self.call() as pipe:
             prompt = (prompt or "").strip()
             if not prompt:
-                raise ValueError("no prompt: describe what to paint in the masked region, e.g. 'a blue square'")
+                raise ValueError(
+                    "no prompt: write the caption of the whole image you want, e.g. 'a red circle above a blue square'"
+                )
             out = pipe.inpaint(image, mask, prompt, n=n, seed=seed, size=size, method=method, **kwargs)
             folder = self.run_folder("inpaint")
             mask_path = str(folder / "mask.png")

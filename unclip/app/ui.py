@@ -183,7 +183,9 @@ def build_app(app: App) -> gr.Blocks:
                             elem_id="inp-gallery",
                         )
                 with gr.Row():
-                    inp_prompt = gr.Textbox(label="prompt for the painted region", scale=3, elem_id="inp-prompt")
+                    inp_prompt = gr.Textbox(
+                        label="caption of the whole image you want (kept part included)", scale=3, elem_id="inp-prompt"
+                    )
                     inp_go = gr.Button("Inpaint", variant="primary", elem_id="inp-run")
                 with gr.Row():
                     inp_n = gr.Slider(1, 16, value=1, step=1, label="images", elem_id="inp-n")

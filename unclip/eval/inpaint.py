@@ -98,17 +98,19 @@ def evaluate_inpaint(
     size: int | None = None,
     method: str = "auto",
     phrasing: str = "whole",
+    candidates: int | None = None,
     decoder: dict | None = None,
     progress: bool = False,
 ) -> dict:
     """The `inpaint` suite: n edits of exact renders through `pipe.inpaint`, judged by the shapes checker.
 
     Args:
-        n: edits (`inpaint_cases(n, seed)`); edit i uses seed + i. With phrasing "region", removals have no
-            region prompt and are left out.
+        n: edits (`inpaint_cases(n, seed)`); edit i's candidates use seeds seed + i·candidates onwards.
+            With phrasing "region", removals have no region prompt and are left out.
         size: the source's and the result's size (default the decoder's); larger sizes go through the upsamplers.
         method: "model", "repaint" or "auto", as `pipe.inpaint` takes.
         phrasing: "whole" (the caption of the whole edited image) or "region" (the new object alone).
+        candidates: fills per edit, the one the pipeline's CLIP ranks first kept (default: the pipeline's).
         decoder: overrides of the decoder's settings.
 
     Returns:
@@ -121,18 +123,19 @@ def evaluate_inpaint(
     s = pipe.sizes[0]
     size = size or s
     cases = [c for c in inpaint_cases(n, seed) if c.prompt(phrasing) is not None]
+    candidates = pipe.candidates if candidates is None else candidates
     rows, used = [], None
     for i, case in enumerate(tqdm(cases, desc=f"inpaint {size}px", disable=not progress)):
         source = render_scene(case.source, size)
         mask = case.mask(size)
         mask_image = Image.fromarray(mask.astype(np.uint8) * 255)
-        out = pipe.inpaint(
-            source, mask_image, case.prompt(phrasing), n=1, seed=seed + i, size=size, method=method, decoder=decoder
-        )
+        prompt = case.prompt(phrasing)
+        options = dict(size=size, method=method, candidates=candidates, decoder=decoder)
+        out = pipe.inpaint(source, mask_image, prompt, n=1, seed=seed + i * candidates, **options)
         low_res = out.low_res[0] if out.low_res is not None else out.images[0]
         errors = (_outside_error(low_res, source, _resized(mask, s)), _outside_error(out.images[0], source, mask))
         rows.append((case.edit, check(out.images[0], case.caption), errors))
-        used = out.metadata[0]["settings"]["decoder"]
+        used = out.metadata[0]["settings"]
     sets = {}
     for name in ("all", *EDITS):
         picked = [r for r in rows if name in ("all", r[0])]
@@ -143,6 +146,6 @@ def evaluate_inpaint(
         summary["outside_exact_output"] = sum(r[2][1] <= 0.5 for r in picked) / len(picked)
         summary["outside_max_error"] = max(max(r[2]) for r in picked)
         sets[name] = summary
-    settings = dict(n=n, cases=len(cases), seed=seed, size=size, method=method, phrasing=phrasing, decoder=used)
-    settings["margin"] = MARGIN
+    settings = dict(n=n, cases=len(cases), seed=seed, size=size, method=method, phrasing=phrasing, margin=MARGIN)
+    settings.update(candidates=used["candidates"], decoder=used["decoder"])
     return {"suite": "inpaint", "settings": settings, "sets": sets}
