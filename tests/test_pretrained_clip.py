@@ -240,6 +240,8 @@ def test_clip_conditioned_upsampler_in_the_pipeline(tmp_path, monkeypatch):
     pipe = UnCLIPPipeline.from_pretrained(folder)
     out = pipe(["a red circle", "a blue square"], size=32, seed=0)
     assert out.images.shape == (2, 3, 32, 32) and torch.isfinite(out.images).all()
+    edit = pipe.variations(Image.new("RGB", (16, 16), "red"), n=1, size=32, invert=False)
+    assert edit.images.shape == (1, 3, 32, 32)
     # the embedding reaches the upsampler: the same low-res image and noise with another embedding differ
     low = out.images[:1, :, ::2, ::2]
     a, b = (

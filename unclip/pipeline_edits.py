@@ -324,4 +324,5 @@ class PipelineEdits:
         meta = [{**meta, **p, "settings": settings} for p in per_image]
         if fields.get("low_res") is not None and size == images.shape[-1]:
             fields = {**fields, "low_res": None}  # not upsampled: the images are the decoder's
-        return EditOutput(self.upsample(images, size, generators, ups, known), embeds, metadata=meta, **fields)
+        images = self.upsample(images, size, generators, ups, known, image_embeds=embeds)
+        return EditOutput(images, embeds, metadata=meta, **fields)
