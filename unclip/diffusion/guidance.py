@@ -25,8 +25,11 @@ shifts the predicted noise:
 
     eps' = eps - sqrt(1 - ᾱ_t) · s · ∇_{x_t} log p(y | x_t)
 
-and every sampler then steps with eps' (for DDPM this moves the step's mean by about s·Σ_t·∇ log p, GLIDE's
-mean form, Σ_t the step's variance). It wraps any denoiser, a classifier-free guided one included.
+and every sampler then steps with eps'. Over small steps (ᾱ of the step's target close to ᾱ_t) this moves a DDPM
+step's mean by about s·Σ_t·∇ log p, Σ_t the step's variance: GLIDE's mean form. Over a coarse step from ᾱ_t near
+0 (the first step of a respaced cosine schedule, ᾱ_999 = 2.4e-9) it moves the implied x_0 by
+(1 - ᾱ_t)/sqrt(ᾱ_t)·s·∇ log p, far more, and the sampler's x_0 thresholding is what bounds it. It wraps any
+denoiser, a classifier-free guided one included.
 """
 
 from __future__ import annotations

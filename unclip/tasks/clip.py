@@ -22,6 +22,8 @@ Validation reports zero-shot retrieval among the pairs of the validation split (
 trained on), text -> image and image -> text top-1 and top-5, for the online and the EMA model, and the
 contrastive loss over the whole validation set at once (so it depends on val_size, not on the batch size). The
 export is a `save_clip` folder that `ClipAdapter.from_checkpoint` and open_clip's `local-dir:` both load.
+
+With `model.noise_aware: true` the run is GLIDE's noise-aware CLIP instead (`unclip.tasks.noised_clip`).
 """
 
 from __future__ import annotations
