@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,11 +17,17 @@ from unclip.training import Trainer
 
 HERE = Path(__file__).parent
 STEPS = 2
-# the tiny decoder: its U-Net levels become FSDP units; activation checkpointing on; an EMA that moves each step
+# the tiny decoder: its U-Net levels become FSDP units; activation checkpointing on; an EMA that moves each step;
+# an evaluation (validation losses of the online and EMA networks, and a sample grid) at the last step
 ARGS = ["configs/decoder/tiny.yaml", "train.batch_size=4", "train.max_steps=100", "train.log_every=1"]
-ARGS += ["train.eval_every=1000", "train.checkpoint_every=1000", "train.lr=1e-3", "train.warmup_steps=1"]
+ARGS += [f"train.eval_every={STEPS}", "train.checkpoint_every=1000", "train.lr=1e-3", "train.warmup_steps=1"]
 ARGS += ["train.ema_warmup_steps=0", "train.ema_beta=0.9", "train.gradient_checkpointing=true"]
 FILES = ("model", "ema", "optimizer")
+
+
+def _evaluation(run: Path) -> dict[str, float]:
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return next(m for m in logged if "val/loss" in m)
 
 
 def _checkpoint(run: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -54,6 +61,10 @@ def test_two_gloo_ranks_shard_train_like_one_process_and_resume_exactly(tmp_path
         for key, value in reference[name].items():
             torch.testing.assert_close(whole[name][key], value, atol=2e-6, rtol=1e-5, msg=f"{name}: {key}")
             assert torch.equal(resumed[name][key], whole[name][key]), f"{name}: {key}"  # the resume is exact
+    evaluated = _evaluation(tmp_path / "single")
+    for name in ("val/loss", "val_ema/loss"):  # the sharded run evaluates whole copies of its networks
+        assert _evaluation(tmp_path / "fsdp" / "whole")[name] == pytest.approx(evaluated[name], rel=1e-5), name
+    assert (tmp_path / "fsdp" / "whole" / "samples" / f"step_{STEPS:07d}.png").is_file()
     start = build_task(config).model.state_dict()
     assert any(not torch.equal(start[k], v) for k, v in reference["model"].items())  # it trained
     assert any(not torch.equal(reference["ema"][f"ema_model.{k}"], v) for k, v in reference["model"].items())
