@@ -115,3 +115,33 @@ def test_box_mask_grows_by_the_margin():
     assert box_mask((0.25, 0.5, 0.5, 0.75), 8, margin=0.125).sum() == 16
     assert box_mask((0.0, 0.0, 1.0, 1.0), 8, margin=0.5).all()  # clipped to the canvas
     Image.fromarray(mask)  # a plain bool array that PIL reads as a mask
+
+
+def test_a_killed_run_resumes_from_its_log(tmp_path):
+    log = tmp_path / "out.json.partial.jsonl"
+    whole = evaluate_inpaint(FakeInpainter(perfect=True), n=8, resume=log)
+    lines = log.read_text().splitlines()
+    assert len(lines) == 9  # the settings, then one line per edit
+    log.write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])  # killed while writing edit 5
+    pipe = FakeInpainter(perfect=True)
+    calls = []
+    inpaint = pipe.inpaint
+    pipe.inpaint = lambda *a, **k: calls.append(a[2]) or inpaint(*a, **k)
+    assert evaluate_inpaint(pipe, n=8, resume=log) == whole
+    assert len(calls) == 4  # edits 4-7
+    with pytest.raises(ValueError, match="other settings"):
+        evaluate_inpaint(pipe, n=8, phrasing="region", resume=log)
+
+
+def test_the_command_writes_json_and_drops_its_log(tmp_path, monkeypatch, capsys):
+    import json
+
+    import unclip.eval.__main__ as cli
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda *args: FakeInpainter(perfect=True))
+    out = tmp_path / "inpaint.json"
+    cli.main(["inpaint", "--pipeline", "anything", "--n", "4", "--candidates", "1", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert results["suite"] == "inpaint" and results["sets"]["all"]["accuracy"] == 1.0
+    assert not (tmp_path / "inpaint.json.partial.jsonl").exists()
+    assert "kept%" in capsys.readouterr().out

@@ -274,7 +274,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--candidates", type=at_least(1), help="fills per edit, CLIP's first kept (default: the pipeline's)"
     )
     p.add_argument("--decoder-guidance", type=at_least(0.0, float), help="decoder guidance (default: the pipeline's)")
-    add_common(p)
+    add_common(p, out="write the results here as JSON; until then each judged edit is kept in OUT.partial.jsonl, so "
+               "that the same command, run again after a kill, resumes where it stopped")  # fmt: skip
     p = commands.add_parser("checker", help="validate the shapes checker on ground-truth renders")
     p.add_argument("--n", type=at_least(1), default=300, help="scenes (default 300)")
     p.add_argument(
@@ -363,7 +364,7 @@ def main(argv=None) -> dict:
         if args.out:
             atomic_write_bytes(Path(args.out), (json.dumps(results, indent=2) + "\n").encode())  # then the log goes
             print(f"wrote {args.out}")
-            if args.command == "shapes":
+            if args.command in ("shapes", "inpaint"):
                 resume_log_path(args.out).unlink(missing_ok=True)
     except (torch.OutOfMemoryError, MemoryError):
         fewer = "--batch-size or --candidates" if args.command in SUITES else "--n"
@@ -420,6 +421,7 @@ def run_inpaint(args) -> tuple[dict, str]:
         phrasing=args.phrasing,
         candidates=args.candidates,
         decoder=decoder,
+        resume=resume_log_path(args.out) if args.out else None,
         progress=True,
     )
     results["settings"].update(pipeline=str(args.pipeline), device=args.device)

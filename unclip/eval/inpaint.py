@@ -9,17 +9,21 @@ outside the mask are compared with the source at the decoder's size and at the o
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from unclip.checkpoint import atomic_write_bytes
 from unclip.data.shapes import Scene, allowed_pairs, box_mask, caption_scene, render_scene, sample_scene
 from unclip.eval.metrics import summarize_checks
-from unclip.eval.shapes_checker import check
+from unclip.eval.shapes_checker import CheckResult, check
 from unclip.imageio import square_tensor
 
 EDITS = ("colour", "shape", "both", "remove")
@@ -100,6 +104,7 @@ def evaluate_inpaint(
     phrasing: str = "whole",
     candidates: int | None = None,
     decoder: dict | None = None,
+    resume: str | Path | None = None,
     progress: bool = False,
 ) -> dict:
     """The `inpaint` suite: n edits of exact renders through `pipe.inpaint`, judged by the shapes checker.
@@ -112,6 +117,8 @@ def evaluate_inpaint(
         phrasing: "whole" (the caption of the whole edited image) or "region" (the new object alone).
         candidates: fills per edit, the one the pipeline's CLIP ranks first kept (default: the pipeline's).
         decoder: overrides of the decoder's settings.
+        resume: a JSON-lines file that keeps each judged edit as it is made: a run killed half-way and started
+            again with the same settings and file makes only the missing edits (another run's file is refused).
 
     Returns:
         {"suite", "settings", "sets": {"all", and one per edit kind: summarize_checks + "outside_exact"}};
@@ -124,8 +131,15 @@ def evaluate_inpaint(
     size = size or s
     cases = [c for c in inpaint_cases(n, seed) if c.prompt(phrasing) is not None]
     candidates = pipe.candidates if candidates is None else candidates
-    rows, used = [], None
+    fingerprint = pipe.fingerprint() if hasattr(pipe, "fingerprint") else None
+    header = dict(n=n, seed=seed, size=size, method=method, phrasing=phrasing, candidates=candidates)
+    header.update(decoder=decoder, pipeline_fingerprint=fingerprint)
+    done = _read_log(Path(resume), header) if resume else {}
+    rows = []
     for i, case in enumerate(tqdm(cases, desc=f"inpaint {size}px", disable=not progress)):
+        if i in done:
+            rows.append(done[i])
+            continue
         source = render_scene(case.source, size)
         mask = case.mask(size)
         mask_image = Image.fromarray(mask.astype(np.uint8) * 255)
@@ -134,8 +148,10 @@ def evaluate_inpaint(
         out = pipe.inpaint(source, mask_image, prompt, n=1, seed=seed + i * candidates, **options)
         low_res = out.low_res[0] if out.low_res is not None else out.images[0]
         errors = (_outside_error(low_res, source, _resized(mask, s)), _outside_error(out.images[0], source, mask))
-        rows.append((case.edit, check(out.images[0], case.caption), errors))
-        used = out.metadata[0]["settings"]
+        used = {k: out.metadata[0]["settings"][k] for k in ("candidates", "decoder")}
+        rows.append((case.edit, check(out.images[0], case.caption), errors, used))
+        if resume:
+            _append_log(Path(resume), i, rows[-1])
     sets = {}
     for name in ("all", *EDITS):
         picked = [r for r in rows if name in ("all", r[0])]
@@ -147,5 +163,37 @@ def evaluate_inpaint(
         summary["outside_max_error"] = max(max(r[2]) for r in picked)
         sets[name] = summary
     settings = dict(n=n, cases=len(cases), seed=seed, size=size, method=method, phrasing=phrasing, margin=MARGIN)
-    settings.update(candidates=used["candidates"], decoder=used["decoder"])
+    settings.update(rows[-1][3])
     return {"suite": "inpaint", "settings": settings, "sets": sets}
+
+
+def _read_log(path: Path, header: dict) -> dict[int, tuple]:
+    """The edits a killed run judged, by index; a new log (the header line) when there is none."""
+    header = json.loads(json.dumps(header))  # as it reads back
+    if not path.exists():
+        atomic_write_bytes(path, (json.dumps({"settings": header}) + "\n").encode())
+        return {}
+    lines = path.read_text().splitlines()
+    try:
+        saved = json.loads(lines[0])["settings"] if lines else None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        saved = None
+    if saved != header:
+        raise ValueError(f"{path} holds the edits of a run with other settings; delete it, or pass another --out")
+    rows = {}
+    for line in lines[1:]:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # the last line of a run killed while writing it
+            continue
+        rows[r["i"]] = (r["edit"], CheckResult.from_dict(r["check"]), tuple(r["errors"]), r["settings"])
+    return rows
+
+
+def _append_log(path: Path, i: int, row: tuple) -> None:
+    edit, result, errors, settings = row
+    record = {"i": i, "edit": edit, "check": result.to_dict(), "errors": list(errors), "settings": settings}
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
