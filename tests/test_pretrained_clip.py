@@ -9,6 +9,7 @@ a context of 77 tokens and a 224 px image tower fed 64 px images. The scripts ru
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,8 @@ def vit_b_32(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_vit_b_32_trains_every_stage_and_samples(vit_b_32, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    clip_args = ["clip.model_config=null", "clip.model_name=ViT-B-32", f"clip.pretrained={vit_b_32}"]
+    relative = os.path.relpath(vit_b_32, ROOT)  # recorded as an absolute path by the train/ scripts
+    clip_args = ["clip.model_config=null", "clip.model_name=ViT-B-32", f"clip.pretrained={relative}"]
     clip = ClipAdapter.from_pretrained("ViT-B-32", str(vit_b_32))
     assert (clip.embed_dim, clip.text_width, clip.context_length, clip.image_size) == (512, 512, 77, 224)
 
@@ -126,7 +128,7 @@ def test_vit_b_32_trains_every_stage_and_samples(vit_b_32, tmp_path, monkeypatch
         run = export.parent
         assert len(losses(run)) == 2 and all(np.isfinite(losses(run))), run
         recorded = json.loads((export / "config.json").read_text())["clip"]
-        assert (recorded["model_name"], recorded["pretrained"]) == ("ViT-B-32", str(vit_b_32))
+        assert (recorded["model_name"], recorded["pretrained"]) == ("ViT-B-32", str(vit_b_32.resolve()))
 
     # the pipeline's CLIP is the decoder's, written into the folder; the sample script reads only the folder
     pipe = load_script("train", "pipeline").main(
@@ -214,6 +216,22 @@ def test_pipeline_without_clip_names_what_is_missing(tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit, match=f"error: .*{says}"):
         load_script("train", "pipeline").main(["--out", str(tmp_path / "pipe"), "--decoder", str(decoder)])
     assert not (tmp_path / "pipe").exists()
+
+
+def test_a_relative_weights_file_is_recorded_absolute(tmp_path, monkeypatch):
+    """The train/ scripts record clip.pretrained as an absolute path, which train/pipeline.py reads from anywhere."""
+    from unclip.training.cli import absolute_weights_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "clip.safetensors").write_bytes(b"")
+    named = ["clip.model_config=null", "clip.model_name=ViT-B-32"]
+    config = load_config(ROOT / "configs/prior/tiny.yaml", [*named, "clip.pretrained=weights/clip.safetensors"])
+    absolute_weights_path(config)
+    assert config.clip.pretrained == str((tmp_path / "weights" / "clip.safetensors").resolve())
+    tag = load_config(ROOT / "configs/prior/tiny.yaml", [*named, "clip.pretrained=laion2b_s34b_b79k"])
+    absolute_weights_path(tag)
+    assert tag.clip.pretrained == "laion2b_s34b_b79k"
 
 
 # -- an upsampler conditioned on the CLIP image embedding (model.clip_dim) samples in the pipeline (tiny, fast) --

@@ -52,6 +52,7 @@ from unclip.config import ClipConfig
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npz")  # what names a weights file, not a tag
 
 # A 2.5M-parameter ViT + text transformer for tests; 96% of it is the 49408-token embedding that the CLIP
 # tokenizer needs. Text width W = 48 differs from embed_dim D = 32 so that tests catch a mixed-up D and W.
@@ -395,7 +396,7 @@ def _pretrained_tag(name: str, pretrained: str) -> dict[str, Any]:
             f"clip.pretrained={pretrained!r} is a folder: give the weights file inside it, or a folder written by "
             "train/clip.py as clip.checkpoint instead of clip.model_name + clip.pretrained"
         )
-    if os.sep in pretrained or Path(pretrained).suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"):
+    if os.sep in pretrained or Path(pretrained).suffix in WEIGHTS_SUFFIXES:
         where = "" if os.path.isabs(pretrained) else f" (relative to the current folder {os.getcwd()})"
         raise ValueError(f"CLIP weights file {pretrained} does not exist{where}")
     raise ValueError(

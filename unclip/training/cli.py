@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from unclip.clip import WEIGHTS_SUFFIXES
 from unclip.config import RunConfig, load_config
 from unclip.training.settings import check_train_config
 from unclip.training.state import holds_run
@@ -84,6 +85,7 @@ def _load(args: argparse.Namespace, kinds: tuple[str, ...]) -> RunConfig:
     if config.kind not in kinds:
         raise ValueError(f"{args.config} is a '{config.kind}' config; this script trains {' or '.join(kinds)}")
     check_train_config(config.train, config.kind)
+    absolute_weights_path(config)
     run_dir = Path(config.train.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"train.output_dir={run_dir} is a file, not a folder")
@@ -95,6 +97,15 @@ def _load(args: argparse.Namespace, kinds: tuple[str, ...]) -> RunConfig:
     if not args.resume and not args.overwrite and holds_run(run_dir):
         raise ValueError(f"{run_dir} already holds a training run{IN_USE}")
     return config
+
+
+def absolute_weights_path(config: RunConfig) -> None:
+    """Make a relative `clip.pretrained` weights file absolute, so that the run's config.json and export name the
+    file whatever folder later reads them (train/pipeline.py takes the decoder's CLIP from there). Pretrained tags
+    have no suffix and stay as they are."""
+    pretrained = config.clip.pretrained
+    if pretrained and Path(pretrained).suffix in WEIGHTS_SUFFIXES and Path(pretrained).is_file():
+        config.clip.pretrained = str(Path(pretrained).resolve())
 
 
 def _fail(status: int, error: BaseException | str) -> None:
