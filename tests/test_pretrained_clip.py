@@ -4,7 +4,7 @@ The stage networks are tiny; the CLIP is the published architecture: 512-d embed
 a context of 77 tokens and a 224 px image tower fed 64 px images. The scripts run as a user runs them, with
 `clip.model_name=ViT-B-32 clip.pretrained=FILE` on the command line. Nothing is downloaded.
 
-    HF_HUB_OFFLINE=1 python -m pytest -q -m slow tests/test_pretrained_clip.py   # about 5 minutes on 2 busy CPU cores
+    HF_HUB_OFFLINE=1 python -m pytest -q -m slow tests/test_pretrained_clip.py   # 5 to 7 minutes on 2 busy CPU cores
 """
 
 import importlib.util
