@@ -218,6 +218,16 @@ def test_pipeline_without_clip_names_what_is_missing(tmp_path, monkeypatch, caps
     assert not (tmp_path / "pipe").exists()
 
 
+def test_pipeline_refuses_a_clip_of_other_widths(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    decoder = tiny_decoder(tmp_path / "decoder", ClipConfig(model_config=TINY_CLIP_CONFIG))
+    other = ClipAdapter.from_model_config({**TINY_CLIP_CONFIG, "embed_dim": 16}).save(tmp_path / "clip16")
+    argv = ["--out", str(tmp_path / "pipe"), "--clip", str(other), "--decoder", str(decoder)]
+    with pytest.raises(SystemExit, match=r"error: --decoder .* model.clip_dim=32, but the CLIP .* has 16"):
+        load_script("train", "pipeline").main(argv)
+    assert not (tmp_path / "pipe").exists()
+
+
 def test_a_relative_weights_file_is_recorded_absolute(tmp_path, monkeypatch):
     """The train/ scripts record clip.pretrained as an absolute path, which train/pipeline.py reads from anywhere."""
     from unclip.training.cli import absolute_weights_path

@@ -28,6 +28,7 @@ import torch
 
 from unclip.checkpoint import build_pipeline_folder, read_meta
 from unclip.clip import ClipAdapter
+from unclip.clip_models import read_clip_checkpoint
 from unclip.config import ClipConfig, from_dict
 from unclip.pipeline import UnCLIPPipeline
 from unclip.sampling import DecoderSettings, PriorSettings, UpsamplerSettings, check_count
@@ -83,6 +84,34 @@ def decoder_clip(decoder: str, scratch: Path) -> Path:
     return clip.save(scratch / "clip")
 
 
+def check_clip_widths(clip: str | Path, parts: list[tuple[str, str | None]]) -> None:
+    """A ValueError, before anything is written, when a component was trained for another CLIP's widths: the
+    embedding width (model.clip_dim), the token encodings' width (model.text_width) or a shorter context
+    (model.text_ctx). Folders that cannot be read are left to build_pipeline_folder's own checks."""
+    try:
+        model_cfg = read_clip_checkpoint(clip)[0]
+    except ValueError:
+        return
+    text_cfg = model_cfg.get("text_cfg") or {}
+    widths = {
+        "clip_dim": model_cfg.get("embed_dim"),
+        "text_width": None if "hf_model_name" in text_cfg else text_cfg.get("width"),
+        "text_ctx": text_cfg.get("context_length", 77),
+    }
+    for flag, folder in parts:
+        try:
+            model = read_meta(folder)["model"] if folder else {}
+        except ValueError:
+            continue
+        for key, has in widths.items():
+            wants = model.get(key)
+            if wants and has and (wants < has if key == "text_ctx" else wants != has):
+                raise ValueError(
+                    f"--{flag} {folder} was trained with model.{key}={wants}, but the CLIP ({clip}) has {has}: "
+                    "pass the CLIP it was trained with (without --clip, the decoder's)"
+                )
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -120,9 +149,12 @@ def main(argv=None):
             else:
                 defaults.setdefault(stage, {})[name] = value
         with tempfile.TemporaryDirectory(prefix="unclip-clip-") as scratch:
+            clip = args.clip or decoder_clip(args.decoder, Path(scratch))
+            parts = [("prior", args.prior), ("decoder", args.decoder), ("inpaint", args.inpaint)]
+            check_clip_widths(clip, parts + [("upsampler", u) for u in args.upsampler])
             out = build_pipeline_folder(
                 args.out,
-                clip=args.clip or decoder_clip(args.decoder, Path(scratch)),
+                clip=clip,
                 prior=args.prior,
                 decoder=args.decoder,
                 upsamplers=args.upsampler,
