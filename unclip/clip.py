@@ -145,9 +145,12 @@ class ClipAdapter:
     ) -> ClipAdapter:
         """An open_clip architecture with a pretrained tag ("laion2b_s34b_b79k") or a weights file.
 
+        A tag brings its preprocessing (mean, std) and, for weights trained with QuickGELU, that activation; a
+        file gets open_clip's default preprocessing and the activation its architecture name says.
+
         Raises:
-            ValueError: for an unknown name or tag, or when the tag's weights are neither cached nor
-                downloadable (e.g. offline).
+            ValueError: for an unknown name or tag, a missing file, a file of another architecture, or when the
+                tag's weights are neither cached nor downloadable (e.g. offline).
         """
         name = model_name.replace("/", "-")
         if name not in open_clip.list_models():
