@@ -13,7 +13,7 @@ from unclip.imageio import read_png_metadata
 from unclip.nets.ar_prior import ARPrior, ARPriorConfig, dequantize, fit_pca, quantize
 from unclip.pipeline import UnCLIPPipeline
 from unclip.sampling import SettingError
-from unclip.sampling_ar import ARPriorSettings, nucleus, sample_ar_prior
+from unclip.sampling_ar import ARPriorSettings, guide, nucleus, sample_ar_prior
 
 TINY = "configs/prior/tiny_ar.yaml"
 
@@ -104,16 +104,24 @@ def test_guidance_temperature_top_p_and_candidates():
     cond, image = _toy_pairs(3)
     prior = _perturb(_toy_prior(), 5).eval()
     prior.fit_codes(F.normalize(torch.randn(200, 16), dim=-1))
-    codes = prior.encode(image)[:, :2]
-    conditional = F.log_softmax(prior(codes, **cond)[:, -1], -1)
-    from unclip.sampling_ar import guided_logits
+    codes = prior.encode(image)
+    full = prior(codes, **cond)  # (3, K, buckets): every code's logits at once
+    logits, cache = prior.start(**cond)  # and code by code, with the cache the sampler uses
+    for i in range(prior.config.pca_dims):
+        if i:
+            logits = prior.extend(codes[:, i - 1], cache)
+        torch.testing.assert_close(logits, full[:, i], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="no code after the last"):
+        prior.extend(codes[:, -1], cache)
 
-    torch.testing.assert_close(guided_logits(prior, codes, cond, 1.0), conditional)
-    unconditional = F.log_softmax(prior(codes, **cond, cond_drop=torch.ones(3, dtype=torch.bool))[:, -1], -1)
-    torch.testing.assert_close(guided_logits(prior, codes, cond, 0.0), unconditional, atol=1e-5, rtol=0)
-    guided = guided_logits(prior, codes, cond, 3.0)
+    drop = torch.tensor([False] * 3 + [True] * 3)
+    both = {k: torch.cat([v, v]) for k, v in cond.items()}
+    logits = prior(codes[:, :2].repeat(2, 1), **both, cond_drop=drop)[:, -1]
+    conditional, unconditional = F.log_softmax(logits, -1).chunk(2)
+    torch.testing.assert_close(guide(logits[:3], 1.0), conditional)
+    torch.testing.assert_close(guide(logits, 0.0), unconditional, atol=1e-5, rtol=0)
     expected = F.log_softmax(unconditional + 3.0 * (conditional - unconditional), -1)
-    torch.testing.assert_close(guided, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(guide(logits, 3.0), expected, atol=1e-5, rtol=0)
 
     logp = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     torch.testing.assert_close(nucleus(logp, 1.0, 0.7), torch.tensor([[0.625, 0.375, 0.0, 0.0]]))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,16 +47,14 @@ def is_autoregressive(prior) -> bool:
     return isinstance(prior, ARPrior)
 
 
-def guided_logits(prior: ARPrior, codes: Tensor, cond: dict[str, Any], guidance_scale: float) -> Tensor:
-    """Log-probabilities of the next code, (B, buckets): log p_u + s·(log p_c - log p_u), renormalised; s = 1 is
-    the conditional model alone (one pass), s = 0 the unconditional one."""
-    B = codes.shape[0]
+def guide(logits: Tensor, guidance_scale: float) -> Tensor:
+    """Log-probabilities of the next code, (B, buckets), from the logits of the conditional rows (B, buckets) at
+    guidance 1, else of the conditional rows followed by the unconditional ones (2B, buckets):
+    log p_u + s·(log p_c - log p_u), renormalised (s = 0 is the unconditional model)."""
+    logp = F.log_softmax(logits.float(), dim=-1)
     if guidance_scale == 1.0:
-        return F.log_softmax(prior(codes, **cond)[:, -1].float(), dim=-1)
-    drop = torch.cat([torch.zeros(B, dtype=torch.bool), torch.ones(B, dtype=torch.bool)]).to(codes.device)
-    both = {k: torch.cat([v, v]) if isinstance(v, Tensor) else v for k, v in cond.items()}
-    logp = F.log_softmax(prior(torch.cat([codes, codes]), **both, cond_drop=drop)[:, -1].float(), dim=-1)
-    cond_logp, uncond_logp = logp[:B], logp[B:]
+        return logp
+    cond_logp, uncond_logp = logp.chunk(2)
     return F.log_softmax(uncond_logp + guidance_scale * (cond_logp - uncond_logp), dim=-1)
 
 
@@ -128,14 +125,21 @@ def sample_ar_prior(
     cond = text_cond(text_embed, text_tokens, text_mask)
     cond = {k: v.repeat_interleave(candidates, dim=0) if isinstance(v, Tensor) else v for k, v in cond.items()}
     device = text_embed.device
-    codes = torch.zeros(B * candidates, 0, dtype=torch.long, device=device)
+    rows = B * candidates
+    guided = guidance_scale != 1.0  # then the rows are read twice, with the text and without
+    if guided:
+        cond = {k: torch.cat([v, v]) if isinstance(v, Tensor) else v for k, v in cond.items()}
+        cond["cond_drop"] = torch.arange(2 * rows, device=device) >= rows
+    logits, cache = prior.start(**cond)
+    codes = []
     for i in range(K):
-        logp = guided_logits(prior, codes, cond, guidance_scale)
-        probs = nucleus(logp, temperature, top_p)
-        u = uniforms(B * candidates, generator, device)
-        codes = torch.cat([codes, draw(probs, u)[:, None]], dim=1)
+        if i:
+            logits = prior.extend(torch.cat([codes[-1], codes[-1]]) if guided else codes[-1], cache)
+        probs = nucleus(guide(logits, guidance_scale), temperature, top_p)
+        codes.append(draw(probs, uniforms(rows, generator, device)))
         if callback is not None:
             callback({"i": i, "steps": K})
+    codes = torch.stack(codes, dim=1)
     image_embed = prior.decode(codes).to(text_embed.dtype).view(B, candidates, D)
     if candidates == 1:
         return image_embed[:, 0]

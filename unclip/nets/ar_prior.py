@@ -5,7 +5,8 @@ Written from DALL·E 2 (Ramesh et al. 2022, section 2.1), the alternative to the
 the `pca_dims` principal components that hold almost all of its variance; each component is quantised into
 `buckets` equal buckets between its training minimum and maximum. A decoder-only Transformer with a causal mask
 reads the encoded text tokens, the pooled CLIP text embedding and the codes so far, in the order of the components
-(most variance first), and predicts the next code. Sampling draws the codes one at a time; de-quantisation
+(most variance first), and predicts the next code. Sampling draws the codes one at a time (`start`, then
+`extend` for each code, with the keys and values of what was read cached); de-quantisation
 (bucket centres) and the inverse PCA give back an image embedding, L2-normalised as the diffusion prior's are.
 
 The PCA (mean and components) and the buckets' ranges are buffers, so they travel with the weights. Classifier-free
@@ -236,6 +237,58 @@ class ARPrior(nn.Module):
         for block in self.blocks:
             h = checkpoint(block, h, mask, use_reentrant=False) if checkpointing else block(h, mask)
         return self.head(self.ln_out(h[:, tokens.shape[1] :]))  # (B, 1 + k', buckets)
+
+    # -- sampling with cached keys and values: each new code costs one token's pass --------------------------------
+
+    def start(
+        self,
+        *,
+        text_embed: Tensor,
+        text_tokens: Tensor | None = None,
+        text_mask: Tensor | None = None,
+        cond_drop: Tensor | None = None,
+    ) -> tuple[Tensor, dict]:
+        """Read the text: the logits of code 1, (B, buckets), and the cache that `extend` continues from. The same
+        numbers as `forward` with no codes (in eval mode), which `extend` keeps for each next code."""
+        B = text_embed.shape[0]
+        cond_drop = self._cond_drop(cond_drop, B, text_embed.device)
+        tokens, token_mask = self._embed_tokens(text_tokens, text_mask, cond_drop)
+        text = torch.where(cond_drop[:, None], self.null_text_embed, self.embed_text(text_embed))  # (B, W)
+        h = torch.cat([tokens, (text + self.pos_embed[self.text_ctx])[:, None]], dim=1)
+        cache = {"layers": [], "keys": torch.cat([token_mask, token_mask.new_ones(B, 1)], dim=1), "codes": 0}
+        h = self._cached_blocks(h, attention_mask(token_mask, tail=1), cache)
+        return self.head(self.ln_out(h[:, -1])), cache
+
+    def extend(self, code: Tensor, cache: dict) -> Tensor:
+        """Append each row's latest code, (B,): the logits of the code after it, (B, buckets)."""
+        position = self.text_ctx + 1 + cache["codes"]
+        if position >= self.pos_embed.shape[0]:
+            raise ValueError(f"the prior predicts {self.config.pca_dims} codes; there is no code after the last")
+        h = (self.embed_codes(code) + self.pos_embed[position])[:, None]  # (B, 1, W)
+        cache["keys"] = torch.cat([cache["keys"], cache["keys"].new_ones(len(code), 1)], dim=1)
+        cache["codes"] += 1
+        h = self._cached_blocks(h, cache["keys"][:, None, None, :], cache)
+        return self.head(self.ln_out(h[:, -1]))
+
+    def _cached_blocks(self, h: Tensor, mask: Tensor, cache: dict) -> Tensor:
+        """The Transformer blocks (as TransformerBlock computes them, without dropout) over the new tokens `h`,
+        attending to the cached keys and values too, which it extends."""
+        first = not cache["layers"]
+        for i, block in enumerate(self.blocks):
+            attn = block.attn
+            B, S, C = h.shape
+            qkv = attn.qkv(block.ln_1(h)).view(B, S, 3, attn.heads, C // attn.heads).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv  # (B, H, S, C/H)
+            if first:
+                cache["layers"].append((k, v))
+            else:
+                k = torch.cat([cache["layers"][i][0], k], dim=2)
+                v = torch.cat([cache["layers"][i][1], v], dim=2)
+                cache["layers"][i] = (k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            h = h + attn.proj(out.transpose(1, 2).reshape(B, S, C))
+            h = h + block.mlp(block.ln_2(h))
+        return h
 
     def loss(self, image_embed: Tensor, **cond) -> Tensor:
         """Mean cross-entropy of the codes of `image_embed` (B, D) under teacher forcing."""
