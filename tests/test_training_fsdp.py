@@ -71,3 +71,11 @@ def test_two_gloo_ranks_shard_train_like_one_process_and_resume_exactly(tmp_path
     export = load_file(str(tmp_path / "fsdp" / "whole" / "export" / "model.safetensors"))  # the EMA, gathered
     ema = {k.removeprefix("ema_model."): v for k, v in whole["ema"].items() if k.startswith("ema_model.")}
     assert set(export) <= set(ema) and all(torch.equal(export[k], ema[k].to(export[k].dtype)) for k in export)
+
+
+def test_mixed_precision_computes_in_bf16_and_reduces_in_fp32():
+    from unclip.training.sharding import fsdp_plugin
+
+    policy = fsdp_plugin("bf16").mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
+    assert fsdp_plugin("no").mixed_precision_policy is None

@@ -41,11 +41,19 @@ from torch.distributed.tensor import DTensor
 # the blocks that become FSDP units, where a network has them
 UNIT_CLASSES = ("TransformerBlock", "EmbedSequential")
 GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)  # full tensors on the main process's CPU
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FROM_FULL = StateDictOptions(full_state_dict=True)  # every process passes the full state and keeps its shard
 
 
-def fsdp_plugin() -> FullyShardedDataParallelPlugin:
-    """Accelerate's FSDP2 plugin as the trainer uses it (the units are chosen per network by `wrap_units`)."""
+def fsdp_plugin(mixed_precision: str) -> FullyShardedDataParallelPlugin:
+    """Accelerate's FSDP2 plugin as the trainer uses it (the units are chosen per network by `wrap_units`). With
+    mixed precision, blocks compute in bf16 or fp16 and gradients are reduced in fp32 (Accelerate's own policy
+    would reduce them in the compute dtype)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = None
+    if mixed_precision != "no":
+        policy = MixedPrecisionPolicy(param_dtype=COMPUTE_DTYPES[mixed_precision], reduce_dtype=torch.float32)
     return FullyShardedDataParallelPlugin(
         fsdp_version=2,
         reshard_after_forward=True,
@@ -53,15 +61,14 @@ def fsdp_plugin() -> FullyShardedDataParallelPlugin:
         transformer_cls_names_to_wrap=list(UNIT_CLASSES),
         state_dict_type="FULL_STATE_DICT",
         cpu_ram_efficient_loading=False,
+        mixed_precision_policy=policy,
     )
 
 
-def enable_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin, mixed_precision: str) -> None:
+def enable_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugin) -> None:
     """Switch a multi-process CPU (gloo) Accelerator to FSDP, which Accelerate enables only on accelerators."""
     if accelerator.distributed_type != DistributedType.MULTI_CPU:
         return
-    if mixed_precision != "no":
-        plugin.set_mixed_precision(mixed_precision)
     state = AcceleratorState()
     state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP

@@ -121,7 +121,7 @@ def make_accelerator(config: RunConfig) -> Accelerator:
             "(or 'bf16', which CPUs without bf16 units emulate very slowly)"
         )
     trackers = ["tensorboard"] if importlib.util.find_spec("tensorboard") else None
-    fsdp = sharding.fsdp_plugin() if train.distributed == "fsdp" else None
+    fsdp = sharding.fsdp_plugin(train.mixed_precision) if train.distributed == "fsdp" else None
     accelerator = Accelerator(
         cpu=not cuda,
         mixed_precision=train.mixed_precision,
@@ -133,7 +133,7 @@ def make_accelerator(config: RunConfig) -> Accelerator:
         fsdp_plugin=fsdp,
     )
     if fsdp is not None:
-        sharding.enable_on_cpu(accelerator, fsdp, train.mixed_precision)
+        sharding.enable_on_cpu(accelerator, fsdp)
     return accelerator
 
 
