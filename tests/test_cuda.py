@@ -70,3 +70,15 @@ def test_cuda_matches_cpu_for_the_same_seed(tiny_pipeline):
     cpu = UnCLIPPipeline.from_pretrained(tiny_pipeline, device="cpu")(["a red circle"], **settings).images
     # the noise is drawn on the CPU from per-image seeds, so only kernel rounding differs
     assert (gpu.cpu() - cpu).abs().max() < 2e-2
+
+
+def test_mfu_bench_runs_each_variant_on_cuda_in_bf16(tmp_path):
+    """bench/mfu.py at the tiny decoder's size: eager, channels_last, torch.compile and both, in bf16."""
+    from bench import mfu
+
+    args = ["--device", "cuda", "--dtype", "bf16", "--config", "configs/decoder/tiny.yaml", "--batch", "4"]
+    args += ["--steps", "2", "--warmup", "2", "--peak-tflops", "989", "--out", str(tmp_path / "mfu.json")]
+    report = mfu.main(args)
+    assert [r["variant"] for r in report["results"]] == list(mfu.VARIANTS)
+    flops = {r["flops_per_step"] for r in report["results"]}
+    assert len(flops) == 1 and flops.pop() > 0 and all(0 < r["mfu"] < 1 for r in report["results"])
