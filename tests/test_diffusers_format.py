@@ -1,6 +1,8 @@
 """Karlo (a diffusers UnCLIPPipeline folder) and Kandinsky 2.2's prior through unclip's pipeline, against diffusers'
 own pipelines on tiny random folders saved in the published layouts (tests/diffusers_helpers.py)."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from PIL import Image
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from tests.diffusers_helpers import make_kandinsky_prior_folder, make_karlo_folder
-from unclip.diffusers_format import TransformersClip, UnCLIPTextProjModel, load_prior
+from unclip.diffusers_format import UnCLIPTextProjModel, load_prior
 from unclip.imageio import square_tensor
 from unclip.pipeline import UnCLIPPipeline
 from unclip.sampling import sample_prior
@@ -24,7 +26,7 @@ def karlo(tmp_path_factory):
     return root, UnCLIPPipeline.from_pretrained(root), load_reference(root)
 
 
-def load_reference(root):
+def load_reference(root, float64=True):
     """diffusers' UnCLIPPipeline from the folder's components (diffusers 0.42's from_pretrained no longer finds
     the deprecated text_proj class that model_index.json names)."""
     classes = {
@@ -41,7 +43,8 @@ def load_reference(root):
     }
     parts = {name: cls.from_pretrained(root / name) for name, cls in classes.items()}
     for name in ("prior_scheduler", "decoder_scheduler", "super_res_scheduler"):
-        float64_tables(parts[name])
+        if float64:
+            float64_tables(parts[name])
     return DiffusersUnCLIP(**parts)
 
 
@@ -159,16 +162,37 @@ def test_solvers_reranking_and_edits_run(karlo, tmp_path):
     assert not torch.allclose(painted.images[0, :, :, :14], square_tensor(Image.open(photo), 32)[0, :, :, :14])
 
 
-def test_without_image_tower_reranking_is_refused(karlo, tmp_path):
-    root, pipe, _ = karlo
-    clip = TransformersClip(pipe.clip.text_encoder, pipe.clip.tokenizer)
-    with pytest.raises(ValueError, match="image_encoder"):
-        clip.embed_image(torch.zeros(1, 3, 32, 32))
+def test_without_image_tower_reranking_and_edits_are_refused(karlo, tmp_path):
+    """kakaobrain/karlo-v1-alpha has no image tower: generation works, reranking and the edits say what to add."""
+    text_only = tmp_path / "text_only"
+    shutil.copytree(karlo[0], text_only, ignore=shutil.ignore_patterns("image_encoder", "feature_extractor"))
+    pipe = UnCLIPPipeline.from_pretrained(text_only)
+    fast = {"steps": 2}
+    assert pipe([PROMPT], size=32, prior=fast, decoder=fast).images.shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="no image tower.*image_encoder/ and feature_extractor/"):
+        pipe([PROMPT], size=32, candidates=2, prior=fast, decoder=fast)
+    with pytest.raises(ValueError, match="no image tower"):
+        pipe.variations(Image.new("RGB", (32, 32)), n=1)
+
+
+@pytest.fixture(scope="module")
+def kandinsky(tmp_path_factory):
+    return make_kandinsky_prior_folder(tmp_path_factory.mktemp("kandinsky"))
+
+
+def test_folders_it_cannot_sample_are_refused(karlo, kandinsky, tmp_path):
+    with pytest.raises(ValueError, match="a prior and its CLIP, without a decoder.*load_prior"):
+        UnCLIPPipeline.from_pretrained(kandinsky)
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(karlo[0], incomplete)
+    shutil.rmtree(incomplete / "decoder")
+    with pytest.raises(ValueError, match="UnCLIPPipeline folder without decoder"):
+        UnCLIPPipeline.from_pretrained(incomplete)
 
 
 @torch.no_grad()
-def test_kandinsky_prior_equals_diffusers(tmp_path):
-    root = make_kandinsky_prior_folder(tmp_path / "kandinsky")
+def test_kandinsky_prior_equals_diffusers(kandinsky):
+    root = kandinsky
     clip, prior = load_prior(root)
     ref = KandinskyV22PriorPipeline.from_pretrained(root)
     float64_tables(ref.scheduler)

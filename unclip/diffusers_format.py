@@ -452,6 +452,11 @@ def _check_folder(root: Path, classes: tuple[str, ...]) -> dict[str, Any]:
     if not is_diffusers_folder(root):
         raise ValueError(f"{root} has no model_index.json: it is not a diffusers pipeline folder")
     index = read_index(root)
+    if index["_class_name"] in PRIOR_CLASSES and index["_class_name"] not in classes:
+        raise ValueError(
+            f"{root} holds a diffusers {index['_class_name']}: a prior and its CLIP, without a decoder to make "
+            "images. Sample image embeddings from it with unclip.diffusers_format.load_prior (docs/pretrained.md)"
+        )
     if index["_class_name"] not in classes:
         raise ValueError(
             f"{root} holds a diffusers {index['_class_name']}, which unclip cannot load here; it loads "
