@@ -148,6 +148,10 @@ def test_solvers_reranking_and_edits_run(karlo, tmp_path):
                upsamplers={"upsampler_64": {"steps": 2}})  # fmt: skip  # dpm++ prior and decoder
     assert out.images.shape == (2, 3, 64, 64) and torch.isfinite(out.images).all()
     assert out.candidate_scores.shape == (2, 2) and len(out.clip_scores) == 2
+    # text guidance: rows that keep the image embedding and drop the caption (the empty prompt's encoding)
+    guided = pipe([PROMPT], seed=1, size=32, prior=fast, decoder={**fast, "text_guidance_scale": 2.0}).images
+    plain = pipe([PROMPT], seed=1, size=32, prior=fast, decoder=fast).images
+    assert torch.isfinite(guided).all() and not torch.allclose(guided, plain)
     photo = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(photo)
     variations = pipe.variations(photo, n=2, inversion_steps=3, refine=0)
