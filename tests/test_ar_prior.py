@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from pipeline_helpers import _perturb, make_tiny_pipeline
 
 from unclip.checkpoint import build_pipeline_folder, load_model, save_model
-from unclip.config import DiffusionConfig, load_config
+from unclip.clip import TINY_CLIP_CONFIG, ClipAdapter
+from unclip.config import DataConfig, DiffusionConfig, load_config
+from unclip.eval.prior import evaluate_prior
 from unclip.imageio import read_png_metadata
 from unclip.nets.ar_prior import ARPrior, ARPriorConfig, dequantize, fit_pca, quantize
 from unclip.pipeline import UnCLIPPipeline
@@ -156,6 +158,9 @@ def test_train_script_writes_a_loadable_export(tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evaluated = next(m for m in metrics if "val/code_cos" in m)
     assert evaluated["val/code_cos"] > 0.9 and "val_ema/retrieval_top1" in evaluated
+    data = DataConfig(dataset="shapes", image_size=32, val_size=16)  # python -m unclip.eval prior reads it too
+    results = evaluate_prior(export, ClipAdapter.from_model_config(TINY_CLIP_CONFIG), data, n=8)
+    assert results["n"] == 8 and 0 <= results["retrieval_top1"] <= 1 and -1 <= results["cos_image"] <= 1
 
 
 def test_model_kind_picks_the_prior(capsys):
