@@ -11,14 +11,16 @@ with a grid of all of them beside (a row per prompt when there are several promp
 the paths are printed as each batch is written. Image i of the whole run uses seed + i; with reranking
 (--candidates N, or a pipeline that reranks by default) its candidates use seed + i·N ... seed + i·N + N-1, and
 the metadata's seed is the kept one's: --seed SEED --candidates 1 makes that image again. A file of the same
-name is kept (the new one is NAME-2.png) unless --overwrite; Ctrl-C keeps the images written so far.
+name is kept (the new one is NAME-2.png) unless --overwrite; Ctrl-C keeps the images written so far, and the
+same command with --skip-existing makes only the batches that are missing.
 Started as N processes (`accelerate launch`, or torchrun), process r makes batches r, r+N, ... on its own GPU and
 writes the same files a single process would (without the grid).
 """
 
+import sys
 from pathlib import Path
 
-from unclip.cli import others_batches, run_batches, sample_parser, whole_number
+from unclip.cli import finished_batches, others_batches, run_batches, sample_parser, whole_number
 
 
 def parse_args(argv=None):
@@ -65,6 +67,12 @@ def parse_args(argv=None):
         default=4,
         help="images made (and written) together; it does not change the images (default 4)",
     )
+    p.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="make only the batches whose images are not all in --out yet, with these settings: rerun a stopped "
+        "run with the same arguments and this flag to finish it (the images are those one run would make)",
+    )
     args = p.parse_args(argv)
     if args.prompts_file is not None:
         try:
@@ -89,25 +97,26 @@ def main(argv=None):
         "sampler": args.sampler,
     }
     prompts = [prompt for prompt in args.prompt for _ in range(args.n)]
-    return run_batches(
-        args,
-        lambda pipe: (
-            out
-            for _, out in pipe.batches(
-                prompts,
-                batch_size=args.batch_size,
-                skip=others_batches(len(prompts), args.batch_size),
-                size=args.size,
-                seed=args.seed,
-                candidates=args.candidates,
-                preview_steps=args.preview_steps,
-                use_prior=not args.no_prior,
-                prior={"steps": args.prior_steps, "guidance_scale": args.prior_guidance},
-                decoder=decoder,
-            )
-        ),
-        total=len(prompts),
+    settings = dict(
+        size=args.size,
+        seed=args.seed,
+        candidates=args.candidates,
+        preview_steps=args.preview_steps,
+        use_prior=not args.no_prior,
+        prior={"steps": args.prior_steps, "guidance_scale": args.prior_guidance},
+        decoder=decoder,
     )
+    args.overwrite = args.overwrite or args.skip_existing  # a batch made again writes the same images
+
+    def make(pipe):
+        skip = others_batches(len(prompts), args.batch_size)
+        if args.skip_existing:
+            done = finished_batches(args.out, prompts, args.batch_size, pipe.resolve(**settings))
+            print(f"{len(done)} of {-(-len(prompts) // args.batch_size)} batches are in {args.out}", file=sys.stderr)
+            skip |= done
+        return (out for _, out in pipe.batches(prompts, batch_size=args.batch_size, skip=skip, **settings))
+
+    return run_batches(args, make, total=len(prompts))
 
 
 if __name__ == "__main__":

@@ -111,3 +111,29 @@ def test_prompts_whose_names_collide_get_their_own_files(tiny_pipeline, tmp_path
         "image_grid-2.png",
     ]
     assert [read_png_metadata(p)["prompt"] for p in (first[0], second[0])] == ["🔴🔵", "/"]
+
+
+def test_skip_existing_makes_only_the_missing_batches_and_the_same_images(tiny_pipeline, tmp_path, capsys):
+    from sample.generate import main
+
+    common = ["--prompt", "a red circle", "--prompt", "a blue square", "--n", "3", "--batch-size", "2"]
+    common += ["--candidates", "2", "--pipeline", str(tiny_pipeline)]
+    whole = [p for p in main([*common, "--out", str(tmp_path / "whole")]) if not p.stem.endswith("grid")]
+    assert len(whole) == 6
+    part = tmp_path / "part"
+    made = [p for p in main([*common, "--out", str(part)]) if not p.stem.endswith("grid")]
+    for path in made[2:5]:  # a stopped run: batch 0 written, batch 1 lost, batch 2 cut short
+        path.unlink()
+    kept = {p: p.stat().st_mtime_ns for p in made[:2] + made[5:]}
+    capsys.readouterr()
+    again = main([*common, "--out", str(part), "--skip-existing"])
+    assert "1 of 3 batches are in" in capsys.readouterr().err
+    assert sorted(p.name for p in again if not p.stem.endswith("grid")) == sorted(p.name for p in made[2:])
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items() if p in made[:2])  # batch 0 not made again
+    for a in whole:  # every image as the uninterrupted run made it, to the bit
+        assert (part / a.name).read_bytes() == a.read_bytes()
+    capsys.readouterr()
+    assert main([*common, "--out", str(part), "--skip-existing"]) == []  # nothing left to make
+    assert "3 of 3 batches are in" in capsys.readouterr().err
+    main([*common, "--out", str(part), "--skip-existing", "--seed", "7"])  # other settings: all made
+    assert "0 of 3 batches are in" in capsys.readouterr().err

@@ -14,6 +14,7 @@ soon as they are made; Ctrl-C or SIGTERM keeps them and exits 130 / 143.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import signal
@@ -138,6 +139,31 @@ def others_batches(count: int, batch_size: int) -> frozenset[int]:
     k mod N. Each image keeps the seed (and name) its index gives it, so N processes write what one would."""
     rank, processes, _ = process_share()
     return frozenset(start for k, start in enumerate(range(0, count, batch_size)) if k % processes != rank)
+
+
+def finished_batches(folder: str | Path, prompts: list[str], batch_size: int, call) -> frozenset[int]:
+    """The starts of the batches whose every image is already in `folder`, made with the same settings: image i
+    is there when a PNG named for prompt i and one of its candidates' seeds (call.seed + i·candidates ...) holds
+    that prompt and `call.metadata()` (--skip-existing). Each image's seed is fixed by its index, so the batches
+    made again are the images an uninterrupted run would have written."""
+    from unclip.imageio import read_png_metadata
+    from unclip.outputs import slug
+
+    settings, c = json.loads(json.dumps(call.metadata())), call.candidates
+
+    def exists(i: int) -> bool:
+        for seed in range(call.seed + i * c, call.seed + (i + 1) * c):
+            path = Path(folder) / f"{slug(prompts[i])}_{seed:05d}.png"
+            try:
+                meta = read_png_metadata(path) if path.is_file() else None
+                if meta and meta.get("prompt") == prompts[i] and json.loads(meta.get("settings", "null")) == settings:
+                    return True
+            except (OSError, ValueError):  # unreadable or cut short: made again
+                continue
+        return False
+
+    starts = range(0, len(prompts), batch_size)
+    return frozenset(s for s in starts if all(exists(i) for i in range(s, min(s + batch_size, len(prompts)))))
 
 
 def check_out(folder: str | Path) -> Path:
