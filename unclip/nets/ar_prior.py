@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from unclip.nets.layers import TransformerBlock
-from unclip.nets.prior import attention_mask
+from unclip.nets.prior import TextInputs, attention_mask
 
 PRIOR_KINDS = ("diffusion", "autoregressive")
 
@@ -107,7 +107,7 @@ def dequantize(codes: Tensor, low: Tensor, high: Tensor, buckets: int) -> Tensor
     return low + (codes.float() + 0.5) * width
 
 
-class ARPrior(nn.Module):
+class ARPrior(TextInputs, nn.Module):
     def __init__(self, config: ARPriorConfig):
         super().__init__()
         self.config = config
@@ -296,37 +296,3 @@ class ARPrior(nn.Module):
         codes = self.encode(image_embed)
         logits = self(codes, **cond)
         return F.cross_entropy(logits.float().reshape(-1, self.config.buckets), codes.reshape(-1))
-
-    def _cond_drop(self, cond_drop: Tensor | None, B: int, device: torch.device) -> Tensor:
-        if cond_drop is None:
-            if self.training and self.config.cond_drop_prob > 0:
-                return torch.rand(B, device=device) < self.config.cond_drop_prob
-            return torch.zeros(B, dtype=torch.bool, device=device)
-        if cond_drop.shape != (B,):
-            raise ValueError(f"cond_drop must have shape ({B},), got {tuple(cond_drop.shape)}")
-        return cond_drop.to(device=device, dtype=torch.bool)
-
-    def _embed_tokens(
-        self, text_tokens: Tensor | None, text_mask: Tensor | None, cond_drop: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Project the text tokens and add positions; dropped rows get every token masked out."""
-        B = len(cond_drop)
-        if self.embed_tokens is None:
-            return self.pos_embed.new_zeros(B, 0, self.config.width), cond_drop.new_zeros(B, 0)
-        if text_tokens is None:
-            raise ValueError(
-                f"this prior reads text tokens (model.text_width={self.config.text_width}): pass text_tokens "
-                "(B, L, W), or use a config with text_width: null for a pooled-embedding-only prior"
-            )
-        L = text_tokens.shape[1]
-        if text_tokens.shape != (B, L, self.config.text_width) or L > self.text_ctx:
-            raise ValueError(
-                f"text_tokens must be (B={B}, L<={self.text_ctx}, W={self.config.text_width}), "
-                f"got {tuple(text_tokens.shape)}"
-            )
-        mask = cond_drop.new_ones(B, L) if text_mask is None else text_mask.bool()
-        if mask.shape != (B, L):
-            raise ValueError(f"text_mask must be (B, L) = ({B}, {L}), got {tuple(mask.shape)}")
-        mask = mask & ~cond_drop[:, None]
-        tokens = self.embed_tokens(text_tokens.masked_fill(~mask[..., None], 0.0))  # (B, L, W)
-        return tokens + self.pos_embed[:L], mask

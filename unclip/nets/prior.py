@@ -76,7 +76,47 @@ def attention_mask(text_mask: Tensor, tail: int = NUM_TAIL_TOKENS) -> Tensor:
     return ((causal & keys[:, None, :]) | eye)[:, None]
 
 
-class PriorTransformer(nn.Module):
+class TextInputs:
+    """The caption inputs of a prior Transformer (diffusion or autoregressive): classifier-free dropout and the
+    projected text tokens. Uses the network's config (cond_drop_prob, text_width, width), embed_tokens,
+    pos_embed and text_ctx."""
+
+    def _cond_drop(self, cond_drop: Tensor | None, B: int, device: torch.device) -> Tensor:
+        if cond_drop is None:
+            if self.training and self.config.cond_drop_prob > 0:
+                return torch.rand(B, device=device) < self.config.cond_drop_prob
+            return torch.zeros(B, dtype=torch.bool, device=device)
+        if cond_drop.shape != (B,):
+            raise ValueError(f"cond_drop must have shape ({B},), got {tuple(cond_drop.shape)}")
+        return cond_drop.to(device=device, dtype=torch.bool)
+
+    def _embed_tokens(
+        self, text_tokens: Tensor | None, text_mask: Tensor | None, cond_drop: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Project the text tokens and add positions; dropped rows get every token masked out."""
+        B = len(cond_drop)
+        if self.embed_tokens is None:
+            return self.pos_embed.new_zeros(B, 0, self.config.width), cond_drop.new_zeros(B, 0)
+        if text_tokens is None:
+            raise ValueError(
+                f"this prior reads text tokens (model.text_width={self.config.text_width}): pass text_tokens "
+                "(B, L, W), or use a config with text_width: null for a pooled-embedding-only prior"
+            )
+        L = text_tokens.shape[1]
+        if text_tokens.shape != (B, L, self.config.text_width) or L > self.text_ctx:
+            raise ValueError(
+                f"text_tokens must be (B={B}, L<={self.text_ctx}, W={self.config.text_width}), "
+                f"got {tuple(text_tokens.shape)}"
+            )
+        mask = cond_drop.new_ones(B, L) if text_mask is None else text_mask.bool()
+        if mask.shape != (B, L):
+            raise ValueError(f"text_mask must be (B, L) = ({B}, {L}), got {tuple(mask.shape)}")
+        mask = mask & ~cond_drop[:, None]
+        tokens = self.embed_tokens(text_tokens.masked_fill(~mask[..., None], 0.0))  # (B, L, W)
+        return tokens + self.pos_embed[:L], mask
+
+
+class PriorTransformer(TextInputs, nn.Module):
     def __init__(self, config: PriorConfig):
         super().__init__()
         self.config = config
@@ -161,40 +201,6 @@ class PriorTransformer(nn.Module):
         for block in self.blocks:
             h = checkpoint(block, h, mask, use_reentrant=False) if checkpointing else block(h, mask)
         return self.proj_out(self.ln_out(h[:, -1]))  # (B, D)
-
-    def _cond_drop(self, cond_drop: Tensor | None, B: int, device: torch.device) -> Tensor:
-        if cond_drop is None:
-            if self.training and self.config.cond_drop_prob > 0:
-                return torch.rand(B, device=device) < self.config.cond_drop_prob
-            return torch.zeros(B, dtype=torch.bool, device=device)
-        if cond_drop.shape != (B,):
-            raise ValueError(f"cond_drop must have shape ({B},), got {tuple(cond_drop.shape)}")
-        return cond_drop.to(device=device, dtype=torch.bool)
-
-    def _embed_tokens(
-        self, text_tokens: Tensor | None, text_mask: Tensor | None, cond_drop: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Project the text tokens and add positions; dropped rows get every token masked out."""
-        B = len(cond_drop)
-        if self.embed_tokens is None:
-            return self.pos_embed.new_zeros(B, 0, self.config.width), cond_drop.new_zeros(B, 0)
-        if text_tokens is None:
-            raise ValueError(
-                f"this prior reads text tokens (model.text_width={self.config.text_width}): pass text_tokens "
-                "(B, L, W), or use a config with text_width: null for a pooled-embedding-only prior"
-            )
-        L = text_tokens.shape[1]
-        if text_tokens.shape != (B, L, self.config.text_width) or L > self.text_ctx:
-            raise ValueError(
-                f"text_tokens must be (B={B}, L<={self.text_ctx}, W={self.config.text_width}), "
-                f"got {tuple(text_tokens.shape)}"
-            )
-        mask = cond_drop.new_ones(B, L) if text_mask is None else text_mask.bool()
-        if mask.shape != (B, L):
-            raise ValueError(f"text_mask must be (B, L) = ({B}, {L}), got {tuple(mask.shape)}")
-        mask = mask & ~cond_drop[:, None]
-        tokens = self.embed_tokens(text_tokens.masked_fill(~mask[..., None], 0.0))  # (B, L, W)
-        return tokens + self.pos_embed[:L], mask
 
     # image-embedding normalisation: the diffusion runs on per-dimension standardised embeddings
 
