@@ -33,6 +33,13 @@ def parse_args(argv=None):
         "2 or more keeps more of the image when the pipeline's default is 1)",
     )
     p.add_argument("--fresh-noise", action="store_true", help="decode fresh noise instead of the inverted latent")
+    p.add_argument(
+        "--candidates",
+        type=whole_number(1),
+        default=1,
+        help="decode each variation this many times and keep the one the pipeline's CLIP finds closest to the "
+        "image (default 1)",
+    )
     return p.parse_args(argv)
 
 
@@ -50,6 +57,7 @@ def main(argv=None):
             size=args.size,
             decoder={"guidance_scale": args.guidance, "steps": None if invert else args.steps},
             inversion_steps=INVERSION_STEPS if args.steps is None else args.steps,
+            candidates=args.candidates,
         ),
     )
 

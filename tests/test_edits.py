@@ -165,6 +165,17 @@ def test_inpaint_keeps_the_candidate_clip_ranks_first(folders, images, monkeypat
     assert seen == [["a blue square"] * 2]
 
 
+def test_variations_keep_the_candidate_closest_to_the_image(pipe, images):
+    plain = pipe.variations(images / "a.png", n=4, seed=3, size=16, invert=False, decoder={"steps": 2})
+    source = pipe.clip.embed_image([Image.open(images / "a.png")], normalize=True)[0]
+    scores = (pipe.clip.embed_image(plain.images, normalize=True) @ source).view(2, 2)
+    best = (scores.argmax(dim=1) + torch.tensor([0, 2])).tolist()
+    out = pipe.variations(images / "a.png", n=2, seed=3, size=16, invert=False, decoder={"steps": 2}, candidates=2)
+    assert [m["seed"] for m in out.metadata] == [3 + i for i in best]
+    assert out.metadata[0]["settings"]["candidates"] == 2
+    torch.testing.assert_close(out.images, plain.images[best], rtol=0, atol=1e-5)
+
+
 def test_mask_policy(images, tmp_path):
     mask = Image.open(images / "mask.png")
     with pytest.warns(UserWarning, match="resized the mask"):

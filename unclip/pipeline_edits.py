@@ -65,6 +65,7 @@ class PipelineEdits:
         upsamplers: dict[str, dict[str, Any]] | None = None,
         inversion_steps: int = edits.INVERSION_STEPS,
         refine: int = edits.INVERSION_REFINE,
+        candidates: int = 1,
     ) -> EditOutput:
         """Variations of an image: decodings of its CLIP image embedding (DALL·E 2 §3.1, figure 3).
 
@@ -76,8 +77,12 @@ class PipelineEdits:
             decoder: overrides of the decoder's settings; with invert only "guidance_scale" (default 1, the
                 model that was inverted: larger scales leave the path back to the image).
             inversion_steps, refine: DDIM inversion (and decoding) steps, and fixed-point iterations per step.
+            candidates: decode each variation this many times and keep the decoding whose CLIP image embedding is
+                closest to the source's (the pipeline's CLIP, at the decoder's size); variation i's candidate j
+                uses seed + i·candidates + j. 1 (the default) keeps every decoding.
         """
         size = self._check_edit(size, n, seed)
+        c = check_count("candidates", candidates)
         inversion = (
             edits.inversion_settings(decoder, steps=inversion_steps, eta=eta, refine=refine) if invert else None
         )
@@ -87,16 +92,22 @@ class PipelineEdits:
         image_embed = self.clip.embed_image([source], normalize=True).to(self.device)
         x_T = self.invert(source, image_embed, steps=inversion_steps, refine=refine) if invert else None
         # 2. decoder: DDIM at eta from x_T (or fresh noise), one generator per image; 3. upsamplers
-        generators = self.generators(seed, n)
-        embeds, x_T = image_embed.repeat(n, 1), None if x_T is None else x_T.repeat(n, 1, 1, 1)
+        generators = self.generators(seed, n * c)
+        embeds, x_T = image_embed.repeat(n * c, 1), None if x_T is None else x_T.repeat(n * c, 1, 1, 1)
         images = self._decode_without_text(embeds, x_T, generators, inversion or settings)
+        seeds = list(range(seed, seed + n * c))
+        if c > 1:  # keep the candidate CLIP finds closest to the source image
+            found = self.clip.embed_image(images.to(self.device), normalize=True).float()
+            scores = (found @ image_embed.float()[0]).view(n, c)
+            keep = (scores.argmax(dim=1) + torch.arange(n, device=scores.device) * c).tolist()
+            images, embeds = images[keep], embeds[keep]
+            generators, seeds = [generators[i] for i in keep], [seeds[i] for i in keep]
         record = inversion.metadata() if invert else {**settings.kwargs(), "text": "null"}
         stem, meta = f"{slug(Path(name).stem)}_variations", {"mode": "variation", "source": name}
-        fields = {"names": [f"{stem}_{seed + i:05d}" for i in range(n)], "stem": stem}
-        per_image = [{"seed": seed + i} for i in range(n)]
-        return self._edit_output(
-            images, embeds, generators, size, seed, upsamplers, {"decoder": record}, meta, per_image, fields
-        )
+        fields = {"names": [f"{stem}_{k:05d}" for k in seeds], "stem": stem}
+        per_image = [{"seed": k} for k in seeds]
+        recorded = {"candidates": c, "decoder": record} if c > 1 else {"decoder": record}
+        return self._edit_output(images, embeds, generators, size, seed, upsamplers, recorded, meta, per_image, fields)
 
     @torch.no_grad()
     def inpaint(

@@ -247,6 +247,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=at_least(0.0, float),
         help="decoder guidance scale (default: 1 inverted, else the pipeline's, as sample/variations.py)",
     )
+    p.add_argument("--candidates", type=at_least(1), default=1, help="decodings per variation (default 1)")
     add_common(p)
     p = commands.add_parser(
         "inpaint",
@@ -402,6 +403,7 @@ def run_variations(args) -> tuple[dict, str]:
         invert=not args.fresh_noise,
         sets=args.sets,
         decoder=decoder,
+        candidates=args.candidates,
         progress=True,
     )
     results["settings"].update(pipeline=str(args.pipeline), device=args.device)

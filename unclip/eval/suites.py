@@ -274,6 +274,7 @@ def evaluate_variations(
     invert: bool = False,
     sets: Sequence[str] = ("single", "relational"),
     decoder: dict | None = None,
+    candidates: int = 1,
     progress: bool = False,
 ) -> dict:
     """The `variations` suite: how often a variation of an exact render of a `shapes` prompt (DALL·E 2 §3.1: a
@@ -285,6 +286,8 @@ def evaluate_variations(
             decoder's size, and its variations use seeds seed + i·per_image ... (+ per_image - 1).
         invert: decode the render's DDIM-inverted latent (`pipe.variations`' default) instead of fresh noise.
         decoder: overrides of the decoder's settings ({"guidance_scale": 2}, ...), as `pipe.variations` takes.
+        candidates: decodings per variation, the one closest to the render by the pipeline's CLIP kept; variation
+            seeds then start at seed + i·per_image·candidates.
 
     Returns:
         {"suite", "settings", "sets": {name: summarize_checks of its n·per_image variations}}; JSON-serialisable.
@@ -300,12 +303,19 @@ def evaluate_variations(
         for i, prompt in enumerate(tqdm(getattr(prompts, name), desc=name, disable=not progress)):
             source = render_prompt(prompt, size, random.Random(seed + i))
             out = pipe.variations(
-                source, n=per_image, seed=seed + i * per_image, invert=invert, size=size, decoder=decoder
+                source,
+                n=per_image,
+                seed=seed + i * per_image * candidates,
+                invert=invert,
+                size=size,
+                decoder=decoder,
+                candidates=candidates,
             )
             checks += [check(image, prompt) for image in out.images]
             used = out.metadata[0]["settings"]["decoder"]
         results["sets"][name] = summarize_checks(checks)
     results["settings"] = dict(n=n, seed=seed, per_image=per_image, invert=invert, size=size, decoder=used)
+    results["settings"]["candidates"] = candidates
     return results
 
 
