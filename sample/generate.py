@@ -97,18 +97,18 @@ def main(argv=None):
         "sampler": args.sampler,
     }
     prompts = [prompt for prompt in args.prompt for _ in range(args.n)]
-    settings = dict(
-        size=args.size,
-        seed=args.seed,
-        candidates=args.candidates,
-        preview_steps=args.preview_steps,
-        use_prior=not args.no_prior,
-        prior={"steps": args.prior_steps, "guidance_scale": args.prior_guidance},
-        decoder=decoder,
-    )
     args.overwrite = args.overwrite or args.skip_existing  # a batch made again writes the same images
 
-    def make(pipe):
+    def make(pipe):  # called once the pipeline is loaded, which settles args.size
+        settings = dict(
+            size=args.size,
+            seed=args.seed,
+            candidates=args.candidates,
+            preview_steps=args.preview_steps,
+            use_prior=not args.no_prior,
+            prior={"steps": args.prior_steps, "guidance_scale": args.prior_guidance},
+            decoder=decoder,
+        )
         skip = others_batches(len(prompts), args.batch_size)
         if args.skip_existing:
             done = finished_batches(args.out, prompts, args.batch_size, pipe.resolve(**settings))
