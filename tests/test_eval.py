@@ -768,7 +768,8 @@ class EchoVariations:
     def __init__(self, blank=False):
         self.blank, self.calls = blank, []
 
-    def variations(self, source, *, n, seed, invert, size, decoder):
+    def variations(self, source, *, n, seed, invert, size, decoder, candidates):
+        assert candidates == 1  # the suite's default: every decoding kept
         self.calls.append((seed, invert, decoder))
         image = torch.ones(3, size, size) if self.blank else from_pil(source)
         settings = {"decoder": {"guidance_scale": (decoder or {}).get("guidance_scale", 1.0)}}
