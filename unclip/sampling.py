@@ -145,8 +145,18 @@ def text_cond(text_embed: Tensor, text_tokens: Tensor | None, text_mask: Tensor 
     return cond
 
 
-def _repeat(cond: dict[str, Any], n: int) -> dict[str, Any]:
+def repeat_cond(cond: dict[str, Any], n: int) -> dict[str, Any]:
+    """Each row of the tensors in `cond` n times in a row (a prompt's candidates side by side)."""
     return {k: v.repeat_interleave(n, dim=0) if isinstance(v, Tensor) else v for k, v in cond.items()}
+
+
+def closest_to_text(image_embed: Tensor, text_embed: Tensor) -> Tensor:
+    """(B, candidates, D) image embeddings -> (B, D): each prompt's candidate whose direction is closest to its
+    (B, D) text embedding (a prior's reranking)."""
+    if image_embed.shape[1] == 1:
+        return image_embed[:, 0]
+    scores = (F.normalize(image_embed.float(), dim=-1) * F.normalize(text_embed.float(), dim=-1)[:, None]).sum(-1)
+    return image_embed[torch.arange(len(image_embed), device=image_embed.device), scores.argmax(dim=1)]
 
 
 @torch.no_grad()
@@ -184,7 +194,7 @@ def sample_prior(
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
     B, D = text_embed.shape
-    cond = _repeat(text_cond(text_embed, text_tokens, text_mask), candidates)
+    cond = repeat_cond(text_cond(text_embed, text_tokens, text_mask), candidates)
     model = classifier_free_guidance(prior, guidance_scale)
     device = text_embed.device
     x = sample(
@@ -202,11 +212,7 @@ def sample_prior(
     image_embed = prior.denormalize(x)
     if getattr(prior.config, "unit_embeddings", True):
         image_embed = F.normalize(image_embed, dim=-1)
-    image_embed = image_embed.view(B, candidates, D)
-    if candidates == 1:
-        return image_embed[:, 0]
-    scores = (F.normalize(image_embed, dim=-1) * F.normalize(text_embed, dim=-1)[:, None]).sum(-1)  # (B, candidates)
-    return image_embed[torch.arange(B, device=device), scores.argmax(dim=1)]
+    return closest_to_text(image_embed.view(B, candidates, D), text_embed)
 
 
 def decoder_cond(image_embed, text_tokens=None, text_mask=None, config=None, *, text_words=None) -> dict[str, Any]:

@@ -18,7 +18,15 @@ from torch import Tensor
 
 from unclip.diffusion.samplers import Generators
 from unclip.nets.ar_prior import ARPrior
-from unclip.sampling import SettingError, StageSettings, check_count, check_scale, text_cond
+from unclip.sampling import (
+    SettingError,
+    StageSettings,
+    check_count,
+    check_scale,
+    closest_to_text,
+    repeat_cond,
+    text_cond,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +130,7 @@ def sample_ar_prior(
     ARPriorSettings(guidance_scale=guidance_scale, temperature=temperature, top_p=top_p, candidates=candidates)
     B, D = text_embed.shape
     K = prior.config.pca_dims
-    cond = text_cond(text_embed, text_tokens, text_mask)
-    cond = {k: v.repeat_interleave(candidates, dim=0) if isinstance(v, Tensor) else v for k, v in cond.items()}
+    cond = repeat_cond(text_cond(text_embed, text_tokens, text_mask), candidates)
     device = text_embed.device
     rows = B * candidates
     guided = guidance_scale != 1.0  # then the rows are read twice, with the text and without
@@ -140,8 +147,4 @@ def sample_ar_prior(
         if callback is not None:
             callback({"i": i, "steps": K})
     codes = torch.stack(codes, dim=1)
-    image_embed = prior.decode(codes).to(text_embed.dtype).view(B, candidates, D)
-    if candidates == 1:
-        return image_embed[:, 0]
-    scores = (image_embed.float() * F.normalize(text_embed.float(), dim=-1)[:, None]).sum(-1)  # (B, candidates)
-    return image_embed[torch.arange(B, device=device), scores.argmax(dim=1)]
+    return closest_to_text(prior.decode(codes).to(text_embed.dtype).view(B, candidates, D), text_embed)
