@@ -65,3 +65,21 @@ def test_upsamplers_sample_at_their_configured_noise_level():
         .noise_level
         == 0
     )  # a call can still override it
+
+
+def test_bundled_orange_adapters_draw_orange_and_base_does_not():
+    """models/shapes-orange: the shapes pipeline with its LoRA adapters (its card). The base never drew orange;
+    with the adapters most orange prompts come out orange (the card's rate is 96% of colours at one candidate)."""
+    from unclip.eval.shapes_checker import check
+    from unclip.lora import has_lora
+
+    root = Path(DEFAULT_PIPELINE).parent / "shapes-orange"
+    pipe, base = UnCLIPPipeline.from_pretrained(root), UnCLIPPipeline.from_pretrained(DEFAULT_PIPELINE)
+    assert has_lora(pipe.prior.model) and has_lora(pipe.decoder.model) and not has_lora(base.decoder.model)
+    adapted = {name.split(".lora_A")[0] for name, _ in pipe.decoder.model.named_parameters() if ".lora_A" in name}
+    assert {"input_conv", "out.2", "middle.0.conv_in", "down_blocks.0.0.emb_proj"} <= adapted  # convolutions too
+    prompts = ["a large orange circle", "an orange square", "a large orange triangle", "an orange diamond"]
+    kwargs = dict(seed=0, size=64, candidates=1, decoder={"steps": 12})
+    orange = sum(check(image, p).colors_ok for image, p in zip(pipe(prompts, **kwargs).images, prompts))
+    assert orange >= 3
+    assert not any(check(image, p).colors_ok for image, p in zip(base(prompts, **kwargs).images, prompts))
