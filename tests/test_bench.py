@@ -22,3 +22,15 @@ def test_defaults_bench_samples_both_ways_and_writes_the_ratio(tmp_path, monkeyp
     assert all(theirs[stage]["steps"] == 3 for stage in ("prior", "decoder", "upsampler_32"))
     assert results["ours"]["decoder"]["sampler"] == "dpm++" and results["theirs_over_ours"] > 0
     assert "theirs / ours" in capsys.readouterr().out
+
+
+def test_upsampler_steps_bench_scores_each_step_count_against_exact_renders(tmp_path):
+    from bench import upsampler_steps
+
+    pipeline = make_tiny_pipeline(tmp_path / "pipe")
+    out = tmp_path / "steps.json"
+    results = upsampler_steps.main(["--pipeline", str(pipeline), "--n", "2", "--steps", "2", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == results
+    (rows,) = results["upsamplers"].values()
+    assert set(rows) == {"bicubic", "2", "1"}
+    assert all(0 < row["psnr"] < 100 for row in rows.values()) and rows["1"]["seconds_per_image"] > 0
