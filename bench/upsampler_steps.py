@@ -59,7 +59,8 @@ def main(argv=None) -> dict:
     for stage in pipe.upsamplers:
         config = stage.model.config
         low, high = renders(args.n, config.low_res_size, args.seed), renders(args.n, config.image_size, args.seed)
-        embeds = pipe.clip.embed_image(renders(args.n, 64, args.seed), normalize=True) if config.clip_dim else None
+        decoded = renders(args.n, pipe.sizes[0], args.seed)  # what a clip-conditioned upsampler's embedding comes from
+        embeds = pipe.clip.embed_image(decoded, normalize=True) if config.clip_dim else None
         bicubic = F.interpolate(low, size=high.shape[-2:], mode="bicubic", align_corners=False).clamp(-1, 1)
         rows = {"bicubic": {"psnr": psnr(bicubic, high).mean().item()}}
         for steps in args.steps:
