@@ -29,6 +29,9 @@ def test_splits_and_caption_choice(tmp_path):
     assert not {e.code for e in train.emoji} & {e.code for e in val.emoji}
     assert [val.caption(i) for i in range(8)] == [e.names[0] for e in val.emoji]
     assert [train.caption(i) for i in range(50)] == [train.caption(i) for i in range(50)]
+    assert any(train.caption(i) != e.names[0] for i, e in enumerate(train.emoji[:200]))  # aliases are drawn
+    named = OpenMojiDataset(16, cache_dir=tmp_path, val_size=8, canonical_names=True)
+    assert [named.caption(i) for i in range(200)] == [e.names[0] for e in train.emoji[:200]]
     assert len(OpenMojiDataset(16, cache_dir=tmp_path, skin_tones=True)) > len(train) + 1500
 
 

@@ -423,6 +423,30 @@ def test_evaluate_openmoji_with_a_fake_dataset():
     assert results["settings"]["evaluator_is_pipeline_clip"] is True
 
 
+def test_openmoji_items_held_out_and_training_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNCLIP_CACHE", str(tmp_path))
+    val = suites.openmoji_items(8, "val", val_size=6, n=4)
+    train = suites.openmoji_items(8, "train", val_size=6, n=5)
+    val_codes = {e.code for e in val.dataset.emoji}
+    train_codes = [train.dataset.emoji[i].code for i in train.indices]
+    assert len(val) == 4 and len(train) == 5 and not val_codes & set(train_codes)
+    assert not any(train.dataset.emoji[i].has_skin_tone for i in train.indices)
+    assert [item["caption"] for item in train] == [train.dataset.emoji[i].names[0] for i in train.indices]
+    assert train.indices != list(range(5)) and train.indices == suites.openmoji_items(8, "train", 6, 5).indices
+    assert train[0]["image"].shape == (3, 8, 8)
+    with pytest.raises(ValueError, match="split must be 'val' or 'train'"):
+        suites.openmoji_items(8, "test", 6, 5)
+
+    calls = []  # the command line's --split reaches the suite
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a: WhitePipeline())
+    monkeypatch.setattr(cli, "load_evaluator", lambda *a: PixelEvaluator())
+    monkeypatch.setitem(cli.SUITES, "openmoji", lambda *a, **k: calls.append(k) or {"settings": {}})
+    monkeypatch.setattr(cli, "format_table", lambda results: "")
+    cli.main(["openmoji", "--pipeline", "p", "--evaluator-clip", "e", "--split", "train", "--n", "128"])
+    cli.main(["openmoji", "--pipeline", "p", "--evaluator-clip", "e"])
+    assert [(c["split"], c["val_size"]) for c in calls] == [("train", 64), ("val", 64)]
+
+
 def test_cli_writes_json_and_a_table(tmp_path, monkeypatch, capsys):
     pipe, dtypes = RenderPipeline(), []
     monkeypatch.setattr(cli, "load_pipeline", lambda path, device, dtype: dtypes.append(dtype) or pipe)

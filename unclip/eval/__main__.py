@@ -5,6 +5,7 @@
     python -m unclip.eval shapes --pipeline models/shapes --prior-sampler ddpm --prior-steps 1000 \
         --decoder-sampler ddpm --decoder-steps 1000   # the same models sampled as DALLE2-pytorch does
     python -m unclip.eval openmoji --pipeline models/openmoji --evaluator-clip ... --out openmoji.json
+    python -m unclip.eval openmoji --pipeline models/openmoji --evaluator-clip ... --split train --n 128
     python -m unclip.eval checker --n 500
     python -m unclip.eval clip --clip models/shapes/clip   # which caption differences a CLIP can see
     python -m unclip.eval caption --pipeline models/shapes  # which caption differences the decoder reads
@@ -214,6 +215,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                 type=at_least(1),
                 default=64,
                 help="the data.val_size the pipeline was trained with (default 64)",
+            )
+            p.add_argument(
+                "--split",
+                choices=["val", "train"],
+                default="val",
+                help="val: the held-out emoji, names no stage has seen (default); train: N emoji drawn from those "
+                "the pipeline was trained on (--n 128 gives the model card's in-distribution set)",
             )
         add_common(
             p,
@@ -439,7 +447,7 @@ def run_suite(args) -> tuple[dict, str]:
     options["candidates"] = args.candidates
     options.update(stage_overrides(args))
     if args.command == "openmoji":
-        options["val_size"] = args.val_size
+        options.update(val_size=args.val_size, split=args.split)
     else:
         options.update(oracle=args.oracle, sets=args.sets, new_colors=args.new_colors)
         if args.out:  # scored batches are kept until the JSON is written: a rerun resumes

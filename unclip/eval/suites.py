@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from unclip.data.openmoji import OpenMojiDataset
@@ -329,22 +330,25 @@ def evaluate_openmoji(
     use_prior: bool = True,
     batch_size: int = 16,
     val_size: int = 64,
+    split: str = "val",
     dataset=None,
     prior: dict | None = None,
     decoder: dict | None = None,
     candidates: int | None = None,
     progress: bool = False,
 ) -> dict:
-    """The `openmoji` suite: CLIP score and retrieval of images made from the captions of held-out emoji,
-    and the Fréchet distance in CLIP space between them and those emoji; "real" scores the emoji themselves.
+    """The `openmoji` suite: CLIP score and retrieval of images made from the names of emoji, and the
+    Fréchet distance in CLIP space between them and those emoji; "real" scores the emoji themselves.
 
     Args:
-        n: at most this many held-out emoji are used (all of them when the split holds fewer).
+        n: at most this many emoji are used (all of them when the split holds fewer).
         val_size: the `data.val_size` the pipeline was trained with, or the smallest of its components'.
             The val split is the `val_size` emoji groups with the smallest hashes, so a larger value would
             take in emoji the models were trained on; 64 is DataConfig's default.
-        dataset: items {"image": (3, S, S) in [-1, 1], "caption"}; default `OpenMojiDataset(size,
-            split="val", val_size=val_size)`.
+        split: "val", the held-out emoji (unseen names), or "train": `n` emoji drawn from those the pipeline
+            was trained on, without skin-tone variants, the same ones for every seed (seen names).
+        dataset: items {"image": (3, S, S) in [-1, 1], "caption"}; default `openmoji_items(size, split,
+            val_size, n)`.
         prior, decoder, candidates: sampler overrides and reranking, as in `evaluate_shapes`.
 
     Returns:
@@ -354,12 +358,12 @@ def evaluate_openmoji(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     candidates = resolve_candidates(pipe, candidates)  # before any work
     if dataset is None:
-        dataset = OpenMojiDataset(size, split="val", val_size=val_size)  # renders SVGs into a cache on first use
+        dataset = openmoji_items(size, split, val_size, n)
     else:
-        val_size = None  # the caller's dataset decides
+        val_size = split = None  # the caller's dataset decides
     items = [dataset[i] for i in tqdm(range(min(n, len(dataset))), desc="emoji", disable=not progress)]
     if len(items) < 2:
-        raise ValueError(f"need at least 2 held-out emoji, got {len(items)}")
+        raise ValueError(f"need at least 2 emoji, got {len(items)}")
     prompts = [item["caption"] for item in items]
     options = dict(
         size=size, use_prior=use_prior, batch_size=batch_size, prior=prior, decoder=decoder, candidates=candidates
@@ -372,10 +376,23 @@ def evaluate_openmoji(
     }
     return {
         "suite": "openmoji",
-        "settings": _settings(pipe, evaluator, n=len(items), seed=seed, val_size=val_size, **options),
+        "settings": _settings(pipe, evaluator, n=len(items), seed=seed, val_size=val_size, split=split, **options),
         "sets": {name: {"n": len(items), **_clip_metrics(s)} for name, s in scored.items()},
         "clip_frechet_distance": embedding_frechet_distance(
             scored["real"]["image_embeds"], scored["generated"]["image_embeds"]
         ),
-        "clip_frechet_distance_note": f"{FRECHET_NOTE}; {len(items)} generated vs the {len(items)} held-out emoji",
+        "clip_frechet_distance_note": f"{FRECHET_NOTE}; {len(items)} generated vs those {len(items)} emoji",
     }
+
+
+def openmoji_items(size: int, split: str, val_size: int, n: int) -> Subset:
+    """The emoji of the `openmoji` suite, captioned with their canonical names: the first `n` of the val split,
+    or `n` of the train split's emoji without skin tones, drawn by a fixed seed. An item not yet in the dataset's
+    cache is rendered when it is read."""
+    if split not in ("val", "train"):
+        raise ValueError(f"split must be 'val' or 'train', got {split!r}")
+    dataset = OpenMojiDataset(size, split=split, val_size=val_size, canonical_names=True)
+    indices = range(min(n, len(dataset)))
+    if split == "train":
+        indices = sorted(random.Random("openmoji/train-names").sample(range(len(dataset)), len(indices)))
+    return Subset(dataset, list(indices))
