@@ -80,6 +80,6 @@ def test_bundled_orange_adapters_draw_orange_and_base_does_not():
     assert {"input_conv", "out.2", "middle.0.conv_in", "down_blocks.0.0.emb_proj"} <= adapted  # convolutions too
     prompts = ["a large orange circle", "an orange square", "a large orange triangle", "an orange diamond"]
     kwargs = dict(seed=0, size=64, candidates=1, decoder={"steps": 12})
-    orange = sum(check(image, p).colors_ok for image, p in zip(pipe(prompts, **kwargs).images, prompts))
+    orange = sum(check(image, p).colors_ok for image, p in zip(pipe(prompts, **kwargs).images, prompts, strict=True))
     assert orange >= 3
-    assert not any(check(image, p).colors_ok for image, p in zip(base(prompts, **kwargs).images, prompts))
+    assert not any(check(image, p).colors_ok for image, p in zip(base(prompts, **kwargs).images, prompts, strict=True))
