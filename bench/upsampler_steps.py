@@ -79,8 +79,11 @@ def main(argv=None) -> dict:
                 )
             seconds = (time.perf_counter() - start) / args.n
             rows[str(steps)] = {"psnr": psnr(torch.cat(outs), high).mean().item(), "seconds_per_image": seconds}
-            print(f"{stage.folder}: {kwargs['sampler']} {steps} steps: {rows[str(steps)]['psnr']:.2f} dB, "
-                  f"{seconds:.2f} s per image", flush=True)
+            print(
+                f"{stage.folder}: {kwargs['sampler']} {steps} steps: {rows[str(steps)]['psnr']:.2f} dB, "
+                f"{seconds:.2f} s per image",
+                flush=True,
+            )
         print(f"{stage.folder}: bicubic {rows['bicubic']['psnr']:.2f} dB", flush=True)
         results["upsamplers"][stage.folder] = rows
     if args.out:
