@@ -6,12 +6,14 @@
 
 By default the decoder is DDIM-inverted on the image (its latent x_T, conditioned on the image embedding and no
 caption) and x_T is decoded with DDIM at --eta, as in the paper: 0 reconstructs the image, larger values keep
-less of it. --fresh-noise decodes new noise with the decoder's own sampler instead. Each variation is written
-as a PNG whose metadata holds the source, the seed and every setting, with a grid beside; the paths are printed.
+less of it. --fresh-noise decodes new noise with the decoder's own sampler instead. Each variation is the best
+of --candidates decodings (default 4), the one the pipeline's CLIP finds closest to the image. It is written as
+a PNG whose metadata holds the source, the kept decoding's seed and every setting, with a grid beside; the
+paths are printed. --seed SEED --candidates 1 remakes one variation from the seed in its metadata.
 """
 
 from unclip.cli import run_sample, sample_parser, whole_number
-from unclip.edits import INVERSION_STEPS, VARIATION_ETA
+from unclip.edits import INVERSION_STEPS, VARIATION_CANDIDATES, VARIATION_ETA
 
 
 def parse_args(argv=None):
@@ -36,9 +38,9 @@ def parse_args(argv=None):
     p.add_argument(
         "--candidates",
         type=whole_number(1),
-        default=1,
+        default=VARIATION_CANDIDATES,
         help="decode each variation this many times and keep the one the pipeline's CLIP finds closest to the "
-        "image (default 1)",
+        f"image (default {VARIATION_CANDIDATES}; 1 is about twice as fast and keeps less of the image)",
     )
     return p.parse_args(argv)
 

@@ -154,7 +154,8 @@ def test_inpaint_with_a_painted_mask(app, tmp_path):
 def test_variations_and_caption_edit(app, tmp_path):
     source = str(picture(tmp_path / "a.png"))
     paths = app.variations(source, 2, 3, "16", True, 0.5, 2, 1.0)  # fresh noise, 2 decoder steps
-    assert len(paths) == 3 and [json.loads(read_png_metadata(p)["seed"]) for p in paths[:2]] == [3, 4]
+    seeds = [json.loads(read_png_metadata(p)["seed"]) for p in paths[:2]]
+    assert len(paths) == 3 and 3 <= seeds[0] <= 6 and 7 <= seeds[1] <= 10  # the best of 4 decodings each
     assert json.loads(read_png_metadata(paths[0])["settings"])["decoder"]["steps"] == 2
     frames, strip = app.interpolate(
         source, "caption edit", None, "a red circle", "a red square", 3, 0.4, 0, "16", True

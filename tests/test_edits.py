@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 from pipeline_helpers import make_tiny_pipeline
 
+from unclip import edits
 from unclip.edits import prepare_mask, slerp
 from unclip.imageio import load_image, read_png_metadata
 from unclip.pipeline import UnCLIPPipeline
@@ -81,7 +82,9 @@ def test_inverted_variations_reconstruct_and_seeds_reproduce(pipe, images):
     assert _mse(reconstruction, x_0).item() < 0.3 * _mse(fresh, x_0).min().item()
     varied = pipe.variations(images / "a.png", n=2, seed=3, eta=0.5, inversion_steps=STEPS, size=32)
     assert varied.images.shape == (2, 3, 32, 32) and not torch.equal(varied.images[0], varied.images[1])
-    alone = pipe.variations(images / "a.png", n=1, seed=4, eta=0.5, inversion_steps=STEPS, size=32)
+    # variation i's decodings use seeds seed + i·candidates ...: variation 1 of seed 3 is variation 0 of seed 3 + 4
+    assert varied.metadata[0]["settings"]["candidates"] == edits.VARIATION_CANDIDATES == 4
+    alone = pipe.variations(images / "a.png", n=1, seed=7, eta=0.5, inversion_steps=STEPS, size=32)
     torch.testing.assert_close(alone.images[0], varied.images[1], rtol=0, atol=1e-5)
     torch.testing.assert_close(
         varied.image_embeds[0], pipe.clip.embed_image([Image.open(images / "a.png")], normalize=True)[0]
@@ -95,15 +98,19 @@ def test_variations_script(folders, images, tmp_path, capsys):
 
     args = ["--image", str(images / "a.png"), "--pipeline", str(folders["model"]), "--steps", str(STEPS)]
     paths = main([*args, "--n", "2", "--seed", "5", "--out", str(tmp_path)])
-    assert [p.name for p in paths] == ["a_variations_00005.png", "a_variations_00006.png", "a_variations_grid.png"]
+    # 4 decodings per variation by default: variation 1 keeps one of seeds 9-12, and is named by it
+    seed = json.loads(read_png_metadata(paths[1])["seed"])
+    assert 9 <= seed <= 12 and 5 <= json.loads(read_png_metadata(paths[0])["seed"]) <= 8
+    assert [p.name for p in paths[1:]] == [f"a_variations_{seed:05d}.png", "a_variations_grid.png"]
     assert str(paths[0]) in capsys.readouterr().out
     meta = read_png_metadata(paths[1])
-    assert meta["mode"] == "variation" and meta["source"] == str(images / "a.png") and json.loads(meta["seed"]) == 6
+    assert meta["mode"] == "variation" and meta["source"] == str(images / "a.png")
     settings = json.loads(meta["settings"])
-    assert settings["size"] == 32 and settings["decoder"]["sampler"] == "ddim"
+    assert settings["size"] == 32 and settings["decoder"]["sampler"] == "ddim" and settings["candidates"] == 4
     assert settings["decoder"]["eta"] == 0.5 and settings["decoder"]["inversion"]["steps"] == STEPS
-    assert json.loads(read_png_metadata(paths[2])["per_image"])[1]["seed"] == 6
-    again = main([*args, "--n", "1", "--seed", meta["seed"], "--out", str(tmp_path / "again")])
+    assert json.loads(read_png_metadata(paths[2])["per_image"])[1]["seed"] == seed
+    # the kept decoding's seed, decoded alone, is the same image
+    again = main([*args, "--n", "1", "--seed", meta["seed"], "--candidates", "1", "--out", str(tmp_path / "again")])
     a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (paths[1], again[0]))
     assert np.abs(a - b).max() <= 1
     fresh = main([*args, "--n", "1", "--fresh-noise", "--size", "16", "--out", str(tmp_path / "fresh")])
@@ -166,7 +173,7 @@ def test_inpaint_keeps_the_candidate_clip_ranks_first(folders, images, monkeypat
 
 
 def test_variations_keep_the_candidate_closest_to_the_image(pipe, images):
-    plain = pipe.variations(images / "a.png", n=4, seed=3, size=16, invert=False, decoder={"steps": 2})
+    plain = pipe.variations(images / "a.png", n=4, seed=3, size=16, invert=False, decoder={"steps": 2}, candidates=1)
     source = pipe.clip.embed_image([Image.open(images / "a.png")], normalize=True)[0]
     scores = (pipe.clip.embed_image(plain.images, normalize=True) @ source).view(2, 2)
     best = (scores.argmax(dim=1) + torch.tensor([0, 2])).tolist()

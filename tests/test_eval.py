@@ -793,7 +793,7 @@ class EchoVariations:
         self.blank, self.calls = blank, []
 
     def variations(self, source, *, n, seed, invert, size, decoder, candidates):
-        assert candidates == 1  # the suite's default: every decoding kept
+        assert candidates == 4  # the suite's default, as sample/variations.py's
         self.calls.append((seed, invert, decoder))
         image = torch.ones(3, size, size) if self.blank else from_pil(source)
         settings = {"decoder": {"guidance_scale": (decoder or {}).get("guidance_scale", 1.0)}}
@@ -805,7 +805,7 @@ def test_variations_suite_checks_every_variation_against_its_sources_caption():
     results = suites.evaluate_variations(echo, n=6, seed=3, per_image=2, decoder={"guidance_scale": 2.0})
     assert results["sets"]["single"]["accuracy"] == 1 and results["sets"]["relational"]["accuracy"] == 1
     assert results["sets"]["relational"]["n"] == 12 and results["sets"]["relational"]["relation"] == 1
-    assert [c[0] for c in echo.calls[:6]] == [3, 5, 7, 9, 11, 13]  # seed + i·per_image
+    assert [c[0] for c in echo.calls[:6]] == [3, 11, 19, 27, 35, 43]  # seed + i·per_image·candidates
     assert (
         echo.calls[0][1:] == (False, {"guidance_scale": 2.0}) and results["settings"]["decoder"]["guidance_scale"] == 2
     )
@@ -824,6 +824,7 @@ def test_variations_cli_runs_a_real_pipeline(tmp_path, capsys):
     results = cli.main(argv + ["--fresh-noise", "--decoder-guidance", "2", "--out", str(out)])
     assert results["sets"]["single"]["n"] == 4 and json.loads(out.read_text())["sets"] == results["sets"]
     assert results["settings"]["decoder"]["guidance_scale"] == 2 and results["settings"]["invert"] is False
+    assert results["settings"]["candidates"] == 4
     assert "variations (" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(argv + ["--per-image", "0"])

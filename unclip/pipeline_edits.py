@@ -65,12 +65,13 @@ class PipelineEdits:
         upsamplers: dict[str, dict[str, Any]] | None = None,
         inversion_steps: int = edits.INVERSION_STEPS,
         refine: int = edits.INVERSION_REFINE,
-        candidates: int = 1,
+        candidates: int = edits.VARIATION_CANDIDATES,
     ) -> EditOutput:
         """Variations of an image: decodings of its CLIP image embedding (DALL·E 2 §3.1, figure 3).
 
         Args:
-            image: a PIL image or an image file. n: variation i uses seed + i.
+            image: a PIL image or an image file. n: the number of variations; each one's metadata and file name
+                carry the seed of the decoding it kept, which `seed=` that seed with `candidates=1` reproduces.
             invert: decode the image's DDIM-inverted latent x_T (`invert`) with DDIM at `eta`, as the paper does:
                 eta = 0 reconstructs the image, larger eta keeps less of it. False: decode fresh noise with the
                 decoder's own sampler (what Karlo and diffusers do).
@@ -79,7 +80,7 @@ class PipelineEdits:
             inversion_steps, refine: DDIM inversion (and decoding) steps, and fixed-point iterations per step.
             candidates: decode each variation this many times and keep the decoding whose CLIP image embedding is
                 closest to the source's (the pipeline's CLIP, at the decoder's size); variation i's candidate j
-                uses seed + i·candidates + j. 1 (the default) keeps every decoding.
+                uses seed + i·candidates + j. 1 keeps every decoding; the default is `edits.VARIATION_CANDIDATES`.
         """
         size = self._check_edit(size, n, seed)
         c = check_count("candidates", candidates)

@@ -33,6 +33,7 @@ from unclip.checkpoint import atomic_write_bytes, load_model
 from unclip.config import DataConfig, from_dict, load_config
 from unclip.data.shapes import EXTRA_COLORS, PromptSets
 from unclip.diffusion import SAMPLERS
+from unclip.edits import VARIATION_CANDIDATES
 from unclip.eval.metrics import input_size
 from unclip.eval.probes import probe_clip, probe_decoder_caption
 from unclip.eval.report import format_caption_probe, format_probe, format_table, format_validation
@@ -255,7 +256,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=at_least(0.0, float),
         help="decoder guidance scale (default: 1 inverted, else the pipeline's, as sample/variations.py)",
     )
-    p.add_argument("--candidates", type=at_least(1), default=1, help="decodings per variation (default 1)")
+    p.add_argument(
+        "--candidates",
+        type=at_least(1),
+        default=VARIATION_CANDIDATES,
+        help=f"decodings per variation, as sample/variations.py (default {VARIATION_CANDIDATES})",
+    )
     add_common(p)
     p = commands.add_parser(
         "inpaint",

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from unclip.data.openmoji import OpenMojiDataset
 from unclip.data.shapes import PromptSets, ShapesDataset, prompt_sets, single_object_prompts
+from unclip.edits import VARIATION_CANDIDATES
 from unclip.eval.generation import Generated, generate, oracle_image_embeds, resolve_candidates
 from unclip.eval.metrics import (
     candidate_curve,
@@ -275,7 +276,7 @@ def evaluate_variations(
     invert: bool = False,
     sets: Sequence[str] = ("single", "relational"),
     decoder: dict | None = None,
-    candidates: int = 1,
+    candidates: int = VARIATION_CANDIDATES,
     progress: bool = False,
 ) -> dict:
     """The `variations` suite: how often a variation of an exact render of a `shapes` prompt (DALL·E 2 §3.1: a
