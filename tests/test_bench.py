@@ -1,8 +1,11 @@
-"""bench/defaults.py on a tiny pipeline (the timing scripts themselves are not tests; this checks the script runs
-and samples the peer's way: ancestral steps at every stage, one decoder sample)."""
+"""bench/defaults.py and bench/upsampler_steps.py on a tiny pipeline (the timing scripts themselves are not tests;
+this checks the scripts run, that defaults.py samples the peer's way: ancestral steps at every stage, one decoder
+sample, and that upsampler_steps.py's measures mean what they say)."""
 
 import json
 
+import pytest
+import torch
 from pipeline_helpers import make_tiny_pipeline
 
 from bench import defaults
@@ -34,3 +37,9 @@ def test_upsampler_steps_bench_scores_each_step_count_against_exact_renders(tmp_
     (rows,) = results["upsamplers"].values()
     assert set(rows) == {"bicubic", "2", "1"}
     assert all(0 < row["psnr"] < 100 for row in rows.values()) and rows["1"]["seconds_per_image"] > 0
+    assert all(row["sharpness"] > 0 for row in rows.values())
+    # the sharpness of an image against itself is 1, of a blurred one below 1
+    image = upsampler_steps.renders(2, 32, seed=0)
+    blurred = torch.nn.functional.avg_pool2d(image, 3, stride=1, padding=1, count_include_pad=False)
+    assert upsampler_steps.sharpness(image, image) == pytest.approx(1.0)
+    assert upsampler_steps.sharpness(blurred, image) < 0.8
