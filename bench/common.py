@@ -61,6 +61,18 @@ def import_peer() -> types.ModuleType:
     return peer
 
 
+def load_pipeline(path: str | Path, device: str | torch.device = "cpu"):
+    """The pipeline folder at `path`; a missing or broken one ends the benchmark with the loader's message (what
+    is wrong, what to pass instead), not a traceback."""
+    from unclip.cli import fail
+    from unclip.pipeline import UnCLIPPipeline
+
+    try:
+        return UnCLIPPipeline.from_pretrained(path, device=device)
+    except (OSError, ValueError) as e:
+        fail(e)
+
+
 def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

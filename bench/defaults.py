@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
+from bench.common import load_pipeline  # noqa: E402
 from unclip.pipeline import DEFAULT_PIPELINE, UnCLIPPipeline  # noqa: E402
 
 PROMPT = "a red circle above a blue square"
@@ -73,7 +74,7 @@ def main(argv=None) -> dict:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    pipe = UnCLIPPipeline.from_pretrained(args.pipeline, device=device)
+    pipe = load_pipeline(args.pipeline, device)
     if args.size not in pipe.sizes:
         parser.error(f"--size must be one of {pipe.sizes} for {args.pipeline}")
     ours = {}

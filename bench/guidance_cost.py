@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from unclip.pipeline import UnCLIPPipeline  # noqa: E402
+from bench.common import load_pipeline  # noqa: E402
 
 PROMPT = "a red circle above a blue square"
 
@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="runs/bench/guidance-cost.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pipe = UnCLIPPipeline.from_pretrained(args.pipeline)
+    pipe = load_pipeline(args.pipeline)
     if pipe.noised_clip is None:
         sys.exit(f"error: {args.pipeline} has no noise-aware CLIP; add one with train/pipeline.py --noised-clip")
     prompts = [PROMPT] * args.batch

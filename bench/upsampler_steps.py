@@ -19,18 +19,21 @@ import argparse
 import json
 import platform
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from unclip.checkpoint import atomic_write_bytes
-from unclip.data.shapes import render_scene, sample_scene
-from unclip.imageio import square_tensor
-from unclip.pipeline import UnCLIPPipeline
-from unclip.sampling import sample_upsampler
-from unclip.tasks.upsampler import psnr
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from bench.common import load_pipeline  # noqa: E402
+from unclip.checkpoint import atomic_write_bytes  # noqa: E402
+from unclip.data.shapes import render_scene, sample_scene  # noqa: E402
+from unclip.imageio import square_tensor  # noqa: E402
+from unclip.sampling import sample_upsampler  # noqa: E402
+from unclip.tasks.upsampler import psnr  # noqa: E402
 
 
 def renders(n: int, size: int, seed: int) -> torch.Tensor:
@@ -62,7 +65,7 @@ def main(argv=None) -> dict:
     if args.n < 1 or any(s < 1 for s in args.steps):
         p.error("--n and every --steps value must be >= 1")
 
-    pipe = UnCLIPPipeline.from_pretrained(args.pipeline)
+    pipe = load_pipeline(args.pipeline)
     results = {
         "pipeline": args.pipeline,
         "n": args.n,

@@ -43,3 +43,12 @@ def test_upsampler_steps_bench_scores_each_step_count_against_exact_renders(tmp_
     blurred = torch.nn.functional.avg_pool2d(image, 3, stride=1, padding=1, count_include_pad=False)
     assert upsampler_steps.sharpness(image, image) == pytest.approx(1.0)
     assert upsampler_steps.sharpness(blurred, image) < 0.8
+
+
+@pytest.mark.parametrize("script", ["defaults", "guidance_cost", "upsampler_steps"])
+def test_bench_scripts_name_a_missing_pipeline_folder(script, tmp_path):
+    import importlib
+
+    main = importlib.import_module(f"bench.{script}").main
+    with pytest.raises(SystemExit, match=r"error: pipeline folder .*missing does not exist; pass --pipeline"):
+        main(["--pipeline", str(tmp_path / "missing")])
