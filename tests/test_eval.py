@@ -815,6 +815,35 @@ def test_variations_suite_checks_every_variation_against_its_sources_caption():
         suites.evaluate_variations(echo, n=2, sets=["pairs"])
 
 
+class DyingVariations(EchoVariations):
+    """EchoVariations that is killed (KeyboardInterrupt) at its `die_at`-th call."""
+
+    def __init__(self, die_at=None):
+        super().__init__()
+        self.die_at = die_at
+
+    def variations(self, source, **kwargs):
+        if len(self.calls) + 1 == self.die_at:
+            raise KeyboardInterrupt
+        out = super().variations(source, **kwargs)
+        if len(self.calls) % 2:  # some variations fail, so that verdicts must round-trip to give the same rates
+            out.images = torch.ones_like(out.images)
+        return out
+
+
+def test_a_killed_variations_run_resumes_from_its_log_with_the_same_results(tmp_path):
+    log, options = tmp_path / "variations.json.partial.jsonl", dict(n=3, seed=1, per_image=2)
+    full = suites.evaluate_variations(DyingVariations(), **options)
+    with pytest.raises(KeyboardInterrupt):
+        suites.evaluate_variations(DyingVariations(die_at=5), resume=log, **options)
+    rest = DyingVariations()
+    rest.calls = [None] * 4  # the same renders fail as in the full run
+    resumed = suites.evaluate_variations(rest, resume=log, **options)
+    assert len(rest.calls) == 6 and resumed == full  # only renders 5 and 6 of 6 were made again
+    with pytest.raises(ValueError, match=r"other settings \(per_image\)"):
+        suites.evaluate_variations(DyingVariations(), resume=log, **{**options, "per_image": 3})
+
+
 def test_variations_cli_runs_a_real_pipeline(tmp_path, capsys):
     from pipeline_helpers import make_tiny_pipeline
 
@@ -823,6 +852,7 @@ def test_variations_cli_runs_a_real_pipeline(tmp_path, capsys):
     argv = ["variations", "--pipeline", str(folder), "--n", "2", "--per-image", "2", "--sets", "single"]
     results = cli.main(argv + ["--fresh-noise", "--decoder-guidance", "2", "--out", str(out)])
     assert results["sets"]["single"]["n"] == 4 and json.loads(out.read_text())["sets"] == results["sets"]
+    assert not out.with_name(out.name + ".partial.jsonl").exists()  # the resume log goes once the JSON is written
     assert results["settings"]["decoder"]["guidance_scale"] == 2 and results["settings"]["invert"] is False
     assert results["settings"]["candidates"] == 4
     assert "variations (" in capsys.readouterr().out

@@ -116,6 +116,14 @@ def check_writable(out: str) -> None:
         raise ValueError(f"--out {out} cannot be written: no permission to write in {folder}")
 
 
+def resumable_out(what: str) -> str:
+    """--out's help for a command that keeps its finished work in OUT.partial.jsonl (`what` is kept there)."""
+    return (
+        f"write the results here as JSON; until then {what} kept in OUT.partial.jsonl, so that the same command, "
+        "run again after a kill, resumes where it stopped"
+    )
+
+
 def add_common(p: argparse.ArgumentParser, *, device: bool = True, out: str = "write the results here as JSON"):
     """--seed, --device and --out, which most commands take."""
     p.add_argument("--seed", type=at_least(0), default=0, help="random seed, >= 0 (default 0)")
@@ -226,10 +234,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             )
         add_common(
             p,
-            out="write the results here as JSON; until then each scored batch is kept in OUT.partial.jsonl, so "
-            "that the same command, run again after a kill, resumes where it stopped"
-            if name == "shapes"
-            else "write the results here as JSON",
+            out=resumable_out("each scored batch is") if name == "shapes" else "write the results here as JSON",
         )
     p = commands.add_parser(
         "variations",
@@ -262,7 +267,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=VARIATION_CANDIDATES,
         help=f"decodings per variation, as sample/variations.py (default {VARIATION_CANDIDATES})",
     )
-    add_common(p)
+    add_common(p, out=resumable_out("the verdicts on each render's variations are"))
     p = commands.add_parser(
         "inpaint",
         help="shapes: mask one object of an exact render, ask for it changed or removed, and check the result and "
@@ -289,8 +294,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--candidates", type=at_least(1), help="fills per edit, CLIP's first kept (default: the pipeline's)"
     )
     p.add_argument("--decoder-guidance", type=at_least(0.0, float), help="decoder guidance (default: the pipeline's)")
-    add_common(p, out="write the results here as JSON; until then each judged edit is kept in OUT.partial.jsonl, so "
-               "that the same command, run again after a kill, resumes where it stopped")  # fmt: skip
+    add_common(p, out=resumable_out("each judged edit is"))
     p = commands.add_parser("checker", help="validate the shapes checker on ground-truth renders")
     p.add_argument("--n", type=at_least(1), default=300, help="scenes (default 300)")
     p.add_argument(
@@ -379,7 +383,7 @@ def main(argv=None) -> dict:
         if args.out:
             atomic_write_bytes(Path(args.out), (json.dumps(results, indent=2) + "\n").encode())  # then the log goes
             print(f"wrote {args.out}")
-            if args.command in ("shapes", "inpaint"):
+            if args.command in ("shapes", "inpaint", "variations"):
                 resume_log_path(args.out).unlink(missing_ok=True)
     except (torch.OutOfMemoryError, MemoryError):
         fewer = "--batch-size or --candidates" if args.command in SUITES else "--n"
@@ -418,6 +422,7 @@ def run_variations(args) -> tuple[dict, str]:
         sets=args.sets,
         decoder=decoder,
         candidates=args.candidates,
+        resume=resume_log_path(args.out) if args.out else None,
         progress=True,
     )
     results["settings"].update(pipeline=str(args.pipeline), device=args.device)

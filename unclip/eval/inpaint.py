@@ -9,8 +9,6 @@ outside the mask are compared with the source at the decoder's size and at the o
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,9 +18,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from unclip.checkpoint import atomic_write_bytes
 from unclip.data.shapes import Scene, allowed_pairs, box_mask, caption_scene, render_scene, sample_scene
 from unclip.eval.metrics import summarize_checks
+from unclip.eval.resume import RowLog
 from unclip.eval.shapes_checker import CheckResult, check
 from unclip.imageio import square_tensor
 
@@ -134,11 +132,11 @@ def evaluate_inpaint(
     fingerprint = pipe.fingerprint() if hasattr(pipe, "fingerprint") else None
     header = dict(n=n, seed=seed, size=size, method=method, phrasing=phrasing, candidates=candidates)
     header.update(decoder=decoder, pipeline_fingerprint=fingerprint)
-    done = _read_log(Path(resume), header) if resume else {}
+    log = RowLog(resume, header) if resume else None
     rows = []
     for i, case in enumerate(tqdm(cases, desc=f"inpaint {size}px", disable=not progress)):
-        if i in done:
-            rows.append(done[i])
+        if log is not None and (row := log.get(str(i))) is not None:
+            rows.append((row["edit"], CheckResult.from_dict(row["check"]), tuple(row["errors"]), row["settings"]))
             continue
         source = render_scene(case.source, size)
         mask = case.mask(size)
@@ -150,8 +148,9 @@ def evaluate_inpaint(
         errors = (_outside_error(low_res, source, _resized(mask, s)), _outside_error(out.images[0], source, mask))
         used = {k: out.metadata[0]["settings"][k] for k in ("candidates", "decoder")}
         rows.append((case.edit, check(out.images[0], case.caption), errors, used))
-        if resume:
-            _append_log(Path(resume), i, rows[-1])
+        if log is not None:
+            edit, result, errors, used = rows[-1]
+            log.add(str(i), {"edit": edit, "check": result.to_dict(), "errors": list(errors), "settings": used})
     sets = {}
     for name in ("all", *EDITS):
         picked = [r for r in rows if name in ("all", r[0])]
@@ -165,35 +164,3 @@ def evaluate_inpaint(
     settings = dict(n=n, cases=len(cases), seed=seed, size=size, method=method, phrasing=phrasing, margin=MARGIN)
     settings.update(rows[-1][3])
     return {"suite": "inpaint", "settings": settings, "sets": sets}
-
-
-def _read_log(path: Path, header: dict) -> dict[int, tuple]:
-    """The edits a killed run judged, by index; a new log (the header line) when there is none."""
-    header = json.loads(json.dumps(header))  # as it reads back
-    if not path.exists():
-        atomic_write_bytes(path, (json.dumps({"settings": header}) + "\n").encode())
-        return {}
-    lines = path.read_text().splitlines()
-    try:
-        saved = json.loads(lines[0])["settings"] if lines else None
-    except (json.JSONDecodeError, KeyError, TypeError):
-        saved = None
-    if saved != header:
-        raise ValueError(f"{path} holds the edits of a run with other settings; delete it, or pass another --out")
-    rows = {}
-    for line in lines[1:]:
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:  # the last line of a run killed while writing it
-            continue
-        rows[r["i"]] = (r["edit"], CheckResult.from_dict(r["check"]), tuple(r["errors"]), r["settings"])
-    return rows
-
-
-def _append_log(path: Path, i: int, row: tuple) -> None:
-    edit, result, errors, settings = row
-    record = {"i": i, "edit": edit, "check": result.to_dict(), "errors": list(errors), "settings": settings}
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())

@@ -26,8 +26,8 @@ from unclip.eval.metrics import (
     retrieval_top1,
     summarize_checks,
 )
-from unclip.eval.resume import ResumeLog
-from unclip.eval.shapes_checker import check, render_prompt
+from unclip.eval.resume import ResumeLog, RowLog
+from unclip.eval.shapes_checker import CheckResult, check, render_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +277,7 @@ def evaluate_variations(
     sets: Sequence[str] = ("single", "relational"),
     decoder: dict | None = None,
     candidates: int = VARIATION_CANDIDATES,
+    resume: str | Path | None = None,
     progress: bool = False,
 ) -> dict:
     """The `variations` suite: how often a variation of an exact render of a `shapes` prompt (DALL·E 2 §3.1: a
@@ -290,6 +291,8 @@ def evaluate_variations(
         decoder: overrides of the decoder's settings ({"guidance_scale": 2}, ...), as `pipe.variations` takes.
         candidates: decodings per variation, the one closest to the render by the pipeline's CLIP kept; variation
             seeds then start at seed + i·per_image·candidates.
+        resume: a JSON-lines file that keeps the verdicts on each render's variations as they are made: a run
+            killed half-way and started again with the same settings and file makes only the missing ones.
 
     Returns:
         {"suite", "settings", "sets": {name: summarize_checks of its n·per_image variations}}; JSON-serialisable.
@@ -300,21 +303,32 @@ def evaluate_variations(
     size = pipe.sizes[0]
     prompts = prompt_sets(n, seed)
     results = {"suite": "variations", "settings": {}, "sets": {}}
+    fingerprint = pipe.fingerprint() if hasattr(pipe, "fingerprint") else None
+    header = dict(n=n, seed=seed, per_image=per_image, invert=invert, decoder=decoder, candidates=candidates)
+    log = RowLog(resume, {**header, "pipeline_fingerprint": fingerprint}) if resume else None
     for name in sets:
         checks = []
         for i, prompt in enumerate(tqdm(getattr(prompts, name), desc=name, disable=not progress)):
-            source = render_prompt(prompt, size, random.Random(seed + i))
-            out = pipe.variations(
-                source,
-                n=per_image,
-                seed=seed + i * per_image * candidates,
-                invert=invert,
-                size=size,
-                decoder=decoder,
-                candidates=candidates,
-            )
-            checks += [check(image, prompt) for image in out.images]
-            used = out.metadata[0]["settings"]["decoder"]
+            row = log.get(f"{name}/{i}") if log is not None else None
+            if row is None:
+                source = render_prompt(prompt, size, random.Random(seed + i))
+                out = pipe.variations(
+                    source,
+                    n=per_image,
+                    seed=seed + i * per_image * candidates,
+                    invert=invert,
+                    size=size,
+                    decoder=decoder,
+                    candidates=candidates,
+                )
+                row = {
+                    "checks": [check(image, prompt).to_dict() for image in out.images],
+                    "decoder": out.metadata[0]["settings"]["decoder"],
+                }
+                if log is not None:
+                    log.add(f"{name}/{i}", row)
+            checks += [CheckResult.from_dict(c) for c in row["checks"]]
+            used = row["decoder"]
         results["sets"][name] = summarize_checks(checks)
     results["settings"] = dict(n=n, seed=seed, per_image=per_image, invert=invert, size=size, decoder=used)
     results["settings"]["candidates"] = candidates
