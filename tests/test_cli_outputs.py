@@ -137,3 +137,18 @@ def test_skip_existing_makes_only_the_missing_batches_and_the_same_images(tiny_p
     assert "3 of 3 batches are in" in capsys.readouterr().err
     main([*common, "--out", str(part), "--skip-existing", "--seed", "7"])  # other settings: all made
     assert "0 of 3 batches are in" in capsys.readouterr().err
+
+
+def test_dtype_auto_is_bf16_only_where_the_device_computes_it(tiny_pipeline, tmp_path, monkeypatch):
+    from sample.generate import main
+    from unclip import cli
+
+    with_units = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n"
+    assert cli.cpu_has_bf16(with_units) and cli.cpu_has_bf16("flags : fpu amx_bf16 amx_tile\n")
+    assert not cli.cpu_has_bf16("flags\t\t: fpu sse2 avx2 avx512f\n") and not cli.cpu_has_bf16("")
+    assert cli.resolve_dtype("fp16", "cpu") == "fp16" and cli.resolve_dtype("fp32", "cuda") == "fp32"
+    args = ["--prompt", "a red circle", "--n", "1", "--pipeline", str(tiny_pipeline), "--dtype", "auto"]
+    for units, dtype in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(cli, "cpu_has_bf16", lambda units=units: units)
+        (path, _grid) = main([*args, "--device", "cpu", "--out", str(tmp_path / dtype)])
+        assert json.loads(read_png_metadata(path)["settings"])["dtype"] == dtype  # what was used is recorded

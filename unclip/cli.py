@@ -99,10 +99,41 @@ def sample_parser(doc: str, *, n: str | None = "images to make") -> argparse.Arg
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars (they are shown only on a terminal anyway)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is a GPU, else cpu)")
-    p.add_argument(
-        "--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="fp16/bf16 are for GPUs (default fp32)"
-    )
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32", help=DTYPE_HELP)
     return p
+
+
+DTYPE_CHOICES = ("fp32", "fp16", "bf16", "auto")
+DTYPE_HELP = (
+    "fp32 (the default); fp16 or bf16 autocast; auto: bf16 where the device computes it natively (a GPU that "
+    "supports it, or a CPU with avx512_bf16 or amx_bf16 units), else fp32. Reduced precision is faster and its "
+    "images differ slightly from fp32's; the metadata records the one used"
+)
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has bf16 arithmetic units (the avx512_bf16 or amx_bf16 flags of /proc/cpuinfo); False
+    where that cannot be read. Without them bf16 is emulated, and slower than fp32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = {
+        flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()
+    }
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`dtype`, with "auto" made bf16 or fp32 for `device` (see DTYPE_HELP)."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    if device.split(":")[0] == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
 
 
 def check_device(name: str | None) -> str:
@@ -241,6 +272,7 @@ def load(args: argparse.Namespace, total: int | None = None) -> UnCLIPPipeline:
     from unclip.pipeline import DEFAULT_PIPELINE, UnCLIPPipeline
 
     args.device = check_device(args.device)
+    args.dtype = resolve_dtype(args.dtype, args.device)
     _, processes, local_rank = process_share()
     if processes > 1 and args.device == "cuda":  # one GPU per process
         args.device = f"cuda:{local_rank}"

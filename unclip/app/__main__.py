@@ -6,6 +6,8 @@ import argparse
 import signal
 import sys
 
+from unclip.cli import DTYPE_CHOICES, DTYPE_HELP, resolve_dtype
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     from unclip.pipeline import DEFAULT_PIPELINE
@@ -22,7 +24,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also make a public gradio.live link (needs the internet)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--out", default=None, help="folder to keep the PNGs in (default: a temporary folder)")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the pipeline (default 16)")
     return p.parse_args(argv)
@@ -57,7 +59,8 @@ def main(argv=None) -> int:
     from unclip.pipeline import UnCLIPPipeline
 
     try:
-        pipe = UnCLIPPipeline.from_pretrained(args.pipeline, device=args.device, dtype=args.dtype)
+        dtype = resolve_dtype(args.dtype, args.device)
+        pipe = UnCLIPPipeline.from_pretrained(args.pipeline, device=args.device, dtype=dtype)
     except (OSError, ValueError) as e:
         print(f"cannot load the pipeline {args.pipeline}: {e}", file=sys.stderr)
         return 2
