@@ -76,7 +76,10 @@ def test_load_image_errors_and_crop(tmp_path, images):
 
 def test_inverted_variations_reconstruct_and_seeds_reproduce(pipe, images):
     x_0 = load_image(images / "a.png", 16)
-    reconstruction = pipe.variations(images / "a.png", n=1, eta=0.0, inversion_steps=STEPS, size=16).images
+    exact = pipe.variations(images / "a.png", n=2, eta=0.0, inversion_steps=STEPS, size=16)
+    reconstruction = exact.images[:1]
+    # eta 0 is deterministic: one decoding per variation, not the default 4 identical ones
+    assert [m["seed"] for m in exact.metadata] == [0, 1] and "candidates" not in exact.metadata[0]["settings"]
     fresh = pipe.variations(images / "a.png", n=3, invert=False, size=16).images
     # on this random decoder: MSE ~0.07 from the inverted latent, ~0.9 from fresh noise
     assert _mse(reconstruction, x_0).item() < 0.3 * _mse(fresh, x_0).min().item()

@@ -404,10 +404,12 @@ def test_assemble_script_stores_sampling_defaults(tiny_pipeline, tmp_path):
     assert torch.equal(made.images, by_hand.images) and made.seeds == by_hand.seeds
     one = UnCLIPPipeline.from_pretrained(out)(["a red circle"], seed=0, decoder={"steps": 2}, candidates=1)
     assert one.clip_scores is None and one.settings["candidates"] == 1  # the caller overrides it
-    # edits make one image per input: their metadata does not claim a reranking they do not do
+    # variations rerank by their own default, not the pipeline's text-to-image candidates, and say so
     source = Image.fromarray(np.full((16, 16, 3), 200, dtype=np.uint8))
     varied = UnCLIPPipeline.from_pretrained(out).variations(source, n=1, invert=False, decoder={"steps": 2})
-    assert "candidates" not in varied.metadata[0]["settings"]
+    assert varied.metadata[0]["settings"]["candidates"] == 4
+    one = UnCLIPPipeline.from_pretrained(out).variations(source, n=1, invert=False, decoder={"steps": 2}, candidates=1)
+    assert "candidates" not in one.metadata[0]["settings"]  # no claim of a reranking it did not do
     for bad, message in [
         ("decoder.guidance_scale", "STAGE.SETTING=VALUE"),
         ("coder.steps=3", "unknown stage"),

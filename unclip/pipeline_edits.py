@@ -81,9 +81,12 @@ class PipelineEdits:
             candidates: decode each variation this many times and keep the decoding whose CLIP image embedding is
                 closest to the source's (the pipeline's CLIP, at the decoder's size); variation i's candidate j
                 uses seed + i·candidates + j. 1 keeps every decoding; the default is `edits.VARIATION_CANDIDATES`.
+                With invert at eta 0 the decoding is deterministic, so one is made whatever this says.
         """
         size = self._check_edit(size, n, seed)
         c = check_count("candidates", candidates)
+        if invert and eta == 0:
+            c = 1  # DDIM at eta 0 decodes the inverted latent the same way every time
         inversion = (
             edits.inversion_settings(decoder, steps=inversion_steps, eta=eta, refine=refine) if invert else None
         )

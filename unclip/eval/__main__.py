@@ -230,7 +230,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                 choices=["val", "train"],
                 default="val",
                 help="val: the held-out emoji, names no stage has seen (default); train: N emoji drawn from those "
-                "the pipeline was trained on (--n 128 gives the model card's in-distribution set)",
+                "the pipeline was trained on (--val-size 128 --n 128: the model card's in-distribution set)",
             )
         add_common(
             p,
