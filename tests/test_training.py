@@ -129,8 +129,10 @@ def test_a_second_signal_acts_at_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_ctrl_c_on_a_train_script_saves_and_exits_130(tmp_path):
-    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it, DataLoader worker included."""
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_to_the_whole_job_saves_and_exits(signum, status, tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it, or SIGTERM, as a scheduler preempting
+    a job sends it to every process: DataLoader worker included."""
     cmd = [sys.executable, str(HERE.parent / "train" / "upsampler.py"), "configs/upsampler/tiny.yaml"]
     cmd += [f"train.output_dir={tmp_path}", "train.max_steps=100000", "train.log_every=1", "data.num_workers=1"]
     cmd += ["train.eval_every=100000", "train.checkpoint_every=100000"]
@@ -148,12 +150,12 @@ def test_ctrl_c_on_a_train_script_saves_and_exits_130(tmp_path):
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[1][-2000:]
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, signum)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == status, err[-2000:]
     step = json.loads(metrics.read_text().splitlines()[-1])["step"]
     assert (tmp_path / "checkpoints" / f"step_{step:07d}" / "trainer_state.json").is_file()
-    assert f"SIGINT: stopped at step {step}" in out + err and "--resume latest" in out + err
+    assert f"{signum.name}: stopped at step {step}" in out + err and "--resume latest" in out + err
     assert "Traceback" not in err
 
 

@@ -37,7 +37,10 @@ def stop_signals():
             signal.signal(sig, handler)
 
 
-def ignore_sigint(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the training process, which still needs their batches to finish
-    its step (a worker killed by the terminal's SIGINT would fail that step instead)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT and SIGTERM to the training process, which still needs their batches to
+    finish its step: a worker killed by a terminal's Ctrl-C, or by a SIGTERM sent to every process of the job
+    (`kill -- -PGID`, a scheduler's preemption, `timeout` without --foreground), would fail that step instead.
+    The training process stops them itself when its loop ends."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

@@ -58,7 +58,7 @@ from unclip.config import RunConfig
 from unclip.lora import add_lora, save_adapter
 from unclip.training import sharding
 from unclip.training.settings import check_train_config, lr_at
-from unclip.training.signals import ignore_sigint, stop_signals
+from unclip.training.signals import ignore_stop_signals, stop_signals
 from unclip.training.state import (
     CheckpointError,
     TrainingState,
@@ -197,7 +197,7 @@ class Trainer:
             num_workers=self.config.data.num_workers,
             collate_fn=getattr(self.task, "collate_fn", None),
             generator=torch.Generator().manual_seed(train.seed),
-            worker_init_fn=ignore_sigint,
+            worker_init_fn=ignore_stop_signals,
         )
         if self.sharded:  # the EMA: a copy sharded like the network (tasks are built under train.seed)
             prepared = sharding.prepare(acc, model, optimizer, loader)
