@@ -60,6 +60,13 @@ def parse_args(argv=None):
         help="rank the candidates by previews of this many decoder steps, then sample only the kept one in full; "
         "0 = sample every candidate in full (default: the pipeline's)",
     )
+    p.add_argument(
+        "--pruning",
+        metavar="STEP:KEEP,...",
+        help="drop candidates part way: e.g. 5:8,10:4,15:2 goes on after decoder step 5 with each prompt's best 8 "
+        "by the CLIP score of their x0 predictions, after step 10 with 4, after 15 with 2; the kept image is the "
+        "one that candidate makes in full. 'none' samples every candidate in full (default: the pipeline's)",
+    )
     p.add_argument("--no-prior", action="store_true", help="decode the raw text embedding (the paper's ablation)")
     p.add_argument(
         "--batch-size",
@@ -105,6 +112,7 @@ def main(argv=None):
             seed=args.seed,
             candidates=args.candidates,
             preview_steps=args.preview_steps,
+            pruning=args.pruning,
             use_prior=not args.no_prior,
             prior={"steps": args.prior_steps, "guidance_scale": args.prior_guidance},
             decoder=decoder,

@@ -210,6 +210,12 @@ def test_pipeline_samples_with_clip_guidance_alone_and_with_classifier_free(pipe
     # with candidates and previews, each kept image is still guided toward its own prompt
     out = pipe(PROMPTS, seed=4, candidates=2, preview_steps=1, decoder={"clip_guidance_scale": 50.0})
     assert out.images.shape[0] == 2
+    # and with pruning, the guide follows the candidates that go on: each kept image is the one made alone
+    guided = {"clip_guidance_scale": 50.0, "steps": 4}
+    out = pipe(PROMPTS, seed=4, candidates=4, pruning="1:2", decoder=guided)
+    for i, prompt in enumerate(PROMPTS):
+        alone = pipe([prompt], seed=out.seeds[i], candidates=1, decoder=guided).images
+        torch.testing.assert_close(out.images[i : i + 1], alone, atol=1e-4, rtol=0)
 
 
 def test_clip_guidance_without_a_noise_aware_clip_is_a_clear_error(pipelines):

@@ -420,9 +420,15 @@ def test_assemble_script_stores_sampling_defaults(tiny_pipeline, tmp_path):
         ("decoder.sampler=euler", "sampler must be one of"),
         ("prior.guidance_scale=-1", "must be a finite number >= 0"),
         ("prior.guidance_scale=inf", "must be a finite number >= 0"),
+        ("pruning=4:2,2:1", "pruning must be STEP:KEEP pairs"),
     ]:
         with pytest.raises(SystemExit, match=message):
             main(["--out", str(tmp_path / "bad"), *base, "--default", bad])
+    # a pruning schedule is stored as written and is the pipeline's default
+    pruned = main(["--out", str(tmp_path / "pruned"), *base, "--default", "candidates=4", "--default", "pruning=1:2"])
+    assert json.loads((pruned / "pipeline.json").read_text())["defaults"]["pruning"] == "1:2"
+    made = UnCLIPPipeline.from_pretrained(pruned)(["a red circle"], seed=0, decoder={"steps": 2})
+    assert made.settings["pruning"] == "1:2"
 
 
 def test_generate_help_does_not_import_torch():
@@ -485,3 +491,32 @@ def test_previews_rank_the_candidates_and_the_kept_one_is_sampled_in_full(tiny_p
     torch.testing.assert_close(full.candidate_images[1, 2], pipe(prompts[1:], seed=3 + 6, decoder=steps).images[0])
     with pytest.raises(ValueError, match="preview_steps must be a whole number >= 0"):
         pipe(prompts, candidates=2, preview_steps=-1)
+
+
+def test_pruning_drops_candidates_by_their_x0_scores_and_keeps_full_samples(tiny_pipeline):
+    pipe = UnCLIPPipeline.from_pretrained(tiny_pipeline)
+    prompts, steps, c = ["a red circle", "a green diamond"], {"steps": 4}, 6
+    # every candidate in full, with the CLIP score of each one's x0 prediction after every step
+    x0s = []
+    record = lambda info: x0s.append(info["x0"].float().clamp(-1, 1))  # noqa: E731
+    pipe.step_callback = lambda stage, images: record if stage == "decoder" else None
+    full = pipe(prompts, seed=5, candidates=c, pruning="none", decoder=steps)
+    del pipe.step_callback
+    text = pipe.encode_text([p for p in prompts for _ in range(c)]).embed
+    scores = torch.stack([pipe.clip_scores(x0, text).view(2, c) for x0 in x0s])  # (steps, prompts, c)
+    # decoder rows evaluated (twice each with guidance): 6 candidates for step 1, 3 for step 2, 2 for steps 3, 4
+    rows = []
+    hook = pipe.decoder.model.register_forward_hook(lambda module, args, out: rows.append(out.shape[0]))
+    out = pipe(prompts, seed=5, candidates=c, pruning="1:3,2:2", decoder=steps)
+    hook.remove()
+    assert rows[0] % 12 == 0 and rows == [rows[0] // 6 * n for n in (6, 3, 2, 2)]
+    assert out.settings["pruning"] == "1:3,2:2" and "pruning" not in full.settings
+    for i in range(2):
+        alive = scores[0, i].topk(3).indices.tolist()
+        alive = sorted(alive, key=lambda j: -scores[1, i, j].item())[:2]
+        kept = max(alive, key=lambda j: full.candidate_scores[i, j].item())
+        assert out.seeds[i] == 5 + i * c + kept
+        # the kept image is that candidate's full sample
+        torch.testing.assert_close(out.images[i], full.candidate_images[i, kept], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="pruning must be STEP:KEEP pairs"):
+        pipe(prompts, candidates=2, pruning="3:4,2:2")

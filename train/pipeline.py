@@ -13,7 +13,9 @@ A --default sets a sampling setting the pipeline uses unless the caller override
 upsampler_256, upsampler_1024; settings: sampler and steps, guidance_scale for the prior and decoder,
 text_guidance_scale for the decoder, noise_level for upsamplers; candidates for the prior, the best of that many
 embeddings by similarity to the prompt) and candidates=N, the best of N images by CLIP similarity to the prompt.
-preview_steps=K ranks the candidates by K-step previews and samples only the kept one in full. The settings are
+preview_steps=K ranks the candidates by K-step previews and samples only the kept one in full;
+pruning=STEP:KEEP,... (e.g. 5:8,10:4,15:2) drops all but each prompt's best KEEP candidates after decoder step STEP
+(docs/sampling.md). The settings are
 stored in pipeline.json under "defaults". The folder is built beside --out and swapped in only
 when every component has been checked and copied, so an error leaves an existing --out as it was.
 """
@@ -31,7 +33,14 @@ from unclip.clip import ClipAdapter
 from unclip.clip_models import read_clip_checkpoint
 from unclip.config import ClipConfig, from_dict
 from unclip.pipeline import UnCLIPPipeline
-from unclip.sampling import DecoderSettings, PriorSettings, UpsamplerSettings, check_count
+from unclip.sampling import (
+    DecoderSettings,
+    PriorSettings,
+    UpsamplerSettings,
+    check_count,
+    check_pruning,
+    format_pruning,
+)
 
 # settings of the whole call: name -> (minimum, what the minimum means)
 TOP_LEVEL = {"candidates": (1, "1 = no reranking"), "preview_steps": (0, "0 = rank fully sampled candidates")}
@@ -46,6 +55,11 @@ def parse_default(text: str) -> tuple[str | None, str, float | int | str]:
         raise ValueError(
             f"--default {text!r}: write STAGE.SETTING=VALUE or candidates=N, e.g. decoder.guidance_scale=2"
         )
+    if key == "pruning":
+        try:
+            return None, key, format_pruning(check_pruning(value)) or "none"
+        except ValueError as e:
+            raise ValueError(f"--default {text!r}: {e}") from None
     if key in TOP_LEVEL:
         minimum, meaning = TOP_LEVEL[key]
         try:

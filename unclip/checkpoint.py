@@ -258,7 +258,8 @@ def load_state_dict_checked(model: nn.Module, state: dict[str, torch.Tensor], so
 
 PIPELINE_FORMAT_VERSION = 1
 PIPELINE_STAGES = ("clip", "prior", "decoder", "inpaint", "noised_clip")  # besides the list "upsamplers"
-PIPELINE_CALL_DEFAULTS = ("candidates", "preview_steps")  # "defaults" of the whole call; the others are stages
+# "defaults" of the whole call; the others are stages
+PIPELINE_CALL_DEFAULTS = ("candidates", "preview_steps", "pruning")
 
 
 def read_pipeline_index(root: str | Path) -> dict[str, Any]:

@@ -39,6 +39,7 @@ FLAGS = {
     "prior.guidance_scale": "--prior-guidance",
     "candidates": "--candidates",
     "preview_steps": "--preview-steps",
+    "pruning": "--pruning",
     "seed": "--seed",
     "inpaint.steps": "--steps",
     "inpaint.guidance_scale": "--guidance",

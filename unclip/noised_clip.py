@@ -173,16 +173,25 @@ class NoisedClip(nn.Module):
             (grad,) = torch.autograd.grad(score, x)
         return grad
 
-    def guide(self, prompts: list[str]):
-        """The function CLIP guidance calls at each step: grad_fn(x_t, t) -> ∇ log p(prompt_i | x_t) per row i."""
-        text_embed = self.embed_text(prompts)
+    def guide(self, prompts: list[str]) -> ClipGuide:
+        """The function CLIP guidance calls at each step: guide(x_t, t) -> ∇ log p(prompt_i | x_t) per row i."""
+        return ClipGuide(self, self.embed_text(prompts))
 
-        def grad_fn(x_t: Tensor, t: Tensor) -> Tensor:
-            if len(x_t) != len(text_embed):
-                raise ValueError(f"CLIP guidance got {len(x_t)} images for {len(text_embed)} prompts")
-            return self.log_prob_grad(x_t, t, text_embed)
 
-        return grad_fn
+class ClipGuide:
+    """CLIP guidance's gradient toward one caption per row; `select(rows)` keeps those rows' captions when a
+    sampler drops the others (candidate pruning)."""
+
+    def __init__(self, clip: NoisedClip, text_embed: Tensor):
+        self.clip, self.text_embed = clip, text_embed
+
+    def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
+        if len(x_t) != len(self.text_embed):
+            raise ValueError(f"CLIP guidance got {len(x_t)} images for {len(self.text_embed)} prompts")
+        return self.clip.log_prob_grad(x_t, t, self.text_embed)
+
+    def select(self, rows: Tensor) -> None:
+        self.text_embed = self.text_embed[rows.to(self.text_embed.device)]
 
 
 # ---- the folder ----

@@ -43,6 +43,8 @@ from unclip.sampling import (
     StageSettings,
     UpsamplerSettings,
     check_count,
+    check_pruning,
+    format_pruning,
     sample_decoder,
     sample_prior,
     sample_upsampler,
@@ -110,17 +112,28 @@ class GenerateSettings:
     # > 0: rank the candidates by previews of this many decoder steps from their starting noise, then sample
     # only the kept one at the decoder's steps; 0: sample every candidate in full
     preview_steps: int = 0
+    # ((step, keep), ...): after decoder step `step`, each prompt's candidates go on only for its best `keep` by
+    # the CLIP score of their x0 predictions; () samples every candidate in full. Previews, if set, rank instead.
+    pruning: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         check_count("seed", self.seed, 0)
         check_count("candidates", self.candidates)
         check_count("preview_steps", self.preview_steps, 0)
+        object.__setattr__(self, "pruning", check_pruning(self.pruning))
+
+    @property
+    def prunes(self) -> bool:
+        """Whether the call drops candidates part way (candidates, a pruning schedule, and no previews)."""
+        return self.candidates > 1 and bool(self.pruning) and not self.preview_steps
 
     def metadata(self) -> dict[str, Any]:
         """The settings as the PNG metadata records them."""
         meta = {k: getattr(self, k) for k in ("size", "seed", "candidates", "use_prior", "dtype")}
         if self.preview_steps and self.candidates > 1:
             meta["preview_steps"] = self.preview_steps
+        if self.prunes:
+            meta["pruning"] = format_pruning(self.pruning)
         if self.prior is not None:
             meta["prior"] = self.prior.kwargs()
         meta["decoder"] = self.decoder.kwargs()
@@ -142,6 +155,7 @@ class UnCLIPPipeline(PipelineEdits):
         noised_clip: NoisedClip | None = None,
         candidates: int = 1,
         preview_steps: int = 0,
+        pruning: str | tuple[tuple[int, int], ...] = (),
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
@@ -151,6 +165,7 @@ class UnCLIPPipeline(PipelineEdits):
         self.noised_clip = check_noised_clip(noised_clip, decoder)
         self.candidates = check_count("candidates", candidates)  # the text-to-image call's default reranking
         self.preview_steps = check_count("preview_steps", preview_steps, 0)  # and how it ranks (GenerateSettings)
+        self.pruning = check_pruning(pruning)
         self.device, self.dtype = torch.device(device), dtype
         # called after every sampler step with {"stage", "step", "steps", "images"}: a progress display
         self.progress: Callable[[dict[str, Any]], None] | None = None
@@ -185,9 +200,10 @@ class UnCLIPPipeline(PipelineEdits):
         try:
             candidates = check_count("candidates", saved.get("candidates", 1))
             preview_steps = check_count("preview_steps", saved.get("preview_steps", 0), 0)
+            pruning = check_pruning(saved.get("pruning"))
         except SettingError as e:
             raise ValueError(f"{root / 'pipeline.json'}: defaults.{e}") from None
-        ranking = {"candidates": candidates, "preview_steps": preview_steps}
+        ranking = {"candidates": candidates, "preview_steps": preview_steps, "pruning": pruning}
         return cls(
             clip, prior, decoder, upsamplers, inpaint, noised_clip=noised, **ranking, device=device, dtype=dtype
         )
@@ -197,6 +213,8 @@ class UnCLIPPipeline(PipelineEdits):
         (`unclip.checkpoint.fingerprint`), not the folder it was loaded from: a copy has the same one."""
         stages = [s for s in (self.prior, self.decoder, *self.upsamplers, self.inpaint_stage) if s is not None]
         parts: list[Any] = [{"candidates": self.candidates, "preview_steps": self.preview_steps}]
+        if self.pruning:  # left out when unset, so that a pipeline without it keeps its fingerprint
+            parts.append({"pruning": format_pruning(self.pruning)})
         for s in stages:
             d = s.diffusion
             settings = {"folder": s.folder, "defaults": s.defaults.kwargs(), "prediction": d.prediction}
@@ -249,14 +267,26 @@ class UnCLIPPipeline(PipelineEdits):
                 model, diffusion, text.embed, *tokens, generator=generators, callback=callback, **kwargs
             )
 
-    def decode(self, image_embed, text, generators, settings=None, *, x_T=None, inpaint=None, prompts=None) -> Tensor:
+    def decode(
+        self, image_embed, text, generators, settings=None, *, x_T=None, inpaint=None, prompts=None, prune=None
+    ) -> Tensor:
         """2. decoder: CLIP image embeddings (+ caption tokens, or `text` None) -> images at the decoder's size.
         With `inpaint` ({"image", "mask"}), the pipeline's inpainting decoder if it has one. `prompts`, one per
-        image, are what CLIP guidance (the settings' clip_guidance_scale) steers toward."""
+        image, are what CLIP guidance (the settings' clip_guidance_scale) steers toward. `prune(i, x0)` may drop
+        rows after step i (unclip.diffusion.samplers); the images of the rows kept are returned."""
         stage = self.inpaint_stage if (inpaint is not None and self.inpaint_stage is not None) else self.decoder
         tokens = (None, None, None) if text is None else (text.tokens, text.mask, text.words)
         kwargs = stage.settings(settings).kwargs()
         guide = self.clip_guide(prompts, kwargs["clip_guidance_scale"])
+        if prune is not None and guide is not None:
+            rank = prune
+
+            def prune(i, x0):  # CLIP guidance follows the rows that go on
+                keep = rank(i, x0)
+                if keep is not None:
+                    guide.select(keep)
+                return keep
+
         with self.autocast():
             return sample_decoder(
                 stage.model,
@@ -269,6 +299,7 @@ class UnCLIPPipeline(PipelineEdits):
                 generator=generators,
                 callback=self.step_callback("decoder", len(image_embed)),
                 clip_guide=guide,
+                prune=prune,
                 **kwargs,
             ).float()
 
@@ -347,6 +378,7 @@ class UnCLIPPipeline(PipelineEdits):
         seed: int = 0,
         candidates: int | None = None,
         preview_steps: int | None = None,
+        pruning: str | tuple[tuple[int, int], ...] | None = None,
         use_prior: bool = True,
         prior: Mapping | PriorSettings | None = None,
         decoder: Mapping | DecoderSettings | None = None,
@@ -367,6 +399,7 @@ class UnCLIPPipeline(PipelineEdits):
             seed=seed,
             candidates=self.candidates if candidates is None else candidates,
             preview_steps=self.preview_steps if preview_steps is None else preview_steps,
+            pruning=self.pruning if pruning is None else pruning,
             use_prior=use_prior,
             decoder=self.decoder.settings(decoder),
             prior=self.prior.settings(prior) if use_prior else None,
@@ -407,6 +440,11 @@ class UnCLIPPipeline(PipelineEdits):
                     starting noise, and sample only the kept one in full: with a deterministic sampler, the image
                     the kept candidate would have been, at a fraction of the cost. Default the pipeline's
                     ("preview_steps" in pipeline.json's defaults, else 0: every candidate in full).
+                pruning: "STEP:KEEP,..." (or its pairs): after decoder step STEP, only each prompt's best KEEP
+                    candidates by the CLIP score of their x0 predictions go on; the last of them left at the end
+                    are reranked as usual. The kept image is the one the full sampling of that candidate makes.
+                    Default the pipeline's ("pruning" in pipeline.json's defaults); "none" samples all in full.
+                    Previews (preview_steps > 0) rank instead when both are set.
                 use_prior: False decodes the raw text embedding (DALL·E 2's ablation, §5.1).
                 prior, decoder: overrides of the stage's settings, as a dict (None values are left out) or a
                     settings object; upsamplers: {folder name: overrides}.
@@ -455,6 +493,8 @@ class UnCLIPPipeline(PipelineEdits):
             image_embed = text.embed
         if c > 1 and call.preview_steps:
             return self._generate_from_previews(many, seeds, text, image_embed, generators, call)
+        if call.prunes:
+            return self._generate_pruned(many, seeds, text, image_embed, generators, call)
         images = self.decode(image_embed, text, generators, call.decoder, prompts=many)
         out = PipelineOutput(images, image_embed, text.embed, many, seeds, call.metadata())
         if c > 1:
@@ -480,6 +520,41 @@ class UnCLIPPipeline(PipelineEdits):
         out.images = self.decode(
             image_embed[keep], kept, generators, call.decoder, x_T=x_T[keep], prompts=kept_prompts
         )
+        out.images = self.upsample(out.images, call.size, generators, call.upsamplers, image_embeds=out.image_embeds)
+        return out
+
+    def _generate_pruned(self, many, seeds, text: TextEmbedding, image_embed: Tensor, generators, call):
+        """Sample every candidate, dropping all but each prompt's best `keep` at each step of `call.pruning` (by
+        the CLIP score of their x0 predictions), rerank those left at the end as usual, and upsample the kept."""
+        c = call.candidates
+        B = len(many) // c
+        alive = torch.arange(len(many)).view(B, c)  # each prompt's candidates still sampled, in batch order
+        schedule = dict(call.pruning)
+
+        def prune(i: int, x0: Tensor) -> Tensor | None:
+            nonlocal alive
+            k, keep = alive.shape[1], schedule.get(i + 1)
+            if keep is None or keep >= k:
+                return None
+            embeds = text.embed[alive.flatten().to(text.embed.device)]
+            scores = self.clip_scores(x0.float().clamp(-1, 1), embeds).view(B, k).cpu()
+            top = scores.topk(keep, dim=1).indices.sort(dim=1).values
+            alive = alive.gather(1, top)
+            return (top + torch.arange(B)[:, None] * k).flatten()
+
+        images = self.decode(image_embed, text, generators, call.decoder, prompts=many, prune=prune)
+        rows = alive.flatten().tolist()
+        out = PipelineOutput(
+            images,
+            image_embed[rows],
+            text.embed[rows],
+            [many[r] for r in rows],
+            [seeds[r] for r in rows],
+            call.metadata(),
+        )
+        out, keep = self._rerank(out, alive.shape[1])
+        out.candidate_images = out.candidate_scores = None  # the candidates that ran to the end are not all
+        generators = [generators[rows[i]] for i in keep]
         out.images = self.upsample(out.images, call.size, generators, call.upsamplers, image_embeds=out.image_embeds)
         return out
 

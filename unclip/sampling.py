@@ -15,6 +15,7 @@ values, so user input is checked exactly where it enters.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -39,6 +40,33 @@ def check_count(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise SettingError(name, f"must be a whole number >= {minimum}, got {value!r}")
     return value
+
+
+def check_pruning(value: Any) -> tuple[tuple[int, int], ...]:
+    """A candidate pruning schedule: "8:8,16:2" (after decoder step 8 keep each prompt's best 8 candidates,
+    after step 16 the best 2) or its pairs -> ((8, 8), (16, 2)); "", "none" or None -> () (no pruning)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "0")):
+        return ()
+    try:
+        if isinstance(value, str):
+            pairs = tuple(tuple(int(v) for v in part.split(":")) for part in value.replace(" ", "").split(","))
+        else:
+            pairs = tuple(tuple(int(v) for v in pair) for pair in value)
+        ok = all(len(p) == 2 and p[0] >= 1 and p[1] >= 1 for p in pairs)
+        ok = ok and all(a[0] < b[0] and a[1] > b[1] for a, b in itertools.pairwise(pairs))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise SettingError(
+            "pruning",
+            f'must be STEP:KEEP pairs with rising steps and falling counts, e.g. "5:8,10:4,15:2", or "none"; '
+            f"got {value!r}",
+        )
+    return pairs
+
+
+def format_pruning(pairs: tuple[tuple[int, int], ...]) -> str:
+    return ",".join(f"{step}:{keep}" for step, keep in pairs)
 
 
 def check_scale(name: str, value: Any) -> float:
@@ -254,6 +282,7 @@ def sample_decoder(
     x_T: Tensor | None = None,
     inpaint: dict[str, Tensor] | None = None,
     callback=None,
+    prune=None,
 ) -> Tensor:
     """CLIP image embeddings (+ caption tokens) -> images in [-1, 1] (DALL·E 2's decoder, GLIDE-style CFG).
 
@@ -270,9 +299,11 @@ def sample_decoder(
         threshold: x_0 clipping: "dynamic" (Imagen), "static" ([-1, 1]) or None; a decoder whose config names a
             `threshold` (one that was trained with another, as Karlo's static clipping) uses its own.
         generator: one for the batch, or one per image (so that an image does not depend on its batch).
+        prune: prune(i, x0) after step i -> the rows to go on with, or None (unclip.diffusion.samplers); with
+            CLIP guidance, it must also restrict `clip_guide` to those rows.
 
     Returns:
-        (B, 3, size, size) images in [-1, 1].
+        (B, 3, size, size) images in [-1, 1], or the rows `prune` kept.
     """
     config = decoder.config
     threshold = getattr(config, "threshold", threshold)
@@ -306,6 +337,7 @@ def sample_decoder(
         inpaint=replace,
         device=image_embed.device,
         callback=callback,
+        prune=prune,
     )
     return x.clamp(-1, 1)
 

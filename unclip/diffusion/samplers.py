@@ -14,6 +14,11 @@ timestep). A new sampler is one more function of this shape.
 
 `inpaint=(known, mask)` replaces the known region (mask 0; mask 1 = repaint) after every step by the known
 image diffused to the current noise level, so the known region of the result equals `known` exactly.
+
+`prune(i, x0)`, called after step i with the step's x_0 prediction, may return the rows (indices into the batch
+as it is then) to go on with; the others stop there and the sampler returns only the rows kept to the end. Each
+kept row ends as it would have without pruning (exactly, up to float rounding, for the deterministic samplers;
+for the others too when every row has its own generator): the reranking uses it to drop candidates early.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ DEFAULT_STEPS = {"ddpm": 250, "ddim": 100, "dpm++": 20}
 
 Model = Callable[..., Tensor]
 Callback = Callable[[dict[str, Any]], None]
+Prune = Callable[[int, Tensor], Tensor | None]  # (step, x0) -> the rows to go on with, or None for all
 Generators = torch.Generator | Sequence[torch.Generator] | None  # one for the batch, or one per sample
 
 
@@ -137,6 +143,24 @@ def _report(callback, i, steps, t, x, x0):
         callback({"i": i, "steps": steps, "t": t, "x": x, "x0": x0})
 
 
+def _select(keep: Tensor, x: Tensor, cond, inpaint, generator, *state):
+    """The sampling state restricted to rows `keep` of the current batch: x, cond (every tensor in it is per
+    row), inpaint's per-row tensors, one generator per row, and any per-row `state` (None stays None)."""
+    rows = x.shape[0]
+    keep = torch.as_tensor(keep, dtype=torch.long, device=x.device)
+
+    def rows_of(v):
+        return v[keep] if isinstance(v, Tensor) and v.ndim and v.shape[0] == rows else v
+
+    if isinstance(generator, Sequence) and len(generator) != 1:
+        if len(generator) != rows:
+            raise ValueError(f"pruning needs one generator per row or one for the batch, got {len(generator)}")
+        generator = [generator[i] for i in keep.tolist()]
+    cond = None if cond is None else {k: rows_of(v) for k, v in cond.items()}
+    inpaint = None if inpaint is None else tuple(rows_of(v) for v in inpaint)
+    return (x[keep], cond, inpaint, generator, *(None if v is None else v[keep] for v in state))
+
+
 # -- samplers -----------------------------------------------------------------------------------------
 
 
@@ -156,6 +180,7 @@ def ddim_sample(
     percentile: float = 0.995,
     inpaint: tuple[Tensor, Tensor] | None = None,
     callback: Callback | None = None,
+    prune: Prune | None = None,
     device=None,
     dtype=torch.float32,
 ) -> Tensor:
@@ -185,6 +210,8 @@ def ddim_sample(
             x = x + sigma * randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = _replace_known(x, inpaint, a_prev, generator)
         _report(callback, i, steps, t, x, x0)
+        if prune is not None and (keep := prune(i, x0)) is not None:
+            x, cond, inpaint, generator = _select(keep, x, cond, inpaint, generator)
     return x
 
 
@@ -204,6 +231,7 @@ def ddpm_sample(
     variance: str = "small",
     inpaint: tuple[Tensor, Tensor] | None = None,
     callback: Callback | None = None,
+    prune: Prune | None = None,
     device=None,
     dtype=torch.float32,
 ) -> Tensor:
@@ -234,6 +262,8 @@ def ddpm_sample(
             x = mean + torch.exp(0.5 * log_var) * noise
         x = _replace_known(x, inpaint, a_prev, generator)
         _report(callback, i, steps, t, x, x0)
+        if prune is not None and (keep := prune(i, x0)) is not None:
+            x, cond, inpaint, generator = _select(keep, x, cond, inpaint, generator)
     return x
 
 
@@ -261,6 +291,7 @@ def dpm_solver_sample(
     percentile: float = 0.995,
     inpaint: tuple[Tensor, Tensor] | None = None,
     callback: Callback | None = None,
+    prune: Prune | None = None,
     device=None,
     dtype=torch.float32,
 ) -> Tensor:
@@ -291,6 +322,8 @@ def dpm_solver_sample(
             x0_prev, h_prev = x0, h
         x = _replace_known(x, inpaint, a_t, generator)
         _report(callback, i, steps, t, x, x0)
+        if prune is not None and (keep := prune(i, x0)) is not None:
+            x, cond, inpaint, generator, x0_prev = _select(keep, x, cond, inpaint, generator, x0_prev)
     return x
 
 

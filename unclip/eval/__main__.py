@@ -39,6 +39,7 @@ from unclip.eval.probes import probe_clip, probe_decoder_caption
 from unclip.eval.report import format_caption_probe, format_probe, format_table, format_validation
 from unclip.eval.shapes_checker import validate_checker
 from unclip.eval.suites import evaluate_openmoji, evaluate_shapes, evaluate_variations
+from unclip.sampling import check_pruning, format_pruning
 
 SUITES = {"shapes": evaluate_shapes, "openmoji": evaluate_openmoji}
 LOAD_ERRORS = (OSError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError, yaml.YAMLError)
@@ -211,6 +212,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             type=at_least(1),
             help="make this many images per prompt and keep the one the pipeline's CLIP scores highest (DALL·E's "
             "reranking; costs that many decoder passes; default: the pipeline's)",
+        )
+        p.add_argument(
+            "--pruning",
+            metavar="STEP:KEEP,...",
+            help="with candidates, go on after decoder step STEP with each prompt's best KEEP of them by their x0 "
+            "predictions (e.g. 5:8,10:4,15:2); 'none' samples every candidate in full (default: the pipeline's)",
         )
         p.add_argument(
             "--dtype",
@@ -451,6 +458,11 @@ def run_inpaint(args) -> tuple[dict, str]:
 
 def run_suite(args) -> tuple[dict, str]:
     pipe = load("pipeline", load_pipeline, args.pipeline, args.device, args.dtype)
+    if args.pruning is not None:
+        try:
+            pipe.pruning = check_pruning(args.pruning)  # the pipeline's default for this run
+        except ValueError as e:
+            raise SystemExit(f"error: --pruning: {e}") from None
     evaluator = (
         load("evaluator CLIP", load_evaluator, args.evaluator_clip, args.device) if args.evaluator_clip else None
     )
@@ -472,6 +484,8 @@ def run_suite(args) -> tuple[dict, str]:
     results["settings"].update(
         pipeline=str(args.pipeline), evaluator_clip=str(args.evaluator_clip), device=args.device, dtype=args.dtype
     )
+    if getattr(pipe, "pruning", ()) and results["settings"].get("candidates", 1) > 1:
+        results["settings"]["pruning"] = format_pruning(pipe.pruning)
     return results, format_table(results)
 
 
