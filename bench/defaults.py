@@ -6,7 +6,9 @@
 The networks are the same on both sides (models/shapes); only the sampling differs:
 
 - ours: the pipeline's defaults (DPM-Solver++ 25 steps for the prior and the decoder, the best of the
-  pipeline's `decoder.candidates` decoder samples kept by its CLIP, DDIM 8 steps for the upsampler);
+  pipeline's `candidates` decoder samples kept by its CLIP, dropping candidates part way as its `pruning` says,
+  DDIM for the upsamplers at their steps);
+- ours, in full (when the pipeline prunes): the same with every candidate sampled in full (`pruning` none);
 - theirs: what `DiffusionPrior.sample` and `Decoder.sample` of DALLE2-pytorch 1.15.6 do with
   `sample_timesteps=None`, their default: ancestral sampling over all 1000 training timesteps at every stage,
   and no reranking of decoder samples (`--candidates 1`).
@@ -81,14 +83,23 @@ def main(argv=None) -> dict:
     theirs = their_settings(pipe)
     pipe([PROMPT], size=args.size, seed=0, prior={"steps": 2}, decoder={"steps": 2})  # warm-up
     results = {"pipeline": str(args.pipeline), "device": args.device, "size": args.size, "prompt": PROMPT}
-    for name, settings, repeats in (("ours", ours, args.repeats), ("theirs", theirs, args.their_repeats)):
+    runs = [("ours", ours, args.repeats), ("theirs", theirs, args.their_repeats)]
+    if pipe.pruning:
+        runs.insert(1, ("ours_in_full", {"pruning": "none"}, args.repeats))
+    for name, settings, repeats in runs:
         times = timed(lambda s=settings: pipe([PROMPT], size=args.size, seed=0, **s), repeats, device)
         described = pipe.resolve(size=args.size, seed=0, **settings).metadata()
         results[name] = {"seconds": times, "median": statistics.median(times), **described}
         candidates = described["candidates"]
-        print(f"{name:6s}  {statistics.median(times):8.2f} s  (median of {repeats}; {candidates} decoder candidates)")
+        pruning = f", pruned {described['pruning']}" if "pruning" in described else ""
+        print(
+            f"{name:12s}  {statistics.median(times):8.2f} s  (median of {repeats}; {candidates} candidates{pruning})"
+        )
     results["theirs_over_ours"] = results["theirs"]["median"] / results["ours"]["median"]
     print(f"theirs / ours: {results['theirs_over_ours']:.1f}x")
+    if "ours_in_full" in results:
+        results["in_full_over_ours"] = results["ours_in_full"]["median"] / results["ours"]["median"]
+        print(f"in full / pruned: {results['in_full_over_ours']:.2f}x")
     out = Path(args.out or f"runs/bench/defaults-{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -27,6 +27,42 @@ def test_defaults_bench_samples_both_ways_and_writes_the_ratio(tmp_path, monkeyp
     assert "theirs / ours" in capsys.readouterr().out
 
 
+def test_defaults_bench_times_a_pruning_pipeline_in_full_too(tmp_path, monkeypatch):
+    monkeypatch.setattr(defaults, "THEIR_STEPS", 2)
+    monkeypatch.setattr(defaults.torch, "set_num_threads", lambda n: None)
+    pipeline = make_tiny_pipeline(tmp_path / "pipe")
+    index = json.loads((pipeline / "pipeline.json").read_text())
+    index["defaults"].update(candidates=4, pruning="1:2")
+    (pipeline / "pipeline.json").write_text(json.dumps(index))
+    argv = ["--pipeline", str(pipeline), "--device", "cpu", "--size", "16", "--repeats", "1"]
+    results = defaults.main([*argv, "--out", str(tmp_path / "d.json")])
+    assert results["ours"]["pruning"] == "1:2" and "pruning" not in results["ours_in_full"]
+    assert results["ours_in_full"]["candidates"] == 4 and results["in_full_over_ours"] > 0
+
+
+def test_candidate_pruning_bench_records_every_candidate_and_replays_schedules(tmp_path, capsys):
+    from bench import candidate_pruning
+
+    pipeline = make_tiny_pipeline(tmp_path / "pipe")
+    out = tmp_path / "records.jsonl"
+    argv = ["--pipeline", str(pipeline), "--n", "2", "--candidates", "4", "--out", str(out)]
+    candidate_pruning.main([*argv, "--schedules", "1:2", "2:1"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and all(len(r["scores"]) == 3 and len(r["scores"][0]) == 4 for r in rows)
+    # the relational set's seeds, as the eval gives them: set 1 of 200 prompts at 4 candidates
+    assert rows[1]["seeds"] == [800 + 4 + j for j in range(4)]
+    printed = capsys.readouterr().out
+    assert "(full reranking)" in printed and "1:2" in printed
+    # a replay: keep 2 after step 1 (costs 4 + 2 + 2), then the best final score among them
+    row = {"scores": [[0.1, 0.9, 0.8, 0.2], [0.5, 0.1, 0.9, 0.3], [0.2, 0.3, 0.1, 0.9]], "correct": [0, 1, 0, 1]}
+    assert candidate_pruning.replay(row, [(1, 2)]) == (1, 8)
+    assert candidate_pruning.replay(row, []) == (1, 12)  # the full reranking keeps candidate 3
+    assert candidate_pruning.replay(row, [(2, 1)]) == (0, 9)  # 4 + 4 + 1: candidate 2, best at step 2
+    # a rerun resumes: nothing is made again
+    candidate_pruning.main(argv)
+    assert len(out.read_text().splitlines()) == 2
+
+
 def test_upsampler_steps_bench_scores_each_step_count_against_exact_renders(tmp_path):
     from bench import upsampler_steps
 
