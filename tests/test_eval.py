@@ -984,3 +984,17 @@ def test_shapes_without_an_evaluator_scores_the_checker_alone(monkeypatch, capsy
     assert "clip_score" not in results["sets"]["single"] and "clip_frechet_distance" not in results
     printed = capsys.readouterr().out
     assert "\nsingle " in printed and "clip_frechet_distance" not in printed
+
+
+def test_cli_pruning_sets_the_pipelines_schedule_and_is_recorded(tmp_path, capsys):
+    from pipeline_helpers import make_tiny_pipeline
+
+    folder = make_tiny_pipeline(tmp_path)
+    argv = ["shapes", "--pipeline", str(folder), "--n", "1", "--size", "16", "--device", "cpu", "--sets", "single"]
+    argv += ["--candidates", "4", "--decoder-steps", "3"]
+    assert cli.main([*argv, "--pruning", "1:2"])["settings"]["pruning"] == "1:2"
+    assert "pruning" not in cli.main([*argv, "--pruning", "none"])["settings"]
+    # a stage at or past the last decoder step drops nothing, and is not claimed
+    assert "pruning" not in cli.main([*argv, "--pruning", "3:2"])["settings"]
+    status, line = _exit([*argv, "--pruning", "2:2,1:1"], capsys)
+    assert status == 1 and line.startswith("error: --pruning: pruning must be STEP:KEEP pairs")

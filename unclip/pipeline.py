@@ -123,17 +123,22 @@ class GenerateSettings:
         object.__setattr__(self, "pruning", check_pruning(self.pruning))
 
     @property
-    def prunes(self) -> bool:
-        """Whether the call drops candidates part way (candidates, a pruning schedule, and no previews)."""
-        return self.candidates > 1 and bool(self.pruning) and not self.preview_steps
+    def pruning_used(self) -> tuple[tuple[int, int], ...]:
+        """The stages of `pruning` that drop candidates in this call: before the decoder's last step, keeping
+        fewer than `candidates`; none with previews, which rank instead."""
+        if self.preview_steps or self.candidates < 2:
+            return ()
+        return tuple(
+            (step, keep) for step, keep in self.pruning if step < self.decoder.steps and keep < self.candidates
+        )
 
     def metadata(self) -> dict[str, Any]:
         """The settings as the PNG metadata records them."""
         meta = {k: getattr(self, k) for k in ("size", "seed", "candidates", "use_prior", "dtype")}
         if self.preview_steps and self.candidates > 1:
             meta["preview_steps"] = self.preview_steps
-        if self.prunes:
-            meta["pruning"] = format_pruning(self.pruning)
+        if self.pruning_used:
+            meta["pruning"] = format_pruning(self.pruning_used)
         if self.prior is not None:
             meta["prior"] = self.prior.kwargs()
         meta["decoder"] = self.decoder.kwargs()
@@ -493,7 +498,7 @@ class UnCLIPPipeline(PipelineEdits):
             image_embed = text.embed
         if c > 1 and call.preview_steps:
             return self._generate_from_previews(many, seeds, text, image_embed, generators, call)
-        if call.prunes:
+        if call.pruning_used:
             return self._generate_pruned(many, seeds, text, image_embed, generators, call)
         images = self.decode(image_embed, text, generators, call.decoder, prompts=many)
         out = PipelineOutput(images, image_embed, text.embed, many, seeds, call.metadata())
@@ -524,12 +529,12 @@ class UnCLIPPipeline(PipelineEdits):
         return out
 
     def _generate_pruned(self, many, seeds, text: TextEmbedding, image_embed: Tensor, generators, call):
-        """Sample every candidate, dropping all but each prompt's best `keep` at each step of `call.pruning` (by
+        """Sample every candidate, dropping all but each prompt's best `keep` at each stage of the call's pruning (by
         the CLIP score of their x0 predictions), rerank those left at the end as usual, and upsample the kept."""
         c = call.candidates
         B = len(many) // c
         alive = torch.arange(len(many)).view(B, c)  # each prompt's candidates still sampled, in batch order
-        schedule = dict(call.pruning)
+        schedule = dict(call.pruning_used)
 
         def prune(i: int, x0: Tensor) -> Tensor | None:
             nonlocal alive

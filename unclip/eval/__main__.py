@@ -484,8 +484,10 @@ def run_suite(args) -> tuple[dict, str]:
     results["settings"].update(
         pipeline=str(args.pipeline), evaluator_clip=str(args.evaluator_clip), device=args.device, dtype=args.dtype
     )
-    if getattr(pipe, "pruning", ()) and results["settings"].get("candidates", 1) > 1:
-        results["settings"]["pruning"] = format_pruning(pipe.pruning)
+    if getattr(pipe, "pruning", ()):  # the stages that dropped candidates at these settings, if any
+        call = pipe.resolve(candidates=results["settings"].get("candidates"), decoder=options.get("decoder"))
+        if call.pruning_used:
+            results["settings"]["pruning"] = format_pruning(call.pruning_used)
     return results, format_table(results)
 
 
