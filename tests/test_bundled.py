@@ -17,6 +17,7 @@ def test_bundled_shapes_pipeline_generates():
     assert out.images.shape == (1, 3, 64, 64) and torch.isfinite(out.images).all()
     assert pipe.decoder.model.config.text_layers == 2  # the second stage, configs/decoder/shapes_text.yaml
     assert out.settings["candidates"] == 32 and out.clip_scores is not None  # reranks by default
+    assert pipe.pruning == ((6, 8), (12, 4), (18, 2))  # dropping candidates early, measured in its card
     assert out.settings["decoder"]["guidance_scale"] == 1.0  # pipeline.json's default, measured in its card
     steps = {name: stage.defaults.steps for name, stage in zip(("256", "1024"), pipe.upsamplers, strict=True)}
     assert steps == {"256": 8, "1024": 2}  # as sharp as 8 at 1024 px, and 4x faster (its card)
