@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from bench.common import load_pipeline  # noqa: E402
 from unclip.data.shapes import prompt_sets  # noqa: E402
 from unclip.eval.shapes_checker import check  # noqa: E402
+from unclip.sampling import check_pruning  # noqa: E402
 
 SETS = ("single", "relational", "held_out")
 
@@ -58,15 +59,12 @@ def record(pipe, prompt: str, seeds: list[int]) -> dict:
     return {"prompt": prompt, "seeds": seeds, "scores": scores, "correct": correct}
 
 
-def parse_schedule(text: str) -> list[tuple[int, int]]:
-    """ "8:8,16:2" -> [(8, 8), (16, 2)]: after step 8 keep 8, after step 16 keep 2 ("" keeps all to the end)."""
+def parse_schedule(text: str) -> tuple[tuple[int, int], ...]:
+    """ "8:8,16:2" -> ((8, 8), (16, 2)), checked as the pipeline's `pruning` setting ("" keeps all to the end)."""
     try:
-        stages = [tuple(int(v) for v in part.split(":")) for part in text.split(",") if part]
-        if any(len(s) != 2 or s[0] < 1 or s[1] < 1 for s in stages):
-            raise ValueError
-    except ValueError:
-        raise SystemExit(f"bad schedule {text!r}: give STEP:KEEP pairs separated by commas, e.g. 8:8,16:2") from None
-    return stages
+        return check_pruning(text)
+    except ValueError as e:
+        raise SystemExit(f"bad schedule: {e}") from None
 
 
 def replay(row: dict, stages: list[tuple[int, int]]) -> tuple[bool, int]:
