@@ -3,6 +3,9 @@ pipeline folder that names adapters applies them at load time while one that doe
 
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from unclip.pipeline import UnCLIPPipeline
 from unclip.tasks import build_task
 from unclip.training import Trainer
 
+ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["train.max_steps=3", "train.batch_size=4", "train.lr=1e-2", "train.warmup_steps=0"]
 TRAIN += ["train.ema_warmup_steps=0", "train.eval_every=100", "train.checkpoint_every=100", "train.log_every=1"]
 
@@ -126,6 +130,28 @@ def test_a_pipeline_applies_the_adapters_it_names_and_is_the_base_without_them(t
     expected = load_adapter(load_model(root / "decoder").model, root / "decoder_lora").eval()
     loaded, wanted = both.decoder.model.state_dict(), expected.state_dict()
     assert loaded.keys() == wanted.keys() and all(torch.equal(loaded[k], wanted[k]) for k in wanted)
+
+
+def test_peft_is_imported_only_when_a_pipeline_has_adapters(tmp_path):
+    # peft (and what it imports) costs start-up time that a pipeline without adapters does not need
+    root = make_tiny_pipeline(tmp_path, upsampler=False)
+    code = (
+        "import sys\n"
+        "from unclip.pipeline import UnCLIPPipeline\n"
+        f"UnCLIPPipeline.from_pretrained({str(root)!r})\n"
+        "print('peft' in sys.modules)\n"
+    )
+
+    def run():
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+
+    done = run()
+    assert done.returncode == 0 and done.stdout.split() == ["False"], done.stderr
+    _add_random_adapter(root / "decoder", root / "decoder_lora", "decoder", 6)
+    index_path = root / "pipeline.json"
+    index_path.write_text(json.dumps({**json.loads(index_path.read_text()), "adapters": {"decoder": "decoder_lora"}}))
+    done = run()
+    assert done.returncode == 0 and done.stdout.split() == ["True"], done.stderr
 
 
 @pytest.mark.parametrize(

@@ -18,13 +18,15 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import peft
 from torch import nn
 
 from unclip.checkpoint import atomic_save_safetensors, atomic_write_bytes, read_json_object, read_safetensors
 from unclip.config import LoraConfig
+
+if TYPE_CHECKING:
+    import peft
 
 ADAPTER_FORMAT_VERSION = 1
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -51,6 +53,13 @@ DEFAULT_TARGETS = {
 }
 
 
+def _peft():
+    """peft, imported on first use: it imports transformers, which a pipeline without adapters never needs."""
+    import peft
+
+    return peft
+
+
 def _peft_config(settings: LoraConfig, model: nn.Module) -> peft.LoraConfig:
     name = type(model).__name__
     targets = settings.target_modules or DEFAULT_TARGETS.get(name)
@@ -59,7 +68,7 @@ def _peft_config(settings: LoraConfig, model: nn.Module) -> peft.LoraConfig:
             f"train.lora has no default target modules for a {name}: set train.lora.target_modules to the names "
             "of its Linear or Conv2d modules"
         )
-    return peft.LoraConfig(
+    return _peft().LoraConfig(
         r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, target_modules=list(targets)
     )
 
@@ -69,19 +78,19 @@ def add_lora(model: nn.Module, settings: LoraConfig) -> nn.Module:
     in place. Returns `model`."""
     config = _peft_config(settings, model)
     try:
-        peft.inject_adapter_in_model(config, model)
+        _peft().inject_adapter_in_model(config, model)
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
         raise ValueError(f"train.lora.target_modules: {e}") from None
     return model
 
 
 def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules())
+    return any(isinstance(m, _peft().tuners.lora.LoraLayer) for m in model.modules())
 
 
 def adapter_state(model: nn.Module) -> dict:
     """The adapter's tensors (peft's names, e.g. "image_proj.lora_A.weight"), without the frozen base."""
-    return peft.get_peft_model_state_dict(model, save_embedding_layers=False)  # peft guesses them by name
+    return _peft().get_peft_model_state_dict(model, save_embedding_layers=False)  # peft guesses them by name
 
 
 def save_adapter(model: nn.Module, directory: str | Path, *, kind: str, base: str | None = None) -> Path:
@@ -146,8 +155,10 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     if meta.get("class") != name:
         raise ValueError(f"the adapter {directory} was trained on a {meta.get('class')}, not a {name}")
     raw = read_json_object(directory / ADAPTER_CONFIG, "; export the adapter again")
+    peft = _peft()
+    fields = {f.name for f in dataclasses.fields(peft.LoraConfig)} - {"peft_type", "task_type"}
     try:
-        config = peft.LoraConfig(**{k: v for k, v in raw.items() if k in _LORA_FIELDS})
+        config = peft.LoraConfig(**{k: v for k, v in raw.items() if k in fields})
         peft.inject_adapter_in_model(config, model)
     except (TypeError, ValueError) as e:
         raise ValueError(f"the adapter {directory} does not fit this {name}: {e}") from None
@@ -161,6 +172,3 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         )
     model.requires_grad_(False)
     return model
-
-
-_LORA_FIELDS = {f.name for f in dataclasses.fields(peft.LoraConfig)} - {"peft_type", "task_type"}
