@@ -15,6 +15,8 @@ evaluations per image, beside the full reranking's.
 
     OMP_NUM_THREADS=1 python bench/candidate_pruning.py --pipeline models/shapes --set relational --n 100 \\
         --out runs/bench/pruning_relational.jsonl
+    OMP_NUM_THREADS=1 python bench/candidate_pruning.py --pipeline models/shapes --set relational --n 100 \\
+        --steps 12 --prior-steps 10 --out runs/bench/pruning_relational_12.jsonl    # fewer steps
     python bench/candidate_pruning.py --out runs/bench/pruning_relational.jsonl --schedules 8:8,16:2 5:4
 """
 
@@ -37,11 +39,18 @@ from unclip.sampling import check_pruning  # noqa: E402
 SETS = ("single", "relational", "held_out")
 
 
-def record(pipe, prompt: str, seeds: list[int]) -> dict:
+def record(pipe, prompt: str, seeds: list[int], steps: dict[str, int] | None = None) -> dict:
     """Every candidate of one prompt sampled in full: scores[k][j] is the pipeline CLIP's score of candidate j's
     x0 prediction after step k + 1 (the last row scores the final images, as the reranking does), correct[j]
-    the checker's verdict on candidate j's final image."""
-    call = pipe.resolve(seed=seeds[0], candidates=len(seeds))
+    the checker's verdict on candidate j's final image. `steps` overrides the prior's and the decoder's steps
+    ({"prior": 10, "decoder": 12}); the row records the steps used."""
+    steps = steps or {}
+    call = pipe.resolve(
+        seed=seeds[0],
+        candidates=len(seeds),
+        prior={"steps": steps["prior"]} if steps.get("prior") else None,
+        decoder={"steps": steps["decoder"]} if steps.get("decoder") else None,
+    )
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     many = [prompt] * len(seeds)
     text = pipe.encode_text(many)
@@ -56,7 +65,8 @@ def record(pipe, prompt: str, seeds: list[int]) -> dict:
     scores.append(pipe.clip_scores(images, text.embed))
     scores = [[round(v, 5) for v in row.tolist()] for row in scores]
     correct = [check(image, prompt).correct for image in images.cpu()]
-    return {"prompt": prompt, "seeds": seeds, "scores": scores, "correct": correct}
+    used = {"prior": call.prior.steps, "decoder": call.decoder.steps}
+    return {"prompt": prompt, "seeds": seeds, "steps": used, "scores": scores, "correct": correct}
 
 
 def parse_schedule(text: str) -> tuple[tuple[int, int], ...]:
@@ -87,7 +97,8 @@ def replay(row: dict, stages: list[tuple[int, int]]) -> tuple[bool, int]:
 def report(rows: list[dict], schedules: list[str]) -> None:
     steps = len(rows[0]["scores"])
     n = len(rows[0]["correct"])
-    print(f"{len(rows)} prompts, {n} candidates, {steps} decoder steps")
+    prior = rows[0].get("steps", {}).get("prior")
+    print(f"{len(rows)} prompts, {n} candidates, {steps} decoder steps" + (f", {prior} prior steps" if prior else ""))
     any_right = sum(any(r["correct"]) for r in rows) / len(rows)
     print(f"{'schedule':<24} {'all right':>9} {'evaluations':>11}")
     print(f"{'(oracle: any candidate)':<24} {any_right:>9.1%} {n * steps:>11}")
@@ -106,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-n", type=int, default=200, help="the eval's prompts per set, which fix the seeds")
     parser.add_argument("--seed", type=int, default=0, help="the eval's seed (default %(default)s)")
     parser.add_argument("--candidates", type=int, help="default the pipeline's")
+    parser.add_argument("--steps", type=int, help="decoder steps (default the pipeline's)")
+    parser.add_argument("--prior-steps", type=int, help="prior steps (default the pipeline's)")
     parser.add_argument("--out", required=True, help="JSON lines, one per prompt; resumed if it exists")
     parser.add_argument("--schedules", nargs="*", default=[], help="STEP:KEEP,... pruning schedules to replay")
     args = parser.parse_args(argv)
@@ -116,9 +129,18 @@ def main(argv: list[str] | None = None) -> None:
         c = args.candidates or pipe.candidates
         prompts = getattr(prompt_sets(args.eval_n, args.seed), args.set)[: args.n]
         first = args.seed + SETS.index(args.set) * args.eval_n * c  # as evaluate_shapes seeds the set
+        steps = {"prior": args.prior_steps, "decoder": args.steps}
+        made = {tuple(sorted(r["steps"].items())) for r in rows if "steps" in r}
+        wanted = pipe.resolve(
+            prior={"steps": args.prior_steps} if args.prior_steps else None,
+            decoder={"steps": args.steps} if args.steps else None,
+        )
+        wanted = (("decoder", wanted.decoder.steps), ("prior", wanted.prior.steps))
+        if made - {wanted}:
+            raise SystemExit(f"{out} holds records made at other steps ({sorted(made)}); write to another --out")
         out.parent.mkdir(parents=True, exist_ok=True)
         for i in range(len(rows), len(prompts)):
-            row = record(pipe, prompts[i], list(range(first + i * c, first + (i + 1) * c)))
+            row = record(pipe, prompts[i], list(range(first + i * c, first + (i + 1) * c)), steps)
             with out.open("a") as f:  # one line per prompt: a killed run keeps what it made
                 f.write(json.dumps(row) + "\n")
             rows.append(row)

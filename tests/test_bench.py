@@ -61,6 +61,13 @@ def test_candidate_pruning_bench_records_every_candidate_and_replays_schedules(t
     # a rerun resumes: nothing is made again
     candidate_pruning.main(argv)
     assert len(out.read_text().splitlines()) == 2
+    # fewer steps: each row says which, and records of other steps are not mixed in
+    with pytest.raises(SystemExit, match="made at other steps"):
+        candidate_pruning.main([*argv, "--steps", "1"])
+    fewer = tmp_path / "fewer.jsonl"
+    candidate_pruning.main([*argv[:-1], str(fewer), "--n", "1", "--steps", "2", "--prior-steps", "1"])
+    (row,) = [json.loads(line) for line in fewer.read_text().splitlines()]
+    assert row["steps"] == {"prior": 1, "decoder": 2} and len(row["scores"]) == 2
 
 
 def test_upsampler_steps_bench_scores_each_step_count_against_exact_renders(tmp_path):
