@@ -56,7 +56,7 @@ def record(pipe, prompt: str, seeds: list[int], steps: dict[str, int] | None = N
     text = pipe.encode_text(many)
     image_embed = pipe.prior_embeds(text, generators, call.prior)
     x0s: list[torch.Tensor] = []
-    pipe.step_callback = lambda stage, images: lambda info: x0s.append(info["x0"].float().clamp(-1, 1))
+    pipe.step_callback = lambda stage, images=None: lambda info: x0s.append(info["x0"].float().clamp(-1, 1))
     try:
         images = pipe.decode(image_embed, text, generators, call.decoder, prompts=many)
     finally:

@@ -499,17 +499,20 @@ def test_pruning_drops_candidates_by_their_x0_scores_and_keeps_full_samples(tiny
     # every candidate in full, with the CLIP score of each one's x0 prediction after every step
     x0s = []
     record = lambda info: x0s.append(info["x0"].float().clamp(-1, 1))  # noqa: E731
-    pipe.step_callback = lambda stage, images: record if stage == "decoder" else None
+    pipe.step_callback = lambda stage, images=None: record if stage == "decoder" else None
     full = pipe(prompts, seed=5, candidates=c, pruning="none", decoder=steps)
     del pipe.step_callback
     text = pipe.encode_text([p for p in prompts for _ in range(c)]).embed
     scores = torch.stack([pipe.clip_scores(x0, text).view(2, c) for x0 in x0s])  # (steps, prompts, c)
     # decoder rows evaluated (twice each with guidance): 6 candidates for step 1, 3 for step 2, 2 for steps 3, 4
-    rows = []
+    rows, reports = [], []
     hook = pipe.decoder.model.register_forward_hook(lambda module, args, out: rows.append(out.shape[0]))
+    pipe.progress = reports.append
     out = pipe(prompts, seed=5, candidates=c, pruning="1:3,2:2", decoder=steps)
     hook.remove()
+    pipe.progress = None
     assert rows[0] % 12 == 0 and rows == [rows[0] // 6 * n for n in (6, 3, 2, 2)]
+    assert [r["images"] for r in reports if r["stage"] == "decoder"] == [12, 6, 4, 4]  # the progress says so too
     assert out.settings["pruning"] == "1:3,2:2" and "pruning" not in full.settings
     for i in range(2):
         alive = scores[0, i].topk(3).indices.tolist()

@@ -302,7 +302,7 @@ class UnCLIPPipeline(PipelineEdits):
                 x_T=x_T,
                 inpaint=inpaint,
                 generator=generators,
-                callback=self.step_callback("decoder", len(image_embed)),
+                callback=self.step_callback("decoder"),
                 clip_guide=guide,
                 prune=prune,
                 **kwargs,
@@ -334,7 +334,7 @@ class UnCLIPPipeline(PipelineEdits):
             inpaint = known(images.shape[-1] * config.image_size // config.low_res_size) if known else None
             outs = []
             for i, g in enumerate(generators):  # per image, so each image keeps its own random stream
-                callback = self.step_callback(f"{stage.folder} (image {i + 1} of {len(generators)})", 1)
+                callback = self.step_callback(f"{stage.folder} (image {i + 1} of {len(generators)})")
                 with self.autocast():
                     out = sample_upsampler(
                         stage.model,
@@ -350,12 +350,15 @@ class UnCLIPPipeline(PipelineEdits):
             images = torch.cat(outs).float()
         return images
 
-    def step_callback(self, stage: str, images: int) -> Callable[[dict], None] | None:
-        """The sampler callback that reports a stage's steps to `self.progress` (None without one)."""
+    def step_callback(self, stage: str, images: int | None = None) -> Callable[[dict], None] | None:
+        """The sampler callback that reports a stage's steps to `self.progress` (None without one), with `images`,
+        or else the images each step sampled (fewer after candidates are pruned)."""
         if self.progress is None:
             return None
         report = self.progress
-        return lambda info: report({"stage": stage, "step": info["i"] + 1, "steps": info["steps"], "images": images})
+        return lambda info: report(
+            {"stage": stage, "step": info["i"] + 1, "steps": info["steps"], "images": images or len(info["x"])}
+        )
 
     def clip_guide(self, prompts: list[str] | None, scale: float):
         """The noise-aware CLIP's gradient toward each prompt, for CLIP guidance at `scale` (None at 0)."""
