@@ -152,3 +152,17 @@ def test_dtype_auto_is_bf16_only_where_the_device_computes_it(tiny_pipeline, tmp
         monkeypatch.setattr(cli, "cpu_has_bf16", lambda units=units: units)
         (path, _grid) = main([*args, "--device", "cpu", "--out", str(tmp_path / dtype)])
         assert json.loads(read_png_metadata(path)["settings"])["dtype"] == dtype  # what was used is recorded
+
+
+def test_step_progress_names_the_candidates_left_after_pruning(capsys):
+    from unclip.cli import StepProgress
+
+    progress = StepProgress(total=2)
+    descriptions = []
+    for step, images in enumerate([12, 6, 4, 4], start=1):
+        progress({"stage": "decoder", "step": step, "steps": 5, "images": images})
+        descriptions.append(progress.bar.desc)
+    assert descriptions[0] == "[0/2 images] decoder (12 images)"
+    assert descriptions[1:] == ["[0/2 images] decoder (6 images)"] + ["[0/2 images] decoder (4 images)"] * 2
+    progress({"stage": "decoder", "step": 5, "steps": 5, "images": 4})
+    assert progress.bar is None  # closed at the stage's last step

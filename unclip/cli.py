@@ -240,16 +240,19 @@ class StepProgress:
     pipeline's `progress` reports."""
 
     def __init__(self, total: int | None = None):
-        self.total, self.done, self.bar = total, 0, None
+        self.total, self.done, self.bar, self.desc = total, 0, None, ""
 
     def __call__(self, info: dict[str, Any]) -> None:
         from tqdm.auto import tqdm
 
+        where = f"[{self.done}/{self.total} images] " if self.total else ""
+        desc = f"{where}{info['stage']} ({info['images']} image{'s' * (info['images'] != 1)})"
         if info["step"] == 1 or self.bar is None:
             self.close()
-            where = f"[{self.done}/{self.total} images] " if self.total else ""
-            desc = f"{where}{info['stage']} ({info['images']} image{'s' * (info['images'] != 1)})"
             self.bar = tqdm(total=info["steps"], desc=desc, unit="step", leave=False, file=sys.stderr)
+        elif desc != self.desc:  # pruning dropped candidates
+            self.bar.set_description_str(desc, refresh=False)
+        self.desc = desc
         self.bar.update(1)
         if info["step"] >= info["steps"]:
             self.close()
