@@ -374,7 +374,7 @@ class RegistryClip:
 
     def embed_image(self, images, *, normalize=False):
         start = len(self.images)
-        self.images += [from_pil(image) for image in images]
+        self.images += [image if isinstance(image, torch.Tensor) else from_pil(image) for image in images]
         return torch.arange(start, len(self.images), dtype=torch.float32)[:, None]
 
 
@@ -421,6 +421,24 @@ def test_evaluate_openmoji_with_a_fake_dataset():
     pipe.clip, evaluator.model = SimpleNamespace(model=shared), shared
     results = suites.evaluate_openmoji(pipe, evaluator, n=4, size=32, dataset=dataset)
     assert results["settings"]["evaluator_is_pipeline_clip"] is True
+
+
+def test_evaluate_openmoji_oracle_decodes_embeddings_of_the_emoji_themselves():
+    dataset = [{"image": torch.rand(3, 32, 32) * 2 - 1, "caption": f"emoji {i}"} for i in range(5)]
+    pipe = EmbeddingPipeline()
+    plain = suites.evaluate_openmoji(pipe, PixelEvaluator(), n=4, size=32, batch_size=3, dataset=dataset)
+    assert plain["clip_frechet_distance"] > 0.1 and not pipe.clip.images
+    oracle = suites.evaluate_openmoji(pipe, PixelEvaluator(), n=4, size=32, batch_size=3, dataset=dataset, oracle=True)
+    # each prompt's decoder call got the embedding of its own emoji, in order: the fake decoder draws it back
+    assert len(pipe.clip.images) == 4
+    assert all(torch.equal(a, b["image"]) for a, b in zip(pipe.clip.images, dataset[:4], strict=True))
+    assert oracle["clip_frechet_distance"] == pytest.approx(0, abs=1e-4)
+    assert oracle["sets"]["generated"] == oracle["sets"]["real"]
+    assert oracle["settings"]["image_embeds"].startswith("oracle") and "image_embeds" not in plain["settings"]
+    with pytest.raises(ValueError, match="excludes use_prior=False"):
+        suites.evaluate_openmoji(pipe, None, n=2, dataset=dataset, oracle=True, use_prior=False)
+    with pytest.raises(SystemExit):
+        cli.main(["openmoji", "--pipeline", "p", "--evaluator-clip", "e", "--oracle", "--no-prior"])
 
 
 def test_openmoji_items_held_out_and_training_names(tmp_path, monkeypatch):

@@ -162,13 +162,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument("--size", type=at_least(1), default=64, help="image size to generate (default 64)")
         p.add_argument("--batch-size", type=at_least(1), default=16, help="prompts per pipeline call (default 16)")
         p.add_argument("--no-prior", action="store_true", help="decode the raw text embeddings (the ablation)")
+        truth = "exact renders of the prompts" if name == "shapes" else "the emoji themselves"
+        p.add_argument(
+            "--oracle",
+            action="store_true",
+            help=f"decode the pipeline CLIP's image embeddings of {truth} instead of the prior's: the decoder's "
+            "quality under a perfect prior",
+        )
         if name == "shapes":
-            p.add_argument(
-                "--oracle",
-                action="store_true",
-                help="decode the pipeline CLIP's image embeddings of exact renders of the prompts instead of the "
-                "prior's: the decoder's accuracy under a perfect prior",
-            )
             p.add_argument(
                 "--sets",
                 nargs="+",
@@ -469,10 +470,11 @@ def run_suite(args) -> tuple[dict, str]:
     options = dict(size=args.size, use_prior=not args.no_prior, batch_size=args.batch_size, progress=True)
     options["candidates"] = args.candidates
     options.update(stage_overrides(args))
+    options["oracle"] = args.oracle
     if args.command == "openmoji":
         options.update(val_size=args.val_size, split=args.split)
     else:
-        options.update(oracle=args.oracle, sets=args.sets, new_colors=args.new_colors)
+        options.update(sets=args.sets, new_colors=args.new_colors)
         if args.out:  # scored batches are kept until the JSON is written: a rerun resumes
             options["resume"] = resume_log_path(args.out)
             options["resume_settings"] = dict(  # the models, by weights and defaults, not by path

@@ -23,6 +23,7 @@ from unclip.eval.metrics import (
     embed_images,
     embed_prompts,
     embedding_frechet_distance,
+    input_size,
     retrieval_top1,
     summarize_checks,
 )
@@ -350,6 +351,7 @@ def evaluate_openmoji(
     prior: dict | None = None,
     decoder: dict | None = None,
     candidates: int | None = None,
+    oracle: bool = False,
     progress: bool = False,
 ) -> dict:
     """The `openmoji` suite: CLIP score and retrieval of images made from the names of emoji, and the
@@ -365,17 +367,20 @@ def evaluate_openmoji(
         dataset: items {"image": (3, S, S) in [-1, 1], "caption"}; default `openmoji_items(size, split,
             val_size, n)`.
         prior, decoder, candidates: sampler overrides and reranking, as in `evaluate_shapes`.
+        oracle: decode the pipeline CLIP's image embeddings of the emoji themselves (at the CLIP's input size)
+            instead of the prior's: what the decoder draws under a perfect prior.
 
     Returns:
         {"suite", "settings", "sets": {"generated", "real"}, "clip_frechet_distance", ...}; JSON-serialisable.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if oracle and not use_prior:
+        raise ValueError("oracle decodes true image embeddings instead of the prior's; it excludes use_prior=False")
     candidates = resolve_candidates(pipe, candidates)  # before any work
-    if dataset is None:
+    given = dataset is not None
+    if not given:
         dataset = openmoji_items(size, split, val_size, n)
-    else:
-        val_size = split = None  # the caller's dataset decides
     items = [dataset[i] for i in tqdm(range(min(n, len(dataset))), desc="emoji", disable=not progress)]
     if len(items) < 2:
         raise ValueError(f"need at least 2 emoji, got {len(items)}")
@@ -383,6 +388,17 @@ def evaluate_openmoji(
     options = dict(
         size=size, use_prior=use_prior, batch_size=batch_size, prior=prior, decoder=decoder, candidates=candidates
     )
+    extra = {}
+    if oracle:
+        clip_size = input_size(pipe.clip)
+        truth = items if given or clip_size == size else openmoji_items(clip_size, split, val_size, len(items))
+        images = torch.stack([truth[i]["image"] for i in range(len(items))])
+        with torch.no_grad():
+            embeds = [pipe.clip.embed_image(images[i : i + 64], normalize=True) for i in range(0, len(images), 64)]
+        options["image_embeds"] = torch.cat(embeds).float()
+        extra["image_embeds"] = "oracle: the pipeline CLIP's embeddings of the emoji"
+    if given:
+        val_size = split = None  # the caller's dataset decides
     batches = generate(pipe, prompts, seed=seed, progress=progress, **options)
     real = torch.stack([item["image"] for item in items])
     scored = {
@@ -391,7 +407,16 @@ def evaluate_openmoji(
     }
     return {
         "suite": "openmoji",
-        "settings": _settings(pipe, evaluator, n=len(items), seed=seed, val_size=val_size, split=split, **options),
+        "settings": _settings(
+            pipe,
+            evaluator,
+            n=len(items),
+            seed=seed,
+            val_size=val_size,
+            split=split,
+            **{k: v for k, v in options.items() if k != "image_embeds"},
+            **extra,
+        ),
         "sets": {name: {"n": len(items), **_clip_metrics(s)} for name, s in scored.items()},
         "clip_frechet_distance": embedding_frechet_distance(
             scored["real"]["image_embeds"], scored["generated"]["image_embeds"]
