@@ -435,6 +435,7 @@ def test_evaluate_openmoji_oracle_decodes_embeddings_of_the_emoji_themselves():
     assert oracle["clip_frechet_distance"] == pytest.approx(0, abs=1e-4)
     assert oracle["sets"]["generated"] == oracle["sets"]["real"]
     assert oracle["settings"]["image_embeds"].startswith("oracle") and "image_embeds" not in plain["settings"]
+    assert oracle["settings"]["use_prior"] is False and plain["settings"]["use_prior"] is True
     with pytest.raises(ValueError, match="excludes use_prior=False"):
         suites.evaluate_openmoji(pipe, None, n=2, dataset=dataset, oracle=True, use_prior=False)
     with pytest.raises(SystemExit):

@@ -396,7 +396,7 @@ def evaluate_openmoji(
         with torch.no_grad():
             embeds = [pipe.clip.embed_image(images[i : i + 64], normalize=True) for i in range(0, len(images), 64)]
         options["image_embeds"] = torch.cat(embeds).float()
-        extra["image_embeds"] = "oracle: the pipeline CLIP's embeddings of the emoji"
+        extra = {"use_prior": False, "image_embeds": "oracle: the pipeline CLIP's embeddings of the emoji"}
     if given:
         val_size = split = None  # the caller's dataset decides
     batches = generate(pipe, prompts, seed=seed, progress=progress, **options)
@@ -414,8 +414,7 @@ def evaluate_openmoji(
             seed=seed,
             val_size=val_size,
             split=split,
-            **{k: v for k, v in options.items() if k != "image_embeds"},
-            **extra,
+            **{**{k: v for k, v in options.items() if k != "image_embeds"}, **extra},
         ),
         "sets": {name: {"n": len(items), **_clip_metrics(s)} for name, s in scored.items()},
         "clip_frechet_distance": embedding_frechet_distance(
