@@ -27,7 +27,7 @@ def test_defaults_bench_samples_both_ways_and_writes_the_ratio(tmp_path, monkeyp
     assert "theirs / ours" in capsys.readouterr().out
 
 
-def test_defaults_bench_times_a_pruning_pipeline_in_full_too(tmp_path, monkeypatch):
+def test_defaults_bench_times_the_earlier_defaults_too(tmp_path, monkeypatch):
     monkeypatch.setattr(defaults, "THEIR_STEPS", 2)
     monkeypatch.setattr(defaults.torch, "set_num_threads", lambda n: None)
     pipeline = make_tiny_pipeline(tmp_path / "pipe")
@@ -36,8 +36,9 @@ def test_defaults_bench_times_a_pruning_pipeline_in_full_too(tmp_path, monkeypat
     (pipeline / "pipeline.json").write_text(json.dumps(index))
     argv = ["--pipeline", str(pipeline), "--device", "cpu", "--size", "16", "--repeats", "1"]
     results = defaults.main([*argv, "--out", str(tmp_path / "d.json")])
-    assert results["ours"]["pruning"] == "1:2" and "pruning" not in results["ours_in_full"]
-    assert results["ours_in_full"]["candidates"] == 4 and results["in_full_over_ours"] > 0
+    assert results["ours"]["pruning"] == "1:2" and "pruning" not in results["ours_earlier"]
+    assert results["ours_earlier"]["candidates"] == 4 and results["earlier_over_ours"] > 0
+    assert results["ours_earlier"]["prior"]["steps"] == results["ours_earlier"]["decoder"]["steps"] == 25
 
 
 def test_candidate_pruning_bench_records_every_candidate_and_replays_schedules(tmp_path, capsys):
