@@ -96,3 +96,15 @@ def test_bench_scripts_name_a_missing_pipeline_folder(script, tmp_path):
     main = importlib.import_module(f"bench.{script}").main
     with pytest.raises(SystemExit, match=r"error: pipeline folder .*missing does not exist; pass --pipeline"):
         main(["--pipeline", str(tmp_path / "missing")])
+
+
+def test_prior_steps_bench_compares_fewer_steps_with_the_reference(tmp_path):
+    from bench import prior_steps
+
+    pipeline = make_tiny_pipeline(tmp_path / "pipe")
+    out = tmp_path / "prior.json"
+    results = prior_steps.main(["--pipeline", str(pipeline), "--steps", "4", "2", "1", "--n", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == results and results["prompts"] == 2
+    reference, fewer = results["steps"]["4"], results["steps"]["1"]
+    assert reference["cosine_to_reference"] == pytest.approx(1.0) and set(results["steps"]) == {"4", "2", "1"}
+    assert fewer["cosine_to_reference"] < 0.9999 and -1 <= fewer["cosine_to_text"] <= 1
