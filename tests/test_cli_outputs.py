@@ -166,3 +166,19 @@ def test_step_progress_names_the_candidates_left_after_pruning(capsys):
     assert descriptions[1:] == ["[0/2 images] decoder (6 images)"] + ["[0/2 images] decoder (4 images)"] * 2
     progress({"stage": "decoder", "step": 5, "steps": 5, "images": 4})
     assert progress.bar is None  # closed at the stage's last step
+
+
+def test_a_stop_signal_waits_until_the_batch_being_written_is_counted():
+    from unclip.cli import Stopped, _StopSignals
+
+    stops, steps = _StopSignals(), []
+    with pytest.raises(Stopped) as stopped:
+        with stops.deferred():
+            stops(signal.SIGTERM, None)  # arrives while a batch is written
+            steps.append("written and counted")
+    assert steps == ["written and counted"] and stopped.value.signum == signal.SIGTERM
+    with pytest.raises(Stopped):  # between batches it stops at once
+        stops(signal.SIGINT, None)
+    with pytest.raises(OSError), stops.deferred():  # a failed write is not hidden by a stop that waits
+        stops(signal.SIGINT, None)
+        raise OSError("disk full")

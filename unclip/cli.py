@@ -14,6 +14,7 @@ soon as they are made; Ctrl-C or SIGTERM keeps them and exits 130 / 143.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -268,8 +269,28 @@ class Stopped(Exception):
         self.signum = signum
 
 
-def _raise_stop(signum, frame):
-    raise Stopped(signum)
+class _StopSignals:
+    """The SIGINT/SIGTERM handler of `run_batches`: it raises Stopped, except inside `deferred()`, where the
+    signal waits until the block ends, so that a batch being written is written, printed and counted whole."""
+
+    def __init__(self):
+        self.deferring, self.pending = False, None
+
+    def __call__(self, signum, frame):
+        if not self.deferring:
+            raise Stopped(signum)
+        self.pending = self.pending or signum
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise Stopped(signum)
 
 
 def load(args: argparse.Namespace, total: int | None = None) -> UnCLIPPipeline:
@@ -311,19 +332,21 @@ def run_batches(
     """Like `run_sample` for an iterator of batch outputs: each batch is written as soon as it is made, and a
     grid of all of them at the end. Ctrl-C or SIGTERM writes the grid of the finished images and exits 130/143.
     Started as several processes (`accelerate launch`, torchrun), each writes its own batches and no grid."""
-    handlers = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    stops = _StopSignals()
+    handlers = {s: signal.signal(s, stops) for s in (signal.SIGINT, signal.SIGTERM)}
     done, paths = [], []
     try:
         pipe = load(args, total)
         for out in make(pipe):
-            if pipe.progress is not None:
-                pipe.progress.close()
-                pipe.progress.done += len(out.prompts)
-            written = out.save(args.out, overwrite=args.overwrite, grid=False)
-            for path in written:
-                print(path, flush=True)
-            done.append(out)
-            paths += written
+            with stops.deferred():  # a signal now stops the run once this batch is written and counted
+                if pipe.progress is not None:
+                    pipe.progress.close()
+                    pipe.progress.done += len(out.prompts)
+                written = out.save(args.out, overwrite=args.overwrite, grid=False)
+                done.append(out)
+                paths += written
+                for path in written:
+                    print(path, flush=True)
         if done and process_share()[1] == 1:
             paths.append(_write_grid(done, args))
             print(paths[-1])
