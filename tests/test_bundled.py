@@ -19,6 +19,7 @@ def test_bundled_shapes_pipeline_generates():
     assert out.settings["candidates"] == 32 and out.clip_scores is not None  # reranks by default
     assert pipe.pruning == ((6, 8), (12, 4), (18, 2))  # dropping candidates early, measured in its card
     assert out.settings["decoder"]["guidance_scale"] == 1.0  # pipeline.json's default, measured in its card
+    assert pipe.prior.defaults.steps == 10 and pipe.decoder.defaults.steps == 25  # fewer steps, measured in its card
     steps = {name: stage.defaults.steps for name, stage in zip(("256", "1024"), pipe.upsamplers, strict=True)}
     assert steps == {"256": 4, "1024": 2}  # as good as 8 by PSNR and sharpness, and faster (its card)
 
