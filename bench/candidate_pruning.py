@@ -39,18 +39,23 @@ from unclip.sampling import check_pruning  # noqa: E402
 SETS = ("single", "relational", "held_out")
 
 
-def record(pipe, prompt: str, seeds: list[int], steps: dict[str, int] | None = None) -> dict:
+def resolve(pipe, seed: int = 0, candidates: int | None = None, steps: dict[str, int | None] | None = None):
+    """The pipeline's call settings with `steps` ({"prior": 10, "decoder": 12}; None keeps the default)."""
+    steps = steps or {}
+    return pipe.resolve(
+        seed=seed,
+        candidates=candidates,
+        prior={"steps": steps["prior"]} if steps.get("prior") else None,
+        decoder={"steps": steps["decoder"]} if steps.get("decoder") else None,
+    )
+
+
+def record(pipe, prompt: str, seeds: list[int], steps: dict[str, int | None] | None = None) -> dict:
     """Every candidate of one prompt sampled in full: scores[k][j] is the pipeline CLIP's score of candidate j's
     x0 prediction after step k + 1 (the last row scores the final images, as the reranking does), correct[j]
     the checker's verdict on candidate j's final image. `steps` overrides the prior's and the decoder's steps
     ({"prior": 10, "decoder": 12}); the row records the steps used."""
-    steps = steps or {}
-    call = pipe.resolve(
-        seed=seeds[0],
-        candidates=len(seeds),
-        prior={"steps": steps["prior"]} if steps.get("prior") else None,
-        decoder={"steps": steps["decoder"]} if steps.get("decoder") else None,
-    )
+    call = resolve(pipe, seeds[0], len(seeds), steps)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     many = [prompt] * len(seeds)
     text = pipe.encode_text(many)
@@ -131,11 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         first = args.seed + SETS.index(args.set) * args.eval_n * c  # as evaluate_shapes seeds the set
         steps = {"prior": args.prior_steps, "decoder": args.steps}
         made = {tuple(sorted(r["steps"].items())) for r in rows if "steps" in r}
-        wanted = pipe.resolve(
-            prior={"steps": args.prior_steps} if args.prior_steps else None,
-            decoder={"steps": args.steps} if args.steps else None,
-        )
-        wanted = (("decoder", wanted.decoder.steps), ("prior", wanted.prior.steps))
+        call = resolve(pipe, steps=steps)
+        wanted = (("decoder", call.decoder.steps), ("prior", call.prior.steps))
         if made - {wanted}:
             raise SystemExit(f"{out} holds records made at other steps ({sorted(made)}); write to another --out")
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,15 +38,18 @@ from unclip.pipeline import DEFAULT_PIPELINE, UnCLIPPipeline  # noqa: E402
 PROMPT = "a red circle above a blue square"
 THEIR_STEPS = 1000
 # models/shapes's sampling defaults before it took fewer steps and pruned candidates (its model card has both)
-EARLIER = {"pruning": "none", "prior": {"steps": 25}, "decoder": {"steps": 25}, "upsampler_256": {"steps": 8}}
+EARLIER = {
+    "pruning": "none",
+    "prior": {"steps": 25},
+    "decoder": {"steps": 25},
+    "upsamplers": {"upsampler_256": {"steps": 8}},
+}
 
 
 def earlier_settings(pipe: UnCLIPPipeline) -> dict:
-    """`EARLIER` for the stages `pipe` has."""
+    """`EARLIER` for the upsamplers `pipe` has."""
     folders = {stage.folder for stage in pipe.upsamplers}
-    settings = {k: v for k, v in EARLIER.items() if k in ("pruning", "prior", "decoder")}
-    settings["upsamplers"] = {k: v for k, v in EARLIER.items() if k in folders}
-    return settings
+    return {**EARLIER, "upsamplers": {k: v for k, v in EARLIER["upsamplers"].items() if k in folders}}
 
 
 def their_settings(pipe: UnCLIPPipeline) -> dict:

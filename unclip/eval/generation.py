@@ -80,7 +80,13 @@ def oracle_image_embeds(clip, prompts: Sequence[str], *, seed: int, batch_size: 
     random.Random(f"oracle/{seed}/{i}")), at the CLIP's input size: what a perfect prior would sample."""
     size = input_size(clip)
     renders = [render_prompt(p, size, random.Random(f"oracle/{seed}/{i}")) for i, p in enumerate(prompts)]
+    return clip_image_embeds(clip, renders, batch_size=batch_size)
+
+
+def clip_image_embeds(clip, images, *, batch_size: int = 64) -> Tensor:
+    """(B, D) normalised float CLIP image embeddings of `images` (a (B, 3, H, W) tensor or a list of PIL images),
+    `batch_size` at a time."""
     with torch.no_grad():
         return torch.cat(
-            [clip.embed_image(renders[i : i + batch_size], normalize=True) for i in range(0, len(renders), batch_size)]
+            [clip.embed_image(images[i : i + batch_size], normalize=True) for i in range(0, len(images), batch_size)]
         ).float()

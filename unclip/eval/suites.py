@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from unclip.data.openmoji import OpenMojiDataset
 from unclip.data.shapes import PromptSets, ShapesDataset, prompt_sets, single_object_prompts
 from unclip.edits import VARIATION_CANDIDATES
-from unclip.eval.generation import Generated, generate, oracle_image_embeds, resolve_candidates
+from unclip.eval.generation import Generated, clip_image_embeds, generate, oracle_image_embeds, resolve_candidates
 from unclip.eval.metrics import (
     candidate_curve,
     cosine_score,
@@ -393,9 +393,7 @@ def evaluate_openmoji(
         clip_size = input_size(pipe.clip)
         truth = items if given or clip_size == size else openmoji_items(clip_size, split, val_size, len(items))
         images = torch.stack([truth[i]["image"] for i in range(len(items))])
-        with torch.no_grad():
-            embeds = [pipe.clip.embed_image(images[i : i + 64], normalize=True) for i in range(0, len(images), 64)]
-        options["image_embeds"] = torch.cat(embeds).float()
+        options["image_embeds"] = clip_image_embeds(pipe.clip, images)
         extra = {"use_prior": False, "image_embeds": "oracle: the pipeline CLIP's embeddings of the emoji"}
     if given:
         val_size = split = None  # the caller's dataset decides
