@@ -116,6 +116,20 @@ class LoraConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Progressive distillation (Salimans & Ho 2022, unclip.diffusion.distill): `train.distill` trains a decoder
+    sampled with `steps` DDIM steps to match, at guidance 1, its teacher (`teacher`, else `train.init_from`)
+    sampled with twice as many. The student starts from `train.init_from`; each round halves the steps."""
+
+    steps: int = 16
+    teacher: str | None = None  # an exported decoder folder; None: train.init_from
+
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"train.distill.steps must be a whole number >= 1, got {self.steps!r}")
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "runs/default"
     seed: int = 0
@@ -144,6 +158,7 @@ class TrainConfig:
     distributed: Literal["ddp", "fsdp"] = "ddp"
     init_from: str | None = None  # an exported model folder whose weights start this run (fine-tuning)
     lora: LoraConfig | None = None  # train only low-rank adapters on init_from's frozen weights (e.g. {rank: 8})
+    distill: DistillConfig | None = None  # distil init_from into a student of fewer steps (e.g. {steps: 16})
 
     def __post_init__(self):
         if self.mixed_precision is False:  # YAML reads a bare `no` (as in train.mixed_precision=no) as false

@@ -5,6 +5,10 @@ frozen CLIP (DALL·E 2 §2.1: the image embedding is added to the timestep embed
 tokens; GLIDE: the caption's token encodings are extra keys and values in every attention layer). The network
 drops the image embedding (10%) and the text (50%) itself in training, for classifier-free guidance.
 
+With `train.distill` the task trains a student of fewer sampling steps instead (progressive distillation,
+unclip.diffusion.distill): a frozen copy of the teacher (`train.distill.teacher`, else `train.init_from`) makes
+the targets, and the student, started from `train.init_from`, sees the same conditioning without dropout.
+
 `kind: inpaint` trains GLIDE's inpainting model: the decoder with the masked image and the mask as extra
 input channels, fine-tuned from a trained decoder (`train.init_from`) on random masks (1 = repaint, white in a
 user's mask image): rectangles and brush strokes, and, on data that knows where its objects are (shapes), one
@@ -29,6 +33,7 @@ from unclip.data import build_dataset, collate
 from unclip.data.embeddings import encode_batch
 from unclip.data.shapes import ShapeObject, box_mask
 from unclip.diffusion import GaussianDiffusion
+from unclip.diffusion.distill import distillation_loss
 from unclip.imageio import save_grid
 from unclip.nets.inpaint import InpaintUNet
 from unclip.nets.unet import UNet
@@ -145,6 +150,9 @@ class DecoderTask:
         )
         self.model = self._build_model()
         self.diffusion = GaussianDiffusion.from_config(config.diffusion)
+        self.distill, self.teacher = config.train.distill, None
+        if self.distill:
+            self.teacher = self._load_teacher(self.distill.teacher or config.train.init_from)
         self.train_dataset = build_dataset(config.data, split="train")
         self.val_dataset = build_dataset(config.data, split="val")
         self.collate_fn = collate
@@ -165,9 +173,22 @@ class DecoderTask:
         self.config.model = model.config  # the architecture written into the export
         return model
 
+    def _load_teacher(self, path: str) -> UNet:
+        teacher = load_model(path).model
+        if type(teacher) is not UNet:
+            raise ValueError(f"train.distill: {path} holds a {type(teacher).__name__}, not a decoder UNet")
+        if teacher.config.image_size != self.config.model.image_size:
+            raise ValueError(
+                f"train.distill: the teacher {path} draws {teacher.config.image_size} px, the student "
+                f"{self.config.model.image_size} px"
+            )
+        return teacher.eval().requires_grad_(False)
+
     def setup(self, device: torch.device) -> None:
         self.device = device
         self.clip.to(device)
+        if self.teacher is not None:
+            self.teacher.to(device)
 
     def _inputs(self, batch) -> tuple[Tensor, dict[str, Tensor]]:
         c = encode_batch(self.clip, batch, self.device)
@@ -181,8 +202,17 @@ class DecoderTask:
             cond.update(inpaint_image=x_0, inpaint_mask=mask)
         return x_0, cond
 
+    def _distill_loss(self, model, x_0, cond, **noise) -> Tensor:
+        cond = {**cond, "cond_drop": torch.zeros(x_0.shape[0], dtype=torch.bool, device=x_0.device)}
+        threshold = getattr(self.teacher.config, "threshold", "dynamic")  # as sample_decoder clips it
+        return distillation_loss(
+            model, self.teacher, self.diffusion, x_0, self.distill.steps, cond=cond, threshold=threshold, **noise
+        )
+
     def loss(self, model, batch) -> tuple[Tensor, dict[str, float]]:
         x_0, cond = self._inputs(batch)
+        if self.distill:
+            return self._distill_loss(model, x_0, cond).mean(), {}
         terms = self.diffusion.training_loss(model, x_0, cond=cond)
         logs = {"vlb": terms["vlb"].mean().item()} if "vlb" in terms else {}
         return terms["loss"].mean(), logs
@@ -202,7 +232,11 @@ class DecoderTask:
         noise = torch.randn(x_0.shape, generator=gen).to(x_0.device)
         metrics = {}
         for name, net in (("val", model), ("val_ema", ema_model)):
-            loss = self.diffusion.training_loss(net, x_0, cond=cond, t=t, noise=noise)["loss"].mean()
+            if self.distill:
+                index = torch.randint(0, self.distill.steps, (x_0.shape[0],), generator=gen).to(x_0.device)
+                loss = self._distill_loss(net, x_0, cond, index=index, noise=noise).mean()
+            else:
+                loss = self.diffusion.training_loss(net, x_0, cond=cond, t=t, noise=noise)["loss"].mean()
             metrics[f"{name}/loss"] = loss.item()
         torch.random.set_rng_state(state)
         return metrics
@@ -218,6 +252,7 @@ class DecoderTask:
         if self.kind == "inpaint":
             inpaint = {"image": cond.pop("inpaint_image"), "mask": cond.pop("inpaint_mask")}
         text = {k: cond.get(k) for k in ("text_tokens", "text_mask", "text_words")}
+        steps = {"sampler": "ddim", "steps": self.distill.steps, "guidance_scale": 1.0} if self.distill else {}
         samples = sample_decoder(
             ema_model,
             self.diffusion,
@@ -225,6 +260,7 @@ class DecoderTask:
             **text,
             inpaint=inpaint,
             generator=torch.Generator().manual_seed(0),
+            **steps,
         )
         save_grid(torch.cat([x_0, samples]).cpu(), path, nrow=n, captions=list(batch["caption"]))
 

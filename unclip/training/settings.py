@@ -39,6 +39,15 @@ def check_train_config(train, kind: str | None = None) -> None:
         )
     if train.lora and kind == "clip":
         raise ValueError("train.lora adapts the prior, decoder, inpaint and upsampler stages, not a CLIP")
+    if train.distill and kind != "decoder":
+        raise ValueError(f"train.distill distils a decoder (kind: decoder), not a {kind}")
+    if train.distill and not (train.distill.teacher or train.init_from):
+        raise ValueError(
+            "train.distill needs its teacher: set train.init_from to the decoder to distil (models/shapes/decoder, "
+            "or the last round's runs/NAME/export); the student starts from it"
+        )
+    if train.distill and train.lora:
+        raise ValueError("train.distill trains the whole student; leave train.lora unset")
     for name, valid, what in TRAIN_CHECKS:
         value = getattr(train, name)
         try:
