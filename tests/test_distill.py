@@ -91,6 +91,17 @@ def test_distilling_a_tiny_decoder_trains_a_student_and_leaves_the_teacher(tmp_p
     assert saved["train"]["distill"] == {"steps": 4, "teacher": None}
 
 
+def test_validation_scores_both_networks_on_the_same_steps_and_noise(tmp_path):
+    from unclip.checkpoint import save_model
+    from unclip.tasks import build_task
+
+    plain = load_config(TINY)
+    save_model(build_task(plain).model, tmp_path, kind="decoder", diffusion=plain.diffusion, clip=plain.clip)
+    task = build_task(load_config(TINY, [f"train.init_from={tmp_path}", "train.distill={steps: 4}"]))
+    metrics = task.evaluate(task.model, task.model)
+    assert metrics["val/loss"] == metrics["val_ema/loss"] > 0
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

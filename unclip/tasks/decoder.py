@@ -230,10 +230,11 @@ class DecoderTask:
         gen = torch.Generator().manual_seed(0)
         t = torch.randint(0, self.diffusion.num_timesteps, (x_0.shape[0],), generator=gen).to(x_0.device)
         noise = torch.randn(x_0.shape, generator=gen).to(x_0.device)
+        if self.distill:  # every student step in turn, the same for both networks
+            index = torch.arange(x_0.shape[0], device=x_0.device) % self.distill.steps
         metrics = {}
         for name, net in (("val", model), ("val_ema", ema_model)):
             if self.distill:
-                index = torch.randint(0, self.distill.steps, (x_0.shape[0],), generator=gen).to(x_0.device)
                 loss = self._distill_loss(net, x_0, cond, index=index, noise=noise).mean()
             else:
                 loss = self.diffusion.training_loss(net, x_0, cond=cond, t=t, noise=noise)["loss"].mean()
