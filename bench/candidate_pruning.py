@@ -71,7 +71,8 @@ def record(pipe, prompt: str, seeds: list[int], steps: dict[str, int | None] | N
     scores = [[round(v, 5) for v in row.tolist()] for row in scores]
     correct = [check(image, prompt).correct for image in images.cpu()]
     used = {"prior": call.prior.steps, "decoder": call.decoder.steps}
-    return {"prompt": prompt, "seeds": seeds, "steps": used, "scores": scores, "correct": correct}
+    row = {"prompt": prompt, "seeds": seeds, "steps": used, "sampler": call.decoder.sampler}
+    return {**row, "scores": scores, "correct": correct}
 
 
 def parse_schedule(text: str) -> tuple[tuple[int, int], ...]:
@@ -105,6 +106,8 @@ def report(rows: list[dict], schedules: list[str]) -> None:
     prior = rows[0].get("steps", {}).get("prior")
     print(f"{len(rows)} prompts, {n} candidates, {steps} decoder steps" + (f", {prior} prior steps" if prior else ""))
     any_right = sum(any(r["correct"]) for r in rows) / len(rows)
+    right = sum(sum(r["correct"]) for r in rows) / (len(rows) * n)
+    print(f"candidates right: {right:.1%}")
     print(f"{'schedule':<24} {'all right':>9} {'evaluations':>11}")
     print(f"{'(oracle: any candidate)':<24} {any_right:>9.1%} {n * steps:>11}")
     for text in ["", *schedules]:
@@ -118,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pipeline", help="a shapes pipeline folder; without it, only replay --out's records")
     parser.add_argument("--set", default="relational", choices=SETS, help="evaluation set (default %(default)s)")
-    parser.add_argument("--n", type=int, default=100, help="the first N prompts of the set (default %(default)s)")
+    parser.add_argument(
+        "--n", type=int, default=100, help="the first N prompts of the set, recorded or replayed (default %(default)s)"
+    )
     parser.add_argument("--eval-n", type=int, default=200, help="the eval's prompts per set, which fix the seeds")
     parser.add_argument("--seed", type=int, default=0, help="the eval's seed (default %(default)s)")
     parser.add_argument("--candidates", type=int, help="default the pipeline's")
@@ -149,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{i + 1}/{len(prompts)} {prompts[i]!r}: {sum(row['correct'])} of {c} right", flush=True)
     if not rows:
         raise SystemExit(f"{out} holds no records; make them with --pipeline")
-    report(rows, args.schedules)
+    report(rows[: args.n], args.schedules)
 
 
 if __name__ == "__main__":

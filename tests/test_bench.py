@@ -53,7 +53,8 @@ def test_candidate_pruning_bench_records_every_candidate_and_replays_schedules(t
     # the relational set's seeds, as the eval gives them: set 1 of 200 prompts at 4 candidates
     assert rows[1]["seeds"] == [800 + 4 + j for j in range(4)]
     printed = capsys.readouterr().out
-    assert "(full reranking)" in printed and "1:2" in printed
+    assert "(full reranking)" in printed and "1:2" in printed and "candidates right: " in printed
+    assert all(r["sampler"] == "dpm++" for r in rows)  # the tiny pipeline's decoder sampler, recorded
     # a replay: keep 2 after step 1 (costs 4 + 2 + 2), then the best final score among them
     row = {"scores": [[0.1, 0.9, 0.8, 0.2], [0.5, 0.1, 0.9, 0.3], [0.2, 0.3, 0.1, 0.9]], "correct": [0, 1, 0, 1]}
     assert candidate_pruning.replay(row, [(1, 2)]) == (1, 8)
