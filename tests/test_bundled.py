@@ -21,7 +21,7 @@ def test_bundled_shapes_pipeline_generates():
     assert out.settings["decoder"]["guidance_scale"] == 1.0  # pipeline.json's default, measured in its card
     assert pipe.prior.defaults.steps == 10 and pipe.decoder.defaults.steps == 25  # fewer steps, measured in its card
     steps = {name: stage.defaults.steps for name, stage in zip(("256", "1024"), pipe.upsamplers, strict=True)}
-    assert steps == {"256": 4, "1024": 2}  # as good as 8 by PSNR and sharpness, and faster (its card)
+    assert steps == {"256": 4, "1024": 1}  # as good as 8 by PSNR and sharpness, and faster (its card)
 
 
 def test_bundled_shapes_clip_tells_relations_apart():
@@ -73,7 +73,7 @@ def test_upsamplers_sample_at_their_configured_noise_level():
 
 def test_bundled_orange_adapters_draw_orange_and_base_does_not():
     """models/shapes-orange: the shapes pipeline with its LoRA adapters (its card). The base never drew orange;
-    with the adapters most orange prompts come out orange (the card's rate is 96% of colours at one candidate)."""
+    with the adapters most orange prompts come out orange (the card's rate is 92% of colours at one candidate)."""
     from unclip.eval.shapes_checker import check
     from unclip.lora import has_lora
 
