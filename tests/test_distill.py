@@ -20,6 +20,8 @@ def test_the_student_grid_is_every_other_teacher_step():
     assert student == [999, 749, 499, 249] and middle == [874, 624, 374, 124]
     with pytest.raises(ValueError, match="train.distill.steps"):
         step_grid(1000, 0)
+    with pytest.raises(ValueError, match="do not contain"):  # spacing "unclip" keeps both ends at every count
+        step_grid(1000, 4, "unclip")
 
 
 class PerfectStudent:
@@ -102,10 +104,25 @@ def test_validation_scores_both_networks_on_the_same_steps_and_noise(tmp_path):
     assert metrics["val/loss"] == metrics["val_ema/loss"] > 0
 
 
+def test_a_teacher_of_another_diffusion_is_refused(tmp_path):
+    import dataclasses
+
+    from unclip.checkpoint import save_model
+    from unclip.tasks import build_task
+
+    plain = load_config(TINY)
+    assert plain.diffusion.prediction == "eps"
+    v = dataclasses.replace(plain.diffusion, prediction="v")
+    save_model(build_task(plain).model, tmp_path, kind="decoder", diffusion=v, clip=plain.clip)
+    with pytest.raises(ValueError, match="diffusion.prediction='v'"):
+        build_task(load_config(TINY, [f"train.init_from={tmp_path}", "train.distill={steps: 4}"]))
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["train.distill={steps: 4}"], "train.distill needs its teacher"),
+        (["train.distill={steps: 4}"], "train.distill starts the student from its teacher"),
+        (["train.distill={steps: 4, teacher: x}"], "set train.init_from"),
         (["train.distill={steps: 0}", "train.init_from=x"], "train.distill.steps must be a whole number"),
         (["train.distill={steps: 4}", "train.init_from=x", "train.lora={rank: 4}"], "leave train.lora unset"),
     ],

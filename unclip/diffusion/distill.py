@@ -1,8 +1,9 @@
 """Progressive distillation (Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models").
 
-A student sampled with N deterministic DDIM steps learns to land, in one step, where its teacher lands in two:
+A student sampled with N deterministic DDIM steps learns to land, in one step, where its teacher lands in two
+(at the timesteps the diffusion's spacing gives the samplers):
 
-    for a clean x and noise eps at a student timestep t (one of the N of the trailing spacing):
+    for a clean x and noise eps at a student timestep t (one of the N the sampler visits):
         z_t    = α_t·x + σ_t·eps
         z_mid  = DDIM step of the teacher from t to the teacher's timestep between t and the student's next one
         z_next = DDIM step of the teacher from there to the student's next timestep (or to ᾱ = 1 after the last)
@@ -29,11 +30,13 @@ from unclip.diffusion.respace import respace_timesteps
 from unclip.diffusion.samplers import threshold_x0
 
 
-def step_grid(num_timesteps: int, steps: int) -> tuple[list[int], list[int]]:
-    """(the student's `steps` timesteps, the teacher's timestep inside each student step), trailing spacing.
+def step_grid(num_timesteps: int, steps: int, spacing: str = "trailing") -> tuple[list[int], list[int]]:
+    """(the student's `steps` timesteps, the teacher's timestep inside each student step), as the samplers space
+    them (unclip.diffusion.respace).
 
-    The teacher samples 2·steps trailing timesteps, and every other one must be the student's (for 1000 training
-    timesteps that holds at every step count; the check guards against rounding elsewhere).
+    The teacher samples 2·steps timesteps, and every other one must be the student's. With the default trailing
+    spacing and 1000 training timesteps that holds for the halvings from a power of two (32, 16, 8, ...) and
+    for most other counts; the check names the ones it does not hold for.
     """
     if steps < 1:
         raise ValueError(f"train.distill.steps must be >= 1, got {steps}")
@@ -41,12 +44,12 @@ def step_grid(num_timesteps: int, steps: int) -> tuple[list[int], list[int]]:
         raise ValueError(
             f"a {steps}-step student needs a {2 * steps}-step teacher, more than the {num_timesteps} timesteps"
         )
-    student = respace_timesteps(num_timesteps, steps, "trailing")
-    teacher = respace_timesteps(num_timesteps, 2 * steps, "trailing")
+    student = respace_timesteps(num_timesteps, steps, spacing)
+    teacher = respace_timesteps(num_timesteps, 2 * steps, spacing)
     if teacher[0::2] != student:
         raise ValueError(
-            f"the {2 * steps}-step teacher's timesteps do not contain the {steps}-step student's for "
-            f"{num_timesteps} training timesteps; try another step count"
+            f"the {2 * steps}-step teacher's timesteps ({spacing} spacing) do not contain the {steps}-step "
+            f"student's for {num_timesteps} training timesteps; try another step count, such as a power of two"
         )
     return student, teacher[1::2]
 
@@ -74,7 +77,7 @@ def distillation_target(
 ) -> Tensor:
     """x̃: the clean sample whose single DDIM step from z_t at the student's step `index` (B,) reaches where two
     of the teacher's reach. `threshold` clips the teacher's x_0 as the sampler does (None, "static", "dynamic")."""
-    student, middle = step_grid(diffusion.num_timesteps, steps)
+    student, middle = step_grid(diffusion.num_timesteps, steps, diffusion.spacing)
     ac = diffusion.alphas_cumprod
     shape = (-1,) + (1,) * (z_t.ndim - 1)
     t = torch.tensor(student, device=z_t.device)[index]
@@ -104,7 +107,7 @@ def distillation_loss(
 ) -> Tensor:
     """max(SNR_t, 1)·‖x̂ - x̃‖² per row (B,), float32, at a student step drawn uniformly (or `index`, (B,))."""
     B = x_0.shape[0]
-    student_ts, _ = step_grid(diffusion.num_timesteps, steps)
+    student_ts, _ = step_grid(diffusion.num_timesteps, steps, diffusion.spacing)
     if index is None:
         index = torch.randint(0, steps, (B,), device=x_0.device)
     if noise is None:

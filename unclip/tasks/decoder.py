@@ -174,7 +174,8 @@ class DecoderTask:
         return model
 
     def _load_teacher(self, path: str) -> UNet:
-        teacher = load_model(path).model
+        loaded = load_model(path)
+        teacher = loaded.model
         if type(teacher) is not UNet:
             raise ValueError(f"train.distill: {path} holds a {type(teacher).__name__}, not a decoder UNet")
         if teacher.config.image_size != self.config.model.image_size:
@@ -182,6 +183,13 @@ class DecoderTask:
                 f"train.distill: the teacher {path} draws {teacher.config.image_size} px, the student "
                 f"{self.config.model.image_size} px"
             )
+        ours, theirs = self.config.diffusion, loaded.diffusion
+        for name in ("schedule", "timesteps", "betas", "prediction", "learned_variance"):
+            if getattr(ours, name) != getattr(theirs, name):
+                raise ValueError(
+                    f"train.distill: the teacher {path} was trained with diffusion.{name}={getattr(theirs, name)!r}, "
+                    f"this run has {getattr(ours, name)!r}; copy the teacher's diffusion section from its config.json"
+                )
         return teacher.eval().requires_grad_(False)
 
     def setup(self, device: torch.device) -> None:
@@ -204,7 +212,7 @@ class DecoderTask:
 
     def _distill_loss(self, model, x_0, cond, **noise) -> Tensor:
         cond = {**cond, "cond_drop": torch.zeros(x_0.shape[0], dtype=torch.bool, device=x_0.device)}
-        threshold = getattr(self.teacher.config, "threshold", "dynamic")  # as sample_decoder clips it
+        threshold = getattr(self.model.config, "threshold", "dynamic")  # as sample_decoder will clip the student
         return distillation_loss(
             model, self.teacher, self.diffusion, x_0, self.distill.steps, cond=cond, threshold=threshold, **noise
         )

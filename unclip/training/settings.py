@@ -41,10 +41,10 @@ def check_train_config(train, kind: str | None = None) -> None:
         raise ValueError("train.lora adapts the prior, decoder, inpaint and upsampler stages, not a CLIP")
     if train.distill and kind != "decoder":
         raise ValueError(f"train.distill distils a decoder (kind: decoder), not a {kind}")
-    if train.distill and not (train.distill.teacher or train.init_from):
+    if train.distill and not train.init_from:
         raise ValueError(
-            "train.distill needs its teacher: set train.init_from to the decoder to distil (models/shapes/decoder, "
-            "or the last round's runs/NAME/export); the student starts from it"
+            "train.distill starts the student from its teacher: set train.init_from to the decoder to distil "
+            "(models/shapes/decoder, or the last round's runs/NAME/export)"
         )
     if train.distill and train.lora:
         raise ValueError("train.distill trains the whole student; leave train.lora unset")
