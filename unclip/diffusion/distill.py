@@ -78,15 +78,14 @@ def distillation_target(
     """x̃: the clean sample whose single DDIM step from z_t at the student's step `index` (B,) reaches where two
     of the teacher's reach. `threshold` clips the teacher's x_0 as the sampler does (None, "static", "dynamic")."""
     student, middle = step_grid(diffusion.num_timesteps, steps, diffusion.spacing)
-    ac = diffusion.alphas_cumprod
-    shape = (-1,) + (1,) * (z_t.ndim - 1)
+    z_t = z_t.float()
     t = torch.tensor(student, device=z_t.device)[index]
     t_mid = torch.tensor(middle, device=z_t.device)[index]
-    a_t = ac[student].float().to(z_t.device)[index].reshape(shape)
-    a_mid = ac[middle].float().to(z_t.device)[index].reshape(shape)
-    a_next = torch.cat([ac[student[1:]].float(), torch.ones(1)]).to(z_t.device)[index].reshape(shape)
+    a_t, a_mid = diffusion.alpha_bar(t, z_t), diffusion.alpha_bar(t_mid, z_t)
+    after_last = torch.tensor(student[1:] + [-1], device=z_t.device)[index]  # -1: the clean sample, ᾱ = 1
+    last = (after_last < 0).reshape(a_t.shape)
+    a_next = diffusion.alpha_bar(after_last.clamp(min=0), z_t).masked_fill(last, 1.0)
     cond = cond or {}
-    z_t = z_t.float()
     z_mid = _ddim_step(diffusion, z_t, t, _x0(teacher, diffusion, z_t, t, cond, threshold), a_mid)
     z_next = _ddim_step(diffusion, z_mid, t_mid, _x0(teacher, diffusion, z_mid, t_mid, cond, threshold), a_next)
     ratio = ((1 - a_next) / (1 - a_t)).sqrt()  # σ_next / σ_t

@@ -210,11 +210,12 @@ class DecoderTask:
             cond.update(inpaint_image=x_0, inpaint_mask=mask)
         return x_0, cond
 
-    def _distill_loss(self, model, x_0, cond, **noise) -> Tensor:
+    def _distill_loss(self, model, x_0, cond, **fixed) -> Tensor:
+        """Per row; `fixed` may pin the student steps (`index`) and the `noise`, as validation does."""
         cond = {**cond, "cond_drop": torch.zeros(x_0.shape[0], dtype=torch.bool, device=x_0.device)}
         threshold = getattr(self.model.config, "threshold", "dynamic")  # as sample_decoder will clip the student
         return distillation_loss(
-            model, self.teacher, self.diffusion, x_0, self.distill.steps, cond=cond, threshold=threshold, **noise
+            model, self.teacher, self.diffusion, x_0, self.distill.steps, cond=cond, threshold=threshold, **fixed
         )
 
     def loss(self, model, batch) -> tuple[Tensor, dict[str, float]]:
