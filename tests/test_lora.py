@@ -14,7 +14,18 @@ from safetensors.torch import load_file
 from tests.pipeline_helpers import make_tiny_pipeline
 from unclip.checkpoint import load_model, save_model
 from unclip.config import load_config
-from unclip.lora import ADAPTER_CONFIG, ADAPTER_META, ADAPTER_WEIGHTS, add_lora, load_adapter, save_adapter
+from unclip.diffusion import GaussianDiffusion
+from unclip.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_META,
+    ADAPTER_WEIGHTS,
+    adapters_disabled,
+    add_lora,
+    load_adapter,
+    preserving_loss,
+    save_adapter,
+    teaches_nothing_new,
+)
 from unclip.nets.prior import PriorTransformer
 from unclip.nets.unet import UNet
 from unclip.pipeline import UnCLIPPipeline
@@ -92,10 +103,115 @@ def test_lora_settings_are_checked(tmp_path):
         load_config("configs/decoder/tiny.yaml", ["train.lora={rank: 0}"])
     with pytest.raises(ValueError, match="unknown keys in train.lora"):
         load_config("configs/decoder/tiny.yaml", ["train.lora={ranks: 2}"])
+    with pytest.raises(ValueError, match="train.lora.preserve must be a weight >= 0"):
+        load_config("configs/decoder/tiny.yaml", ["train.lora={preserve: -1}"])
+    with pytest.raises(ValueError, match="train.lora.new_words must be a list of words"):
+        load_config("configs/decoder/tiny.yaml", ["train.lora={preserve: 1, new_words: orange}"])
+    with pytest.raises(ValueError, match="train.lora.preserve is for the prior, decoder and inpaint stages"):
+        overrides = ["train.lora={preserve: 1}", "train.init_from=x", f"train.output_dir={tmp_path}"]
+        config = load_config("configs/upsampler/tiny.yaml", overrides)
+        Trainer(build_task(config), config)
     model = UNet(load_config("configs/decoder/tiny.yaml").model)
     config = load_config("configs/decoder/tiny.yaml", ["train.lora={target_modules: [no_such_layer]}"])
     with pytest.raises(ValueError, match="train.lora.target_modules"):
         add_lora(model, config.train.lora)
+
+
+def _adapted_decoder(seed=3):
+    """A tiny decoder with a LoRA adapter whose B is not zero, so that the adapter changes its output."""
+    overrides = ["train.lora={rank: 2, alpha: 4}", "diffusion.min_snr_gamma=5.0"]  # the loss weights its rows
+    config = load_config("configs/decoder/tiny.yaml", overrides)
+    torch.manual_seed(0)
+    model = add_lora(_perturbed(UNet(config.model), 2), config.train.lora)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return model, config
+
+
+def _decoder_inputs(config, batch=4):
+    gen = torch.Generator().manual_seed(1)
+    m = config.model
+    x = torch.randn(batch, 3, m.image_size, m.image_size, generator=gen)
+    cond = {
+        "image_embed": torch.randn(batch, m.clip_dim, generator=gen),
+        "text_tokens": torch.randn(batch, m.text_ctx, m.text_width, generator=gen),
+        "text_mask": torch.ones(batch, m.text_ctx, dtype=torch.bool),
+    }
+    return x, cond
+
+
+def test_adapters_disabled_runs_the_base_network_and_restores_the_adapter():
+    model, config = _adapted_decoder()
+    torch.manual_seed(0)
+    base = _perturbed(UNet(config.model), 2)  # the same weights, without the adapter
+    x, cond = _decoder_inputs(config)
+    t = torch.tensor([10, 200, 500, 900])
+    drop = torch.zeros(4, dtype=torch.bool)
+    model.eval(), base.eval()
+    with torch.no_grad():
+        adapted = model(x, t, cond_drop=drop, **cond)
+        with adapters_disabled(model):
+            off = model(x, t, cond_drop=drop, **cond)
+        again = model(x, t, cond_drop=drop, **cond)
+        expected = base(x, t, cond_drop=drop, **cond)
+    torch.testing.assert_close(off, expected)
+    assert not torch.allclose(adapted, off, atol=1e-4)  # the adapter does change the output
+    torch.testing.assert_close(again, adapted)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)  # as add_lora left them
+
+
+def test_teaches_nothing_new_matches_whole_words_and_phrases():
+    captions = ["an orange circle", "a red square", "two oranges", "ORANGE star left of a light blue disc"]
+    assert teaches_nothing_new(captions, ["orange"]) == [False, True, True, False]
+    assert teaches_nothing_new(captions, ["light blue", "red"]) == [True, False, True, False]
+    assert teaches_nothing_new(captions, None) == [True] * 4
+
+
+def test_preserving_loss_adds_the_drift_from_the_base_network_on_kept_rows_only():
+    model, config = _adapted_decoder()
+    model.train()
+    diffusion = GaussianDiffusion.from_config(config.diffusion)
+    x, cond = _decoder_inputs(config)
+    keep = torch.tensor([True, False, True, False])
+
+    torch.manual_seed(5)
+    terms = preserving_loss(diffusion, model, x, cond=cond, keep=keep, weight=2.0)
+    torch.manual_seed(5)  # the same t, noise and conditioning dropout
+    t = torch.randint(0, diffusion.num_timesteps, (4,))
+    noise = torch.randn_like(x)
+    with torch.random.fork_rng():
+        plain = diffusion.training_loss(model, x, cond=cond, t=t, noise=noise)
+    with torch.no_grad(), adapters_disabled(model):
+        base = diffusion.training_loss(model, x, cond=cond, t=t, noise=noise)["prediction"]
+    drift = (plain["prediction"] - base).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(terms["preserve"], drift.detach())
+    assert (drift > 0).all()
+    expected = plain["loss"] + 2.0 * keep * drift * diffusion.min_snr_weight(t)
+    torch.testing.assert_close(terms["loss"], expected)
+    assert torch.equal(terms["loss"][~keep], plain["loss"][~keep])  # new-word rows: the plain loss
+
+    # the preservation term's gradient reaches the adapter alone, and pulls it back toward the base
+    model.zero_grad()
+    (terms["loss"] - plain["loss"].detach()).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+
+
+def test_lora_preserve_trains_and_logs_its_term(tmp_path):
+    base = _base_export("decoder", tmp_path)
+    run = tmp_path / "run"
+    lora = "train.lora={rank: 2, alpha: 4, preserve: 1.0, new_words: [no-such-word]}"
+    overrides = [f"train.output_dir={run}", f"train.init_from={base}", lora, *TRAIN]
+    config = load_config("configs/decoder/tiny.yaml", overrides)
+    Trainer(build_task(config), config).fit()
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    values = [row["preserve"] for row in logged if "preserve" in row]
+    assert len(values) == 3 and values[0] == 0.0 and values[-1] > 0  # B starts at zero: no drift at first
+    assert (run / "export" / ADAPTER_WEIGHTS).is_file()
 
 
 def _add_random_adapter(stage_dir, out, kind, seed):

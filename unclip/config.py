@@ -96,6 +96,11 @@ class LoraConfig:
     # module names (or their last parts, e.g. "qkv"); None: the stage's attention and projection layers
     # (unclip.lora.DEFAULT_TARGETS)
     target_modules: list[str] | None = None
+    # learning without forgetting: the weight of a second loss that keeps the adapted network's predictions on the
+    # base network's (adapters off) for training captions that teach nothing new; 0 turns it off
+    preserve: float = 0.0
+    # the words that mark a caption as teaching something new (e.g. [orange]); None: every caption is preserved
+    new_words: list[str] | None = None
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -113,6 +118,12 @@ class LoraConfig:
                 f"train.lora.target_modules must be a list of module names, e.g. [qkv, proj_out], or null for the "
                 f"stage's defaults; got {self.target_modules!r}"
             )
+        if isinstance(self.preserve, bool) or not isinstance(self.preserve, (int, float)) or not self.preserve >= 0:
+            raise ValueError(f"train.lora.preserve must be a weight >= 0 (0: off), got {self.preserve!r}")
+        if self.new_words is not None and (
+            isinstance(self.new_words, str) or not all(isinstance(w, str) and w.strip() for w in self.new_words)
+        ):
+            raise ValueError(f"train.lora.new_words must be a list of words, e.g. [orange], got {self.new_words!r}")
 
 
 @dataclass

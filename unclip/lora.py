@@ -17,16 +17,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from unclip.checkpoint import atomic_save_safetensors, atomic_write_bytes, read_json_object, read_safetensors
 from unclip.config import LoraConfig
 
 if TYPE_CHECKING:
     import peft
+
+    from unclip.diffusion import GaussianDiffusion
 
 ADAPTER_FORMAT_VERSION = 1
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -82,6 +88,76 @@ def add_lora(model: nn.Module, settings: LoraConfig) -> nn.Module:
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
         raise ValueError(f"train.lora.target_modules: {e}") from None
     return model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run `model` as its base network: every LoRA layer off inside the block, on again after it, with each
+    parameter as trainable as it was."""
+    layers = [m for m in model.modules() if isinstance(m, _peft().tuners.lora.LoraLayer)]
+    trainable = [(p, p.requires_grad) for p in model.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for p, requires_grad in trainable:
+            p.requires_grad_(requires_grad)
+
+
+def teaches_nothing_new(captions: list[str], new_words: list[str] | None) -> list[bool]:
+    """For each caption, whether it holds none of `new_words` (whole words or phrases, any case); with no
+    new words every caption is True."""
+    patterns = [re.compile(rf"\b{re.escape(w.strip())}\b", re.IGNORECASE) for w in new_words or []]
+    return [not any(p.search(c) for p in patterns) for c in captions]
+
+
+def preserving_loss(
+    diffusion: GaussianDiffusion,
+    model: nn.Module,
+    x_0: Tensor,
+    *,
+    cond: dict[str, Any],
+    keep: Tensor,
+    weight: float,
+) -> dict[str, Tensor]:
+    """The diffusion loss of an adapted network, plus what keeps it from forgetting (`train.lora.preserve`).
+
+    Learning without Forgetting (Li & Hoiem 2016) as a diffusion loss: for the rows in `keep` (B,) bool, the
+    squared distance between the adapted network's prediction and the base network's (adapters off), at the same
+    x_t, t and conditioning dropout, weighted as the diffusion loss weights its rows (Min-SNR), times `weight`.
+    The base network's prediction is a lower-variance target than the data's noisy one, so the adapter is pulled
+    back wherever it changes what the base network drew for captions that teach nothing new.
+
+    Returns training_loss's terms, with "loss" including the preservation term and "preserve" (B,), the
+    unweighted distance of every row.
+    """
+    B = x_0.shape[0]
+    t = torch.randint(0, diffusion.num_timesteps, (B,), device=x_0.device)
+    noise = torch.randn_like(x_0)
+    devices = [x_0.device] if x_0.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # the base network below draws the same conditioning dropout
+        terms = diffusion.training_loss(model, x_0, cond=cond, t=t, noise=noise)
+    with torch.no_grad(), adapters_disabled(model):
+        base = diffusion.training_loss(model, x_0, cond=cond, t=t, noise=noise)["prediction"]
+    drift = (terms["prediction"].float() - base.float()).pow(2).flatten(1).mean(1)
+    weighted = drift * diffusion.min_snr_weight(t) if diffusion.min_snr_gamma is not None else drift
+    terms["preserve"] = drift
+    terms["loss"] = terms["loss"] + weight * keep.to(weighted.dtype) * weighted
+    return terms
+
+
+def preserving_step(
+    settings: LoraConfig, diffusion: GaussianDiffusion, model: nn.Module, x_0: Tensor, cond: dict, captions: list[str]
+) -> tuple[Tensor, dict[str, float]]:
+    """A training task's loss and logs under `train.lora.preserve`: `preserving_loss`, keeping the rows whose
+    caption holds none of `train.lora.new_words`."""
+    keep = torch.tensor(teaches_nothing_new(list(captions), settings.new_words), device=x_0.device)
+    terms = preserving_loss(diffusion, model, x_0, cond=cond, keep=keep, weight=settings.preserve)
+    logs = {"preserve": terms["preserve"][keep].mean().item()} if keep.any() else {}
+    return terms["loss"].mean(), logs
 
 
 def has_lora(model: nn.Module) -> bool:

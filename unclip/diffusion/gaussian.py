@@ -216,7 +216,8 @@ class GaussianDiffusion:
             noise: eps (B, ...); standard normal if None.
 
         Returns:
-            {"loss": (B,), "mse": (B,)} and, with learned variance, "vlb": (B,), all float32.
+            {"loss": (B,), "mse": (B,)} and, with learned variance, "vlb": (B,), all float32; and the network's
+            "prediction" of the target (B, ...), in its own dtype.
         """
         B = x_0.shape[0]
         if t is None:
@@ -230,7 +231,7 @@ class GaussianDiffusion:
         mse = _mean_flat((prediction.float() - target.float()) ** 2)
         if self.min_snr_gamma is not None:
             mse = mse * self.min_snr_weight(t)
-        terms = {"mse": mse, "loss": mse}
+        terms = {"mse": mse, "loss": mse, "prediction": prediction}
         if var_values is not None:
             # the VLB trains only the variance: the mean is taken from a frozen copy of the prediction
             vlb = self.vlb_term(prediction.detach(), var_values, x_0, x_t, t)

@@ -35,6 +35,7 @@ from unclip.data.shapes import ShapeObject, box_mask
 from unclip.diffusion import GaussianDiffusion
 from unclip.diffusion.distill import distillation_loss
 from unclip.imageio import save_grid
+from unclip.lora import preserving_step
 from unclip.nets.inpaint import InpaintUNet
 from unclip.nets.unet import UNet
 from unclip.sampling import decoder_cond, sample_decoder
@@ -222,6 +223,9 @@ class DecoderTask:
         x_0, cond = self._inputs(batch)
         if self.distill:
             return self._distill_loss(model, x_0, cond).mean(), {}
+        lora = self.config.train.lora
+        if lora and lora.preserve:
+            return preserving_step(lora, self.diffusion, model, x_0, cond, batch["caption"])
         terms = self.diffusion.training_loss(model, x_0, cond=cond)
         logs = {"vlb": terms["vlb"].mean().item()} if "vlb" in terms else {}
         return terms["loss"].mean(), logs

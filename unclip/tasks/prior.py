@@ -26,6 +26,7 @@ from unclip.data import build_dataset, collate
 from unclip.data.embeddings import encode_batch
 from unclip.diffusion import GaussianDiffusion
 from unclip.eval.metrics import prior_metrics
+from unclip.lora import preserving_step
 from unclip.nets.prior import PriorTransformer
 from unclip.sampling import sample_prior, text_cond
 from unclip.tasks.conditioning import check_clip_dims, load_clip
@@ -97,6 +98,9 @@ class PriorTask:
     def loss(self, model, batch) -> tuple[Tensor, dict[str, float]]:
         c = encode_batch(self.clip, batch, self.device)
         x_0 = self.model.normalize(c["image_embed"])
+        lora = self.config.train.lora
+        if lora and lora.preserve:
+            return preserving_step(lora, self.diffusion, model, x_0, self._cond(c), batch["caption"])
         return self.diffusion.training_loss(model, x_0, cond=self._cond(c))["loss"].mean(), {}
 
     @torch.no_grad()
