@@ -23,6 +23,26 @@ from pathlib import Path
 from unclip.cli import finished_batches, others_batches, run_batches, sample_parser, whole_number
 
 
+def step_list(text: str) -> list[int]:
+    parse = whole_number(1)
+    return [parse(part.strip()) for part in text.split(",")]
+
+
+def upsampler_settings(pipe, steps: list[int] | None) -> dict[str, dict]:
+    """{folder: {"steps": n}} for --upsampler-steps: one number for all the pipeline's upsamplers, or one each."""
+    if not steps:
+        return {}
+    folders = [stage.folder for stage in pipe.upsamplers]
+    if len(steps) == 1:
+        steps = steps * len(folders)
+    if len(steps) != len(folders):
+        raise ValueError(
+            f"--upsampler-steps gives {len(steps)} numbers, but this pipeline has {len(folders)} upsampler(s) "
+            f"({', '.join(folders) or 'none'}): give one number for all, or one each"
+        )
+    return {folder: {"steps": n} for folder, n in zip(folders, steps, strict=True)}
+
+
 def parse_args(argv=None):
     p = sample_parser(__doc__)
     p.add_argument("--prompt", action="append", default=[], help="what to draw (repeat for several prompts)")
@@ -46,6 +66,13 @@ def parse_args(argv=None):
         "CLIP, with or without --guidance; 0 = none (default: the pipeline's)",
     )
     p.add_argument("--sampler", help="decoder sampler: ddpm, ddim or dpm++ (default: the pipeline's)")
+    p.add_argument(
+        "--upsampler-steps",
+        type=step_list,
+        metavar="N[,N]",
+        help="upsampler sampling steps: one number for every upsampler, or one per upsampler in order (64->256, "
+        "then 256->1024), e.g. 4,1 (default: the pipeline's)",
+    )
     p.add_argument("--prior-steps", type=int, help="prior sampling steps (default: the pipeline's)")
     p.add_argument("--prior-guidance", type=float, help="prior guidance scale (default: the pipeline's)")
     p.add_argument(
@@ -116,6 +143,7 @@ def main(argv=None):
             use_prior=not args.no_prior,
             prior={"steps": args.prior_steps, "guidance_scale": args.prior_guidance},
             decoder=decoder,
+            upsamplers=upsampler_settings(pipe, args.upsampler_steps),
         )
         skip = others_batches(len(prompts), args.batch_size)
         if args.skip_existing:

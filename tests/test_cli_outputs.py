@@ -182,3 +182,24 @@ def test_a_stop_signal_waits_until_the_batch_being_written_is_counted():
     with pytest.raises(OSError), stops.deferred():  # a failed write is not hidden by a stop that waits
         stops(signal.SIGINT, None)
         raise OSError("disk full")
+
+
+def test_upsampler_steps_set_each_upsampler_and_a_wrong_count_is_a_clear_error(tmp_path, capsys):
+    from sample.generate import main
+
+    pipe = make_tiny_pipeline(tmp_path / "pipe")
+    folders = json.loads((pipe / "pipeline.json").read_text())["upsamplers"]
+    args = ["--prompt", "a red circle", "--n", "1", "--pipeline", str(pipe), "--steps", "2", "--quiet"]
+    image = main([*args, "--out", str(tmp_path / "a"), "--upsampler-steps", "3"])[0]
+    settings = json.loads(read_png_metadata(image)["settings"])
+    assert folders and all(settings[folder]["steps"] == 3 for folder in folders)
+    default = json.loads(read_png_metadata(main([*args, "--out", str(tmp_path / "c")])[0])["settings"])
+    assert all(default[folder]["steps"] != 3 for folder in folders)  # the option, not the default, gave 3
+
+    with pytest.raises(SystemExit) as stop:
+        main([*args, "--out", str(tmp_path / "b"), "--upsampler-steps", ",".join(["2"] * (len(folders) + 1))])
+    capsys.readouterr()
+    assert f"this pipeline has {len(folders)} upsampler" in str(stop.value.code)
+    with pytest.raises(SystemExit):
+        main([*args, "--upsampler-steps", "0"])
+    assert "must be >= 1" in capsys.readouterr().err
