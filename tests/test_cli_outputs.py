@@ -201,5 +201,18 @@ def test_upsampler_steps_set_each_upsampler_and_a_wrong_count_is_a_clear_error(t
     capsys.readouterr()
     assert f"this pipeline has {len(folders)} upsampler" in str(stop.value.code)
     with pytest.raises(SystemExit):
-        main([*args, "--upsampler-steps", "0"])
+        main([*args, "--out", str(tmp_path / "d"), "--upsampler-steps", "0"])
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_upsampler_steps_go_to_the_upsamplers_in_order():
+    from types import SimpleNamespace
+
+    from sample.generate import upsampler_settings
+
+    pipe = SimpleNamespace(upsamplers=[SimpleNamespace(folder="upsampler_256"), SimpleNamespace(folder="up_1024")])
+    assert upsampler_settings(pipe, [4, 1]) == {"upsampler_256": {"steps": 4}, "up_1024": {"steps": 1}}
+    assert upsampler_settings(pipe, [2]) == {"upsampler_256": {"steps": 2}, "up_1024": {"steps": 2}}
+    assert upsampler_settings(pipe, None) == {}
+    with pytest.raises(ValueError, match="gives 3 numbers, but this pipeline has 2 upsampler"):
+        upsampler_settings(pipe, [1, 2, 3])

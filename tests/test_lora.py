@@ -103,10 +103,19 @@ def test_lora_settings_are_checked(tmp_path):
         load_config("configs/decoder/tiny.yaml", ["train.lora={rank: 0}"])
     with pytest.raises(ValueError, match="unknown keys in train.lora"):
         load_config("configs/decoder/tiny.yaml", ["train.lora={ranks: 2}"])
-    with pytest.raises(ValueError, match="train.lora.preserve must be a weight >= 0"):
-        load_config("configs/decoder/tiny.yaml", ["train.lora={preserve: -1}"])
-    with pytest.raises(ValueError, match="train.lora.new_words must be a list of words"):
-        load_config("configs/decoder/tiny.yaml", ["train.lora={preserve: 1, new_words: orange}"])
+    for bad in ("-1", ".inf"):
+        with pytest.raises(ValueError, match="train.lora.preserve must be a finite weight >= 0"):
+            load_config("configs/decoder/tiny.yaml", [f"train.lora={{preserve: {bad}}}"])
+    for bad in ("orange", "5", "{orange: 1}"):
+        with pytest.raises(ValueError, match="train.lora.new_words must be a list of words"):
+            load_config("configs/decoder/tiny.yaml", [f"train.lora={{preserve: 1, new_words: {bad}}}"])
+    with pytest.raises(ValueError, match="train.lora.new_words only marks the captions train.lora.preserve"):
+        load_config("configs/decoder/tiny.yaml", ["train.lora={new_words: [orange]}"])
+    with pytest.raises(ValueError, match="train.lora.preserve needs train.lora.dropout 0"):
+        load_config("configs/decoder/tiny.yaml", ["train.lora={preserve: 1, dropout: 0.1}"])
+    with pytest.raises(ValueError, match="the autoregressive prior has no diffusion loss"):
+        config = load_config("configs/prior/tiny_ar.yaml", ["train.lora={preserve: 1}", "train.init_from=x"])
+        build_task(config)
     with pytest.raises(ValueError, match="train.lora.preserve is for the prior, decoder and inpaint stages"):
         overrides = ["train.lora={preserve: 1}", "train.init_from=x", f"train.output_dir={tmp_path}"]
         config = load_config("configs/upsampler/tiny.yaml", overrides)
@@ -163,12 +172,21 @@ def test_adapters_disabled_runs_the_base_network_and_restores_the_adapter():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)  # as add_lora left them
 
+    model.requires_grad_(False)  # as load_adapter leaves a pipeline's adapters: frozen, and they stay so
+    layers = [m for m in model.modules() if hasattr(m, "enable_adapters") and hasattr(m, "lora_A")]
+    layers[0].enable_adapters(False)  # a layer already off stays off
+    with torch.no_grad(), adapters_disabled(model):
+        torch.testing.assert_close(model(x, t, cond_drop=drop, **cond), expected)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert layers[0].disable_adapters and not any(layer.disable_adapters for layer in layers[1:])
+
 
 def test_teaches_nothing_new_matches_whole_words_and_phrases():
     captions = ["an orange circle", "a red square", "two oranges", "ORANGE star left of a light blue disc"]
     assert teaches_nothing_new(captions, ["orange"]) == [False, True, True, False]
     assert teaches_nothing_new(captions, ["light blue", "red"]) == [True, False, True, False]
     assert teaches_nothing_new(captions, None) == [True] * 4
+    assert teaches_nothing_new(["a c++ logo", "an abc++ logo", "an 🟧 tile"], ["c++", "🟧"]) == [False, True, False]
 
 
 def test_preserving_loss_adds_the_drift_from_the_base_network_on_kept_rows_only():
@@ -194,11 +212,18 @@ def test_preserving_loss_adds_the_drift_from_the_base_network_on_kept_rows_only(
     torch.testing.assert_close(terms["loss"], expected)
     assert torch.equal(terms["loss"][~keep], plain["loss"][~keep])  # new-word rows: the plain loss
 
-    # the preservation term's gradient reaches the adapter alone, and pulls it back toward the base
+    # the preservation term's gradient reaches the adapter alone, and a step along it pulls it back toward the base
     model.zero_grad()
-    (terms["loss"] - plain["loss"].detach()).sum().backward()
+    (terms["loss"] - terms["mse"]).sum().backward()  # the preservation term alone, from the same graph
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    assert grads and all("lora_" in n for n in grads)
+    assert grads and all("lora_" in n for n in grads) and any(g.abs().sum() > 0 for g in grads.values())
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.sub_(1e-2 * p.grad)
+    torch.manual_seed(5)
+    after = preserving_loss(diffusion, model, x, cond=cond, keep=keep, weight=2.0)["preserve"]
+    assert after[keep].sum() < terms["preserve"][keep].sum()
 
 
 def test_lora_preserve_trains_and_logs_its_term(tmp_path):

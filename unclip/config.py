@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -118,12 +119,22 @@ class LoraConfig:
                 f"train.lora.target_modules must be a list of module names, e.g. [qkv, proj_out], or null for the "
                 f"stage's defaults; got {self.target_modules!r}"
             )
-        if isinstance(self.preserve, bool) or not isinstance(self.preserve, (int, float)) or not self.preserve >= 0:
-            raise ValueError(f"train.lora.preserve must be a weight >= 0 (0: off), got {self.preserve!r}")
+        if (
+            isinstance(self.preserve, bool)
+            or not isinstance(self.preserve, (int, float))
+            or not 0 <= self.preserve < math.inf
+        ):
+            raise ValueError(f"train.lora.preserve must be a finite weight >= 0 (0: off), got {self.preserve!r}")
         if self.new_words is not None and (
-            isinstance(self.new_words, str) or not all(isinstance(w, str) and w.strip() for w in self.new_words)
+            not isinstance(self.new_words, list) or not all(isinstance(w, str) and w.strip() for w in self.new_words)
         ):
             raise ValueError(f"train.lora.new_words must be a list of words, e.g. [orange], got {self.new_words!r}")
+        if self.new_words and not self.preserve:
+            raise ValueError("train.lora.new_words only marks the captions train.lora.preserve leaves out: set both")
+        if self.preserve and self.dropout:
+            # the adapters' dropout draws random numbers the base network's pass does not, so the two passes would
+            # not see the same conditioning dropout
+            raise ValueError("train.lora.preserve needs train.lora.dropout 0: set one of them to 0")
 
 
 @dataclass

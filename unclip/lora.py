@@ -94,7 +94,8 @@ def add_lora(model: nn.Module, settings: LoraConfig) -> nn.Module:
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run `model` as its base network: every LoRA layer off inside the block, on again after it, with each
     parameter as trainable as it was."""
-    layers = [m for m in model.modules() if isinstance(m, _peft().tuners.lora.LoraLayer)]
+    lora = _peft().tuners.lora.LoraLayer
+    layers = [m for m in model.modules() if isinstance(m, lora) and not m.disable_adapters]  # those on now
     trainable = [(p, p.requires_grad) for p in model.parameters()]
     for layer in layers:
         layer.enable_adapters(False)
@@ -110,7 +111,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 def teaches_nothing_new(captions: list[str], new_words: list[str] | None) -> list[bool]:
     """For each caption, whether it holds none of `new_words` (whole words or phrases, any case); with no
     new words every caption is True."""
-    patterns = [re.compile(rf"\b{re.escape(w.strip())}\b", re.IGNORECASE) for w in new_words or []]
+    patterns = [re.compile(rf"(?<!\w){re.escape(w.strip())}(?!\w)", re.IGNORECASE) for w in new_words or []]
     return [not any(p.search(c) for p in patterns) for c in captions]
 
 
@@ -128,6 +129,8 @@ def preserving_loss(
     Learning without Forgetting (Li & Hoiem 2016) as a diffusion loss: for the rows in `keep` (B,) bool, the
     squared distance between the adapted network's prediction and the base network's (adapters off), at the same
     x_t, t and conditioning dropout, weighted as the diffusion loss weights its rows (Min-SNR), times `weight`.
+    The same dropout needs adapters without dropout of their own (LoraConfig checks it). With a learned
+    variance only the mean's prediction is kept close.
     The base network's prediction is a lower-variance target than the data's noisy one, so the adapter is pulled
     back wherever it changes what the base network drew for captions that teach nothing new.
 
@@ -156,7 +159,9 @@ def preserving_step(
     caption holds none of `train.lora.new_words`."""
     keep = torch.tensor(teaches_nothing_new(list(captions), settings.new_words), device=x_0.device)
     terms = preserving_loss(diffusion, model, x_0, cond=cond, keep=keep, weight=settings.preserve)
-    logs = {"preserve": terms["preserve"][keep].mean().item()} if keep.any() else {}
+    logs = {"vlb": terms["vlb"].mean().item()} if "vlb" in terms else {}
+    if keep.any():
+        logs["preserve"] = terms["preserve"][keep].mean().item()
     return terms["loss"].mean(), logs
 
 

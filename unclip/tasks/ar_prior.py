@@ -28,6 +28,14 @@ PCA_SAMPLES = 16384  # training examples the PCA and the code buckets are fitted
 
 
 class ARPriorTask(PriorTask):
+    def __init__(self, config, clip=None):
+        if config.train.lora and config.train.lora.preserve:
+            raise ValueError(
+                "train.lora.preserve is for the diffusion stages; the autoregressive prior has no diffusion loss to "
+                "add it to: set train.lora.preserve to 0"
+            )
+        super().__init__(config, clip)
+
     def build_model(self, model_config):
         return ARPrior(model_config)
 

@@ -40,7 +40,7 @@ def check_train_config(train, kind: str | None = None) -> None:
     if train.lora and kind == "clip":
         raise ValueError("train.lora adapts the prior, decoder, inpaint and upsampler stages, not a CLIP")
     if train.lora and train.lora.preserve and kind is not None and kind not in ("decoder", "inpaint", "prior"):
-        raise ValueError(f"train.lora.preserve is for the prior, decoder and inpaint stages, not a {kind}")
+        raise ValueError(f"train.lora.preserve is for the prior, decoder and inpaint stages; this run trains: {kind}")
     if train.distill and kind != "decoder":
         raise ValueError(f"train.distill distils a decoder (kind: decoder), not a {kind}")
     if train.distill and not train.init_from:
