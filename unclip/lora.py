@@ -129,10 +129,11 @@ def preserving_loss(
     Learning without Forgetting (Li & Hoiem 2016) as a diffusion loss: for the rows in `keep` (B,) bool, the
     squared distance between the adapted network's prediction and the base network's (adapters off), at the same
     x_t, t and conditioning dropout, weighted as the diffusion loss weights its rows (Min-SNR), times `weight`.
-    The same dropout needs adapters without dropout of their own (LoraConfig checks it). With a learned
-    variance only the mean's prediction is kept close.
     The base network's prediction is a lower-variance target than the data's noisy one, so the adapter is pulled
     back wherever it changes what the base network drew for captions that teach nothing new.
+
+    The same dropout needs adapters without dropout of their own (LoraConfig checks it). With a learned
+    variance only the mean's prediction is kept close.
 
     Returns training_loss's terms, with "loss" including the preservation term and "preserve" (B,), the
     unweighted distance of every row.
