@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from pipeline_helpers import _perturb, make_tiny_pipeline
+from pipeline_helpers import make_tiny_pipeline, perturb
 
 from unclip.checkpoint import build_pipeline_folder, load_model, save_model
 from unclip.clip import TINY_CLIP_CONFIG, ClipAdapter
@@ -104,7 +104,7 @@ def test_tiny_ar_prior_learns_a_toy_mapping():
 
 def test_guidance_temperature_top_p_and_candidates():
     cond, image = _toy_pairs(3)
-    prior = _perturb(_toy_prior(), 5).eval()
+    prior = perturb(_toy_prior(), 5).eval()
     prior.fit_codes(F.normalize(torch.randn(200, 16), dim=-1))
     codes = prior.encode(image)
     full = prior(codes, **cond)  # (3, K, buckets): every code's logits at once
@@ -184,7 +184,7 @@ def _ar_pipeline(root):
     torch.manual_seed(0)
     sizes = dict(clip_dim=32, pca_dims=8, buckets=64, text_width=48, text_ctx=16, width=32, layers=2, heads=2)
     config = ARPriorConfig(**sizes)
-    prior = _perturb(ARPrior(config), 1)
+    prior = perturb(ARPrior(config), 1)
     prior.fit_codes(F.normalize(torch.randn(256, 32, generator=torch.Generator().manual_seed(0)), dim=-1))
     save_model(prior, root / "parts" / "ar_prior", kind="prior", diffusion=DiffusionConfig())
     return build_pipeline_folder(

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from pipeline_helpers import make_tiny_pipeline
+from pipeline_helpers import add_random_adapter, make_tiny_pipeline
 
 from bench import defaults
 
@@ -90,7 +90,7 @@ def test_upsampler_steps_bench_scores_each_step_count_against_exact_renders(tmp_
     assert upsampler_steps.sharpness(blurred, image) < 0.8
 
 
-@pytest.mark.parametrize("script", ["defaults", "guidance_cost", "upsampler_steps"])
+@pytest.mark.parametrize("script", ["defaults", "guidance_cost", "upsampler_steps", "lora_merge"])
 def test_bench_scripts_name_a_missing_pipeline_folder(script, tmp_path):
     import importlib
 
@@ -109,3 +109,19 @@ def test_prior_steps_bench_compares_fewer_steps_with_the_reference(tmp_path):
     reference, fewer = results["steps"]["4"], results["steps"]["1"]
     assert reference["cosine_to_reference"] == pytest.approx(1.0) and set(results["steps"]) == {"4", "2", "1"}
     assert fewer["cosine_to_reference"] < 0.9999 and -1 <= fewer["cosine_to_text"] <= 1
+
+
+def test_lora_merge_bench_times_the_same_images_both_ways(tmp_path):
+    from bench import lora_merge
+
+    pipeline = make_tiny_pipeline(tmp_path / "pipe", upsampler=False)
+    with pytest.raises(SystemExit):  # no adapters named: nothing to compare
+        lora_merge.main(["--pipeline", str(pipeline), "--device", "cpu"])
+    add_random_adapter(pipeline / "decoder", pipeline / "decoder_lora", "decoder", 6)
+    index = json.loads((pipeline / "pipeline.json").read_text())
+    (pipeline / "pipeline.json").write_text(json.dumps({**index, "adapters": {"decoder": "decoder_lora"}}))
+    out = tmp_path / "merge.json"
+    argv = ["--pipeline", str(pipeline), "--device", "cpu", "--candidates", "2", "--repeats", "1", "--out", str(out)]
+    result = lora_merge.main(argv)
+    assert json.loads(out.read_text()) == result and result["adapted_layers"] > 0
+    assert result["max_image_difference"] < 1e-3 and result["unmerged_over_merged"] > 0

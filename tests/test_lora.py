@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.pipeline_helpers import make_tiny_pipeline
+from tests.pipeline_helpers import add_random_adapter, make_tiny_pipeline, perturb
 from unclip.checkpoint import load_model, save_model
 from unclip.config import load_config
 from unclip.diffusion import GaussianDiffusion
@@ -22,8 +22,8 @@ from unclip.lora import (
     adapters_disabled,
     add_lora,
     load_adapter,
+    merge_adapters,
     preserving_loss,
-    save_adapter,
     teaches_nothing_new,
 )
 from unclip.nets.prior import PriorTransformer
@@ -37,23 +37,15 @@ TRAIN = ["train.max_steps=3", "train.batch_size=4", "train.lr=1e-2", "train.warm
 TRAIN += ["train.ema_warmup_steps=0", "train.eval_every=100", "train.checkpoint_every=100", "train.log_every=1"]
 
 
-def _perturbed(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return model
-
-
 def _base_export(kind, tmp_path):
     """A trained-looking base stage (random weights, the zero-initialised layers included) exported to a folder."""
     config = load_config(f"configs/{kind}/tiny.yaml")
     torch.manual_seed(0)
     if kind == "prior":
-        model = _perturbed(PriorTransformer(config.model), 1)
+        model = perturb(PriorTransformer(config.model), 1)
         model.set_normalization(torch.zeros(config.model.clip_dim), torch.ones(config.model.clip_dim))
     else:
-        model = _perturbed(UNet(config.model), 2)
+        model = perturb(UNet(config.model), 2)
     return save_model(model, tmp_path / f"{kind}-base", kind=kind, diffusion=config.diffusion)
 
 
@@ -131,7 +123,7 @@ def _adapted_decoder(seed=3):
     overrides = ["train.lora={rank: 2, alpha: 4}", "diffusion.min_snr_gamma=5.0"]  # the loss weights its rows
     config = load_config("configs/decoder/tiny.yaml", overrides)
     torch.manual_seed(0)
-    model = add_lora(_perturbed(UNet(config.model), 2), config.train.lora)
+    model = add_lora(perturb(UNet(config.model), 2), config.train.lora)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -155,7 +147,7 @@ def _decoder_inputs(config, batch=4):
 def test_adapters_disabled_runs_the_base_network_and_restores_the_adapter():
     model, config = _adapted_decoder()
     torch.manual_seed(0)
-    base = _perturbed(UNet(config.model), 2)  # the same weights, without the adapter
+    base = perturb(UNet(config.model), 2)  # the same weights, without the adapter
     x, cond = _decoder_inputs(config)
     t = torch.tensor([10, 200, 500, 900])
     drop = torch.zeros(4, dtype=torch.bool)
@@ -239,19 +231,11 @@ def test_lora_preserve_trains_and_logs_its_term(tmp_path):
     assert (run / "export" / ADAPTER_WEIGHTS).is_file()
 
 
-def _add_random_adapter(stage_dir, out, kind, seed):
-    """An adapter as a run would export it, with random A and B so that it changes the outputs."""
-    model = load_model(stage_dir).model
-    add_lora(model, load_config("configs/decoder/tiny.yaml", ["train.lora={rank: 2}"]).train.lora)
-    _perturbed(model, seed)  # the frozen base moves too, but only the adapter is saved
-    save_adapter(model, out, kind=kind, base=str(stage_dir))
-
-
 def test_a_pipeline_applies_the_adapters_it_names_and_is_the_base_without_them(tmp_path):
     root = make_tiny_pipeline(tmp_path, upsampler=False)
     base_images = UnCLIPPipeline.from_pretrained(root)(["a red circle"], seed=3).images
-    _add_random_adapter(root / "prior", root / "prior_lora", "prior", 5)
-    _add_random_adapter(root / "decoder", root / "decoder_lora", "decoder", 6)
+    add_random_adapter(root / "prior", root / "prior_lora", "prior", 5)
+    add_random_adapter(root / "decoder", root / "decoder_lora", "decoder", 6)
     index_path = root / "pipeline.json"
     index = json.loads(index_path.read_text())
 
@@ -268,9 +252,67 @@ def test_a_pipeline_applies_the_adapters_it_names_and_is_the_base_without_them(t
     index_path.write_text(json.dumps({**index, "adapters": {"prior": "prior_lora", "decoder": "decoder_lora"}}))
     both = UnCLIPPipeline.from_pretrained(root)
     assert not torch.allclose(both(["a red circle"], seed=3).images, images, atol=1e-3)
-    expected = load_adapter(load_model(root / "decoder").model, root / "decoder_lora").eval()
+    expected = merge_adapters(load_adapter(load_model(root / "decoder").model, root / "decoder_lora")).eval()
     loaded, wanted = both.decoder.model.state_dict(), expected.state_dict()
     assert loaded.keys() == wanted.keys() and all(torch.equal(loaded[k], wanted[k]) for k in wanted)
+
+
+def _adapted_name(name, state):
+    """`name`, a base network's parameter, as it is called in the `state` of the network with peft's layers."""
+    if name in state:
+        return name
+    layer, _, kind = name.rpartition(".")
+    return f"{layer}.base_layer.{kind}"
+
+
+def test_merged_adapters_compute_what_the_unmerged_ones_do(tmp_path):
+    stage = _base_export("decoder", tmp_path)
+    add_random_adapter(stage, tmp_path / "lora", "decoder", 6)
+    unmerged = load_adapter(load_model(stage).model, tmp_path / "lora").eval()
+    merged = merge_adapters(load_adapter(load_model(stage).model, tmp_path / "lora")).eval()
+    base = load_model(stage).model.eval()
+    merged_state = merged.state_dict()
+    changed = [
+        n for n, p in base.state_dict().items() if not torch.equal(p, merged_state[_adapted_name(n, merged_state)])
+    ]
+    assert changed and all(n != _adapted_name(n, merged_state) for n in changed)  # the adapted layers, folded in
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
+    embed, tokens = torch.randn(2, unmerged.config.clip_dim), torch.randn(2, 4, unmerged.config.text_width)
+    with torch.no_grad():
+        want = unmerged(x, t, image_embed=embed, text_tokens=tokens)
+        got = merged(x, t, image_embed=embed, text_tokens=tokens)
+        assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(
+            base(x, t, image_embed=embed, text_tokens=tokens), want, atol=1e-3
+        )
+        with adapters_disabled(merged):  # unmerges: the base network again
+            assert torch.allclose(
+                merged(x, t, image_embed=embed, text_tokens=tokens),
+                base(x, t, image_embed=embed, text_tokens=tokens),
+                atol=1e-5,
+            )
+
+
+def test_an_adapters_weight_scales_its_change(tmp_path):
+    root = make_tiny_pipeline(tmp_path, upsampler=False)
+    add_random_adapter(root / "decoder", root / "decoder_lora", "decoder", 6)
+    index_path = root / "pipeline.json"
+    index = json.loads(index_path.read_text())
+
+    def decoder_weights(adapter):
+        index_path.write_text(json.dumps({**index, "adapters": {"decoder": adapter}}))
+        return UnCLIPPipeline.from_pretrained(root).decoder.model.state_dict()
+
+    base = UnCLIPPipeline.from_pretrained(root)
+    full, half = decoder_weights("decoder_lora"), decoder_weights({"folder": "decoder_lora", "weight": 0.5})
+    off = decoder_weights({"folder": "decoder_lora", "weight": 0})
+    for name, weight in base.decoder.model.state_dict().items():
+        key = _adapted_name(name, full)
+        assert torch.equal(off[key], weight)  # weight 0: the base, exactly
+        assert torch.allclose(half[key] - weight, 0.5 * (full[key] - weight), atol=1e-6)
+    index_path.write_text(json.dumps({**index, "adapters": {"decoder": {"folder": "decoder_lora", "weight": 0}}}))
+    images = UnCLIPPipeline.from_pretrained(root)(["a red circle"], seed=3).images
+    assert torch.equal(images, base(["a red circle"], seed=3).images)
 
 
 def test_peft_is_imported_only_when_a_pipeline_has_adapters(tmp_path):
@@ -288,7 +330,7 @@ def test_peft_is_imported_only_when_a_pipeline_has_adapters(tmp_path):
 
     done = run()
     assert done.returncode == 0 and done.stdout.split() == ["False"], done.stderr
-    _add_random_adapter(root / "decoder", root / "decoder_lora", "decoder", 6)
+    add_random_adapter(root / "decoder", root / "decoder_lora", "decoder", 6)
     index_path = root / "pipeline.json"
     index_path.write_text(json.dumps({**json.loads(index_path.read_text()), "adapters": {"decoder": "decoder_lora"}}))
     done = run()
@@ -304,12 +346,17 @@ def test_peft_is_imported_only_when_a_pipeline_has_adapters(tmp_path):
         ({"decoder": "prior_lora"}, "was trained on a PriorTransformer, not a UNet"),
         ({"decoder": "decoder"}, "is not an adapter folder"),
         (["decoder_lora"], '"adapters" must map stages to adapter folders'),
+        ({"decoder": {"folder": "decoder_lora", "weight": "high"}}, "a folder and a finite weight"),
+        ({"decoder": {"folder": "decoder_lora", "weight": float("nan")}}, "a folder and a finite weight"),
+        ({"decoder": {"folder": "decoder_lora", "scale": 1}}, "a folder and a finite weight"),
+        ({"decoder": {"weight": 1}}, "give an adapter folder"),
+        ({"decoder": {"folder": "missing", "weight": 1}}, "pipeline.json names 'missing', which is not there"),
     ],
 )
 def test_bad_adapters_in_pipeline_json_are_clear_errors(tmp_path, adapters, message):
     root = make_tiny_pipeline(tmp_path, upsampler=False)
-    _add_random_adapter(root / "prior", root / "prior_lora", "prior", 5)
-    _add_random_adapter(root / "decoder", root / "decoder_lora", "decoder", 6)
+    add_random_adapter(root / "prior", root / "prior_lora", "prior", 5)
+    add_random_adapter(root / "decoder", root / "decoder_lora", "decoder", 6)
     shutil.copytree(root / "decoder_lora", tmp_path / "decoder_lora")
     index = json.loads((root / "pipeline.json").read_text())
     (root / "pipeline.json").write_text(json.dumps({**index, "adapters": adapters}))

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -293,7 +294,7 @@ def read_pipeline_index(root: str | Path) -> dict[str, Any]:
     if not isinstance(upsamplers, list):
         raise ValueError(f'{index_path}: "upsamplers" must be a list of folder names')
     adapters = _check_adapters(index, index_path)
-    for name in [index.get(k) for k in PIPELINE_STAGES] + upsamplers + list(adapters.values()):
+    for name in [index.get(k) for k in PIPELINE_STAGES] + upsamplers + [a["folder"] for a in adapters.values()]:
         if name is None:
             continue
         if not isinstance(name, str) or Path(name).is_absolute() or Path(name).name != name or name in ("", ".", ".."):
@@ -312,22 +313,39 @@ def read_pipeline_index(root: str | Path) -> dict[str, Any]:
     return index
 
 
-def _check_adapters(index: dict[str, Any], index_path: Path) -> dict[str, str]:
-    """pipeline.json's optional "adapters": {stage: adapter folder}, a LoRA adapter (unclip.lora) to apply to
-    the stage when the pipeline loads; the stages are "prior", "decoder", "inpaint" and upsamplers' folders."""
-    adapters = index.setdefault("adapters", {})
-    if not isinstance(adapters, dict) or not all(isinstance(v, str) for v in adapters.values()):
-        raise ValueError(
-            f'{index_path}: "adapters" must map stages to adapter folders, e.g. {{"decoder": "decoder_lora"}}'
-        )
+def _check_adapters(index: dict[str, Any], index_path: Path) -> dict[str, dict[str, Any]]:
+    """pipeline.json's optional "adapters": {stage: adapter folder, or {"folder": ..., "weight": w}}, a LoRA
+    adapter (unclip.lora) to apply to the stage when the pipeline loads, at weight w (default 1); the stages are
+    "prior", "decoder", "inpaint" and upsamplers' folders. Returns them as {stage: {"folder", "weight"}}."""
+    example = '{"decoder": "decoder_lora"} or {"decoder": {"folder": "decoder_lora", "weight": 0.8}}'
+    adapters = index.get("adapters", {})
+    if not isinstance(adapters, dict):
+        raise ValueError(f'{index_path}: "adapters" must map stages to adapter folders, e.g. {example}')
     stages = [k for k in ("prior", "decoder", "inpaint") if index.get(k)] + index["upsamplers"]
-    for stage in adapters:
+    checked = {}
+    for stage, entry in adapters.items():
         if stage not in stages:
             raise ValueError(
                 f'{index_path}: "adapters" names the stage {stage!r}, which this pipeline does not have; its stages '
                 f"are {', '.join(stages)}"
             )
-    return adapters
+        entry = {"folder": entry} if isinstance(entry, str) else entry
+        weight = entry.get("weight", 1.0) if isinstance(entry, dict) else None
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("folder"), str)
+            or set(entry) - {"folder", "weight"}
+            or isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not math.isfinite(weight)
+        ):
+            raise ValueError(
+                f'{index_path}: "adapters".{stage} is {adapters[stage]!r}; give an adapter folder, or a folder and '
+                f"a finite weight, e.g. {example}"
+            )
+        checked[stage] = {"folder": entry["folder"], "weight": float(weight)}
+    index["adapters"] = checked
+    return checked
 
 
 # the network classes each pipeline stage may hold
