@@ -82,6 +82,12 @@ def test_bundled_orange_adapters_draw_orange_and_base_does_not():
     assert has_lora(pipe.prior.model) and has_lora(pipe.decoder.model) and not has_lora(base.decoder.model)
     adapted = {name.split(".lora_A")[0] for name, _ in pipe.decoder.model.named_parameters() if ".lora_A" in name}
     assert {"input_conv", "out.2", "middle.0.conv_in", "down_blocks.0.0.emb_proj"} <= adapted  # convolutions too
+    # the same sampling defaults as the pipeline it adapts (reranking, pruning, steps)
+    assert (pipe.candidates, pipe.pruning, pipe.preview_steps) == (base.candidates, base.pruning, base.preview_steps)
+    for stage, base_stage in zip(
+        [pipe.prior, pipe.decoder, *pipe.upsamplers], [base.prior, base.decoder, *base.upsamplers], strict=True
+    ):
+        assert stage.defaults == base_stage.defaults
     prompts = ["a large orange circle", "an orange square", "a large orange triangle", "an orange diamond"]
     kwargs = dict(seed=0, size=64, candidates=1, decoder={"steps": 12})
     orange = sum(check(image, p).colors_ok for image, p in zip(pipe(prompts, **kwargs).images, prompts, strict=True))
