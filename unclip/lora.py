@@ -96,8 +96,7 @@ def add_lora(model: nn.Module, settings: LoraConfig) -> nn.Module:
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run `model` as its base network: every LoRA layer off inside the block, on again after it, with each
     parameter as trainable as it was."""
-    lora = _peft().tuners.lora.LoraLayer
-    layers = [m for m in model.modules() if isinstance(m, lora) and not m.disable_adapters]  # those on now
+    layers = [m for m in lora_layers(model) if not m.disable_adapters]  # those on now
     trainable = [(p, p.requires_grad) for p in model.parameters()]
     for layer in layers:
         layer.enable_adapters(False)
