@@ -15,6 +15,7 @@ from tests.pipeline_helpers import add_random_adapter, make_tiny_pipeline, pertu
 from unclip.checkpoint import load_model, save_model
 from unclip.config import load_config
 from unclip.diffusion import GaussianDiffusion
+from unclip.eval.__main__ import main as evaluate
 from unclip.lora import (
     ADAPTER_CONFIG,
     ADAPTER_META,
@@ -313,6 +314,21 @@ def test_an_adapters_weight_scales_its_change(tmp_path):
     index_path.write_text(json.dumps({**index, "adapters": {"decoder": {"folder": "decoder_lora", "weight": 0}}}))
     images = UnCLIPPipeline.from_pretrained(root)(["a red circle"], seed=3).images
     assert torch.equal(images, base(["a red circle"], seed=3).images)
+
+
+def test_an_evaluation_records_the_adapters_and_their_weights(tmp_path):
+    root = make_tiny_pipeline(tmp_path, upsampler=False)
+    add_random_adapter(root / "decoder", root / "decoder_lora", "decoder", 6)
+    index_path = root / "pipeline.json"
+    index = json.loads(index_path.read_text())
+    argv = ["shapes", "--pipeline", str(root), "--n", "1", "--size", "16", "--sets", "single", "--candidates", "1"]
+    assert "adapters" not in evaluate(argv)["settings"]
+    adapters = {"decoder": {"folder": "decoder_lora", "weight": 0.5}}
+    index_path.write_text(json.dumps({**index, "adapters": {"decoder": adapters["decoder"]}}))
+    assert UnCLIPPipeline.from_pretrained(root).adapters == adapters
+    assert evaluate(argv)["settings"]["adapters"] == adapters
+    index_path.write_text(json.dumps({**index, "adapters": {"decoder": "decoder_lora"}}))
+    assert evaluate(argv)["settings"]["adapters"] == {"decoder": {"folder": "decoder_lora", "weight": 1.0}}
 
 
 def test_peft_is_imported_only_when_a_pipeline_has_adapters(tmp_path):

@@ -175,6 +175,7 @@ class UnCLIPPipeline(PipelineEdits):
         self.device, self.dtype = torch.device(device), dtype
         # called after every sampler step with {"stage", "step", "steps", "images"}: a progress display
         self.progress: Callable[[dict[str, Any]], None] | None = None
+        self.adapters: dict[str, dict[str, Any]] = {}  # pipeline.json's LoRA adapters, merged into their stages
 
     # -- loading -----------------------------------------------------------------------------------------
 
@@ -210,9 +211,11 @@ class UnCLIPPipeline(PipelineEdits):
         except SettingError as e:
             raise ValueError(f"{root / 'pipeline.json'}: defaults.{e}") from None
         ranking = {"candidates": candidates, "preview_steps": preview_steps, "pruning": pruning}
-        return cls(
+        pipe = cls(
             clip, prior, decoder, upsamplers, inpaint, noised_clip=noised, **ranking, device=device, dtype=dtype
         )
+        pipe.adapters = {name: dict(adapter) for name, adapter in index["adapters"].items()}
+        return pipe
 
     def fingerprint(self) -> str:
         """A hash of what this pipeline samples with: every network's weights and every stage's default settings

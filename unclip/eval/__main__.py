@@ -421,8 +421,9 @@ def run_caption(args) -> tuple[dict, str]:
 
 def run_variations(args) -> tuple[dict, str]:
     decoder = None if args.decoder_guidance is None else {"guidance_scale": args.decoder_guidance}
+    pipe = load("pipeline", load_pipeline, args.pipeline, args.device)
     results = evaluate_variations(
-        load("pipeline", load_pipeline, args.pipeline, args.device),
+        pipe,
         args.n,
         args.seed,
         per_image=args.per_image,
@@ -433,7 +434,7 @@ def run_variations(args) -> tuple[dict, str]:
         resume=resume_log_path(args.out) if args.out else None,
         progress=True,
     )
-    results["settings"].update(pipeline=str(args.pipeline), device=args.device)
+    record_pipeline(results, args, pipe)
     return results, format_table(results)
 
 
@@ -441,8 +442,9 @@ def run_inpaint(args) -> tuple[dict, str]:
     from unclip.eval.inpaint import evaluate_inpaint
 
     decoder = None if args.decoder_guidance is None else {"guidance_scale": args.decoder_guidance}
+    pipe = load("pipeline", load_pipeline, args.pipeline, args.device)
     results = evaluate_inpaint(
-        load("pipeline", load_pipeline, args.pipeline, args.device),
+        pipe,
         args.n,
         args.seed,
         size=args.size,
@@ -453,7 +455,7 @@ def run_inpaint(args) -> tuple[dict, str]:
         resume=resume_log_path(args.out) if args.out else None,
         progress=True,
     )
-    results["settings"].update(pipeline=str(args.pipeline), device=args.device)
+    record_pipeline(results, args, pipe)
     return results, format_table(results)
 
 
@@ -483,14 +485,21 @@ def run_suite(args) -> tuple[dict, str]:
                 dtype=args.dtype,
             )
     results = SUITES[args.command](pipe, evaluator, args.n, args.seed, **options)
-    results["settings"].update(
-        pipeline=str(args.pipeline), evaluator_clip=str(args.evaluator_clip), device=args.device, dtype=args.dtype
-    )
+    results["settings"].update(evaluator_clip=str(args.evaluator_clip), dtype=args.dtype)
+    record_pipeline(results, args, pipe)
     if getattr(pipe, "pruning", ()):  # the stages that dropped candidates at these settings, if any
         call = pipe.resolve(candidates=results["settings"].get("candidates"), decoder=options.get("decoder"))
         if call.pruning_used:
             results["settings"]["pruning"] = format_pruning(call.pruning_used)
     return results, format_table(results)
+
+
+def record_pipeline(results: dict, args, pipe) -> None:
+    """Add to the results' settings the pipeline folder, the device and the LoRA adapters (with their weights)
+    that the folder's pipeline.json merges into its stages, if any."""
+    results["settings"].update(pipeline=str(args.pipeline), device=args.device)
+    if getattr(pipe, "adapters", None):
+        results["settings"]["adapters"] = pipe.adapters
 
 
 def resume_log_path(out: str) -> Path:
