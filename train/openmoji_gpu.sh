@@ -9,8 +9,7 @@
 #   MINUTES=6 OUT=/some/folder bash train/openmoji_gpu.sh [OVERRIDE ...]
 #
 # A new run starts from models/openmoji/decoder when that folder holds the architecture of CONFIG with the
-# OVERRIDEs (a later run continues the last one bundled), else from checkpoints/openmoji-decoder-large (the
-# larger decoder's unfinished weights, when they are that architecture), else from scratch; a run folder that
+# OVERRIDEs (the bundled decoder is configs/decoder/openmoji_large.yaml's), else from scratch; a run folder that
 # holds a run is resumed. The time limit stops training with SIGTERM, which the trainer answers with a
 # checkpoint and an export. The export's EMA weights go to $OUT in fp16, split into parts of at most 15 MiB
 # (model.fp16.safetensors.part-00, -01, ...; `cat` them back together), with config.json and metrics.jsonl.
@@ -48,17 +47,15 @@ if ! python3 -c "$NEEDS"; then
     exit 2
 fi
 
-if [ "${INIT-auto}" = auto ]; then  # the bundled decoder, else the unfinished one, if it is this architecture
+if [ "${INIT-auto}" = auto ]; then  # the bundled decoder, if it is this architecture
     INIT=$(python3 - "$CONFIG" "$@" <<'PY'
 import dataclasses, json, sys
 from pathlib import Path
 from unclip.config import load_config
 want = json.loads(json.dumps(dataclasses.asdict(load_config(sys.argv[1], sys.argv[2:]).model)))
-for folder in ("models/openmoji/decoder", "checkpoints/openmoji-decoder-large"):
-    have = Path(folder, "config.json")
-    if have.is_file() and json.loads(have.read_text())["model"] == want:
-        print(folder)
-        break
+have = Path("models/openmoji/decoder/config.json")
+if have.is_file() and json.loads(have.read_text())["model"] == want:
+    print(have.parent)
 PY
 )
 fi
